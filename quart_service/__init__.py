@@ -1,0 +1,42 @@
+"""quart_service: an async streaming web service for AI workloads on Quart and Hypercorn.
+
+The public surface is what ``__all__`` lists; everything in ``_``-prefixed modules is
+private. See docs/ for the tutorial, guides and reference.
+"""
+
+from .errors import InvalidParameter, Overloaded, ResourceUnavailable, ServiceError, SettingsError
+from .executor import BoundedExecutor, ExecutorStats
+from .factory import create_app
+from .resources import Resource, ResourceRegistry, ResourceState, ResourceStatus
+from .service import Service, current_service, resources, settings
+from .settings import Settings
+from .streaming import NDJSON, SSE, ServerSentEvent, ndjson, sse, stream_response
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NDJSON",
+    "SSE",
+    "BoundedExecutor",
+    "ExecutorStats",
+    "InvalidParameter",
+    "Overloaded",
+    "Resource",
+    "ResourceRegistry",
+    "ResourceState",
+    "ResourceStatus",
+    "ResourceUnavailable",
+    "ServerSentEvent",
+    "Service",
+    "ServiceError",
+    "Settings",
+    "SettingsError",
+    "__version__",
+    "create_app",
+    "current_service",
+    "ndjson",
+    "resources",
+    "settings",
+    "sse",
+    "stream_response",
+]

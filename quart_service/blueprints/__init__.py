@@ -1,0 +1,1 @@
+"""The service's built-in blueprints: health, identity, demo."""

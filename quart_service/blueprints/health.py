@@ -1,0 +1,68 @@
+"""``/livez``, ``/readyz`` and the operator's ``/debug/identity``."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+from quart import Blueprint, Response, jsonify
+
+from .._proc import rss_bytes, thread_count
+from ..resources import ResourceState
+from ..service import current_service
+
+__all__ = ["health", "identity"]
+
+health = Blueprint("health", __name__)
+identity = Blueprint("identity", __name__)
+
+
+@health.get("/livez")
+async def livez() -> dict[str, Any]:
+    """The process answers; nothing else is checked (a restart would not help)."""
+    return {"status": "ok", "pid": os.getpid()}
+
+
+@health.get("/readyz")
+async def readyz() -> tuple[Response, int]:
+    """Ready when every required resource is ready; 503 with the reasons otherwise."""
+    service = current_service()
+    problems: list[str] = []
+    checks: dict[str, str] = {}
+    for status in service.resources.status():
+        if not status.required:
+            continue
+        checks[status.name] = status.state.value
+        if status.state is not ResourceState.READY:
+            detail = f": {status.error}" if status.error else ""
+            problems.append(f"resource {status.name!r} is {status.state.value}{detail}")
+    if problems:
+        # A failed resource is retried now, so readiness recovers by itself.
+        service.ensure_required()
+    body = {
+        "status": "ready" if not problems else "not_ready",
+        "pid": os.getpid(),
+        "checks": checks,
+        "problems": problems,
+    }
+    return jsonify(body), 200 if not problems else 503
+
+
+@identity.get("/debug/identity")
+async def whoami() -> dict[str, Any]:
+    """Who this worker is: pid, role, resources, pool, threads, streams."""
+    service = current_service()
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "role": service.role,
+        "started_at": service.started_at,
+        "uptime": time.time() - (service.started_at or time.time()),
+        "threads": thread_count(),
+        "rss_bytes": rss_bytes(),
+        "executor": asdict(service.executor.stats()),
+        "resources": [status.as_dict() for status in service.resources.status()],
+        "streams": asdict(service.streams),
+    }

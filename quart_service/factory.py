@@ -1,0 +1,55 @@
+"""``create_app``: wires the service together and opens nothing.
+
+Everything that opens a file, socket, thread or connection happens per worker process
+in the startup hook (:meth:`Service.start`), never here: Hypercorn spawns its workers
+and each one imports the app (DESIGN.md pitfall 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from quart import Blueprint, Quart
+
+from .blueprints.demo import demo
+from .blueprints.health import health, identity
+from .errors import register_error_handlers
+from .resources import Resource
+from .service import EXTENSION, Service
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    resources: Sequence[Resource[Any]] = (),
+    blueprints: Iterable[Blueprint] = (),
+) -> Quart:
+    """Build the Quart app: settings (from the environment by default), the built-in
+    routes, ``blueprints``, and this process's ``resources`` declared (not created)."""
+    settings = Settings.from_env() if settings is None else settings
+    app = Quart("quart_service", static_folder=None)
+    app.config.update(
+        RESPONSE_TIMEOUT=settings.response_timeout or None,
+        MAX_CONTENT_LENGTH=settings.max_body_size,
+    )
+    # Keep the order a view wrote its keys in, and skip the sort on every response.
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    service = Service(settings, resources)
+    app.extensions[EXTENSION] = service
+    app.before_serving(service.start)
+    app.after_serving(service.stop)
+    register_error_handlers(app)
+
+    app.register_blueprint(health)
+    if settings.identity_endpoint:
+        app.register_blueprint(identity)
+    if settings.demo_routes:
+        app.register_blueprint(demo)
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
+    return app

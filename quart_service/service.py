@@ -1,0 +1,152 @@
+"""The per-process service state, and the API that views use to reach it.
+
+One :class:`Service` lives on ``app.extensions["quart_service"]``. It is built by
+``create_app`` (cheap, opens nothing) and comes alive in the worker's startup hook,
+where the thread pool and the resource registry are created for *this* process; at
+shutdown they are closed in reverse order. Application and team code reach it
+through :func:`current_service`, :func:`resources` and :func:`settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from quart import current_app
+
+from ._logging import configure_logging
+from .executor import BoundedExecutor
+from .resources import Resource, ResourceRegistry, ResourceState
+from .settings import Settings
+from .streaming.body import StreamCounters, StreamPolicy
+
+__all__ = ["EXTENSION", "Service", "current_service", "resources", "settings"]
+
+EXTENSION = "quart_service"
+log = logging.getLogger("quart_service")
+
+
+class Service:
+    """Everything this worker process owns: settings, pool, resources, counters."""
+
+    def __init__(self, settings: Settings, specs: Sequence[Resource[Any]] = ()) -> None:
+        self.settings = settings
+        self.specs = tuple(specs)
+        self.stream_policy = StreamPolicy(
+            idle_timeout=settings.stream_idle_timeout,
+            total_timeout=settings.stream_total_timeout,
+            heartbeat=settings.stream_heartbeat,
+            buffer_bytes=settings.stream_buffer_bytes,
+        )
+        self.streams = StreamCounters()
+        # Until the data plane elects a leader, every worker stands alone.
+        self.role = "standalone"
+        self.started_at: float | None = None
+        self._executor: BoundedExecutor | None = None
+        self._resources: ResourceRegistry | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- what views use -----------------------------------------------------------------
+
+    @property
+    def executor(self) -> BoundedExecutor:
+        """This process's one thread pool (exists once the server has started)."""
+        if self._executor is None:
+            raise RuntimeError(_NOT_STARTED)
+        return self._executor
+
+    @property
+    def resources(self) -> ResourceRegistry:
+        """This process's singletons (exists once the server has started)."""
+        if self._resources is None:
+            raise RuntimeError(_NOT_STARTED)
+        return self._resources
+
+    @property
+    def serving(self) -> bool:
+        """Whether the startup hook has run in this process."""
+        return self._resources is not None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create this process's pool and registry; runs once per worker at startup."""
+        settings = self.settings
+        configure_logging(settings.log_level)
+        loop = asyncio.get_running_loop()
+        self._executor = BoundedExecutor(
+            settings.executor_threads, settings.executor_queue, retry_after=settings.retry_after
+        )
+        # Quart's sync views and run_sync call run_in_executor(None, ...): this is it.
+        loop.set_default_executor(self._executor)
+        self._resources = ResourceRegistry(self.specs, max_waiting=settings.executor_queue)
+        self.started_at = time.time()
+        if settings.warm_resources:
+            await self._resources.warm(only_marked=False)
+        else:
+            await self._resources.warm(only_marked=True)
+        # Readiness depends on required resources: start them now, without holding
+        # up start-up, so /readyz turns green without waiting for a first request.
+        self.ensure_required()
+        log.info(
+            "worker %d serving: %d pool threads, %d resources declared",
+            os.getpid(),
+            settings.executor_threads,
+            len(self.specs),
+        )
+
+    async def stop(self) -> None:
+        """Close resources in reverse creation order, then the pool."""
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._resources is not None:
+            await self._resources.aclose()
+        if self._executor is not None:
+            # Running jobs finish on their own; queued ones are dropped.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def ensure_required(self) -> None:
+        """Start creating each required resource that is not ready, in the background."""
+        registry = self.resources
+        for status in registry.status():
+            if status.required and status.state in (
+                ResourceState.NOT_CREATED,
+                ResourceState.FAILED,
+            ):
+                task = asyncio.get_running_loop().create_task(self._create(status.name))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _create(self, name: str) -> None:
+        # The registry logged a failure and records the state; retried on next use.
+        with contextlib.suppress(Exception):
+            await self.resources.get(name)
+
+
+_NOT_STARTED = (
+    "the service has not started in this process: resources and the pool exist only "
+    "while serving (inside requests, or between before_serving and after_serving)"
+)
+
+
+def current_service() -> Service:
+    """The :class:`Service` of the app handling the current request."""
+    service: Service = current_app.extensions[EXTENSION]
+    return service
+
+
+def resources() -> ResourceRegistry:
+    """This process's resource registry: ``await resources().get(MY_RESOURCE)``."""
+    return current_service().resources
+
+
+def settings() -> Settings:
+    """The service's settings."""
+    return current_service().settings

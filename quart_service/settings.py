@@ -1,0 +1,208 @@
+"""The service's settings: one frozen, typed, picklable object.
+
+Sources, later ones winning:
+
+1. the defaults written below (with their units);
+2. a TOML file, named by ``QUART_SERVICE_CONFIG`` (flat keys, the field names);
+3. environment variables ``QUART_SERVICE_<FIELD>`` (upper case).
+
+An unknown key (in the file or as a ``QUART_SERVICE_`` variable) and a value of the
+wrong type or out of range stop start-up with a :class:`SettingsError` that names the
+key and what it expected. Hypercorn silently accepts a misspelled key; we do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, get_type_hints
+
+from ._units import KIB, MIB, SECONDS
+from .errors import SettingsError
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError"]
+
+ENV_PREFIX: Final = "QUART_SERVICE_"
+CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "minimum": minimum})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the service. Build it with :meth:`from_env`, :meth:`from_toml`
+    or :meth:`from_mapping`; it is immutable and picklable (spawned workers get it)."""
+
+    executor_threads: int = _setting(
+        16, "Threads in the one shared pool of each worker process.", minimum=1
+    )
+    executor_queue: int = _setting(
+        64,
+        "Jobs that may wait for a pool thread; beyond that, requests get 503.",
+        minimum=0,
+    )
+    retry_after: float = _setting(
+        1 * SECONDS, "Seconds sent in Retry-After when a request is shed.", minimum=0
+    )
+    response_timeout: float = _setting(
+        60 * SECONDS,
+        "Deadline for a whole non-streaming response (Quart's RESPONSE_TIMEOUT); "
+        "streams are exempt and use the stream_* timeouts.",
+        minimum=0,
+    )
+    max_body_size: int = _setting(
+        16 * MIB, "Largest request body accepted, in bytes (413 beyond).", minimum=0
+    )
+    stream_idle_timeout: float = _setting(
+        60 * SECONDS,
+        "A stream whose producer is silent this long ends with a stream_idle_timeout error event.",
+        minimum=0,
+    )
+    stream_total_timeout: float = _setting(
+        0 * SECONDS,
+        "Longest life of one stream; 0 means no limit. Ends with a stream_total_timeout "
+        "error event.",
+        minimum=0,
+    )
+    stream_heartbeat: float = _setting(
+        15 * SECONDS,
+        "An SSE comment is sent after this long without an event, so proxies keep the "
+        "connection; 0 turns heartbeats off.",
+        minimum=0,
+    )
+    stream_buffer_bytes: int = _setting(
+        64 * KIB,
+        "Bytes a stream may hold for a slow client; the producer waits beyond that.",
+        minimum=1,
+    )
+    stream_drain_timeout: float = _setting(
+        25 * SECONDS,
+        "At shutdown, how long open streams may run on. Keep hypercorn.toml's "
+        "graceful_timeout a little above it.",
+        minimum=0,
+    )
+    warm_resources: bool = _setting(
+        False, "Create every declared resource at start-up instead of on first use."
+    )
+    identity_endpoint: bool = _setting(
+        False, "Serve GET /debug/identity (pid, role, resources, threads) for operators."
+    )
+    demo_routes: bool = _setting(True, "Serve the example stream at GET /demo/stream.")
+    log_level: str = _setting("INFO", "Level of the service's own loggers.")
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = hints[f.name]
+            # bool is an int in Python; never let True pass as a thread count.
+            wrong_bool = expected is not bool and isinstance(value, bool)
+            if not isinstance(value, expected) or wrong_bool:
+                if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                    object.__setattr__(self, f.name, float(value))
+                    value = float(value)
+                else:
+                    raise SettingsError(
+                        f"setting {f.name!r}: expected {_type_name(expected)}, "
+                        f"got {value!r} ({type(value).__name__})"
+                    )
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and value < minimum:
+                raise SettingsError(f"setting {f.name!r}: must be >= {minimum}, got {value!r}")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(
+                f"setting 'log_level': expected one of DEBUG, INFO, WARNING, ERROR, "
+                f"CRITICAL, got {self.log_level!r}"
+            )
+
+    # -- constructors ---------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "mapping") -> Settings:
+        """Settings from native Python values; unknown keys are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(
+                f"unknown setting {unknown[0]!r} in {source}; known settings: "
+                + ", ".join(sorted(known))
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Settings:
+        """Settings from a TOML file of flat ``key = value`` lines."""
+        return cls.from_mapping(_read_toml(Path(path)), source=str(path))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``QUART_SERVICE_*`` variables over the optional TOML file."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if env.get(CONFIG_ENV):
+            values.update(_read_toml(Path(env[CONFIG_ENV])))
+        hints = get_type_hints(cls)
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            if key not in hints:
+                raise SettingsError(
+                    f"unknown setting {name}; known settings: "
+                    + ", ".join(ENV_PREFIX + k.upper() for k in sorted(hints))
+                )
+            values[key] = _cast(name, raw, hints[key])
+        return cls.from_mapping(values, source="the environment")
+
+    def describe(self) -> list[tuple[str, str, Any, str]]:
+        """(name, type, value, doc) of every setting, for ``quart-service check``."""
+        hints = get_type_hints(type(self))
+        return [
+            (f.name, _type_name(hints[f.name]), getattr(self, f.name), f.metadata["doc"])
+            for f in dataclasses.fields(self)
+        ]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"cannot read the settings file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"the settings file {path} is not valid TOML: {exc}") from exc
+
+
+def _cast(name: str, raw: str, expected: type) -> Any:
+    text = raw.strip()
+    try:
+        if expected is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(text)
+        if expected is int:
+            return int(text.replace("_", ""))
+        if expected is float:
+            return float(text)
+    except ValueError:
+        raise SettingsError(f"{name}: expected {_type_name(expected)}, got {raw!r}") from None
+    return raw
+
+
+def _type_name(expected: type) -> str:
+    return {
+        bool: "a boolean (true/false)",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }.get(expected, expected.__name__)

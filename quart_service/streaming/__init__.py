@@ -1,0 +1,17 @@
+"""Streaming responses (SSE, NDJSON) from async generators and sync iterators."""
+
+from .body import StreamCounters, StreamPolicy
+from .events import NDJSON, SSE, Encoder, ServerSentEvent
+from .responses import ndjson, sse, stream_response
+
+__all__ = [
+    "NDJSON",
+    "SSE",
+    "Encoder",
+    "ServerSentEvent",
+    "StreamCounters",
+    "StreamPolicy",
+    "ndjson",
+    "sse",
+    "stream_response",
+]

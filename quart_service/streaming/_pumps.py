@@ -1,0 +1,124 @@
+"""Producers that feed a :class:`Channel`: an async generator, or a sync iterator.
+
+The sync bridge does not hop to a thread for every item, as Quart's
+``run_sync_iterable`` does (DESIGN.md pitfall 4): one pool job runs the iterator
+until the channel is full, then *parks* and gives its thread back; the consumer
+resumes it once the slow client took the data. A thread is therefore held only
+while the iterator is actually producing, never while a client is slow.
+
+Stopping: the consumer closes the channel; a running job sees it at the next item
+boundary and calls the iterator's ``close()`` in its own thread; a parked one gets a
+fresh pool job for that ``close()``. The iterator is never touched by two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, Callable, Iterator
+from contextvars import Context
+from typing import Any
+
+from ..executor import BoundedExecutor
+from ._channel import Channel
+
+log = logging.getLogger("quart_service.streaming")
+
+FAILED = ("stream_failed", "The stream's producer failed; the error was logged.")
+
+
+async def pump_async(
+    source: AsyncIterable[Any], encode: Callable[[Any], bytes], channel: Channel
+) -> None:
+    """Run in its own task: move items from ``source`` into ``channel``."""
+    iterator = aiter(source)
+    try:
+        async for item in iterator:
+            if channel.put(encode(item)):
+                await channel.wait_space()
+                if channel.closed:
+                    break
+    except Exception:
+        log.exception("stream producer failed")
+        channel.finish(FAILED)
+    else:
+        channel.finish(None)
+    finally:
+        # Cancelled while waiting for room, the generator is suspended at a yield:
+        # aclose() runs its finally blocks now, not at garbage collection.
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class ThreadPump:
+    """Runs a sync iterator on the shared pool in batches, with backpressure."""
+
+    __slots__ = ("_channel", "_context", "_encode", "_executor", "_iterator", "_loop")
+
+    def __init__(
+        self,
+        iterator: Iterator[Any],
+        encode: Callable[[Any], bytes],
+        channel: Channel,
+        executor: BoundedExecutor,
+        context: Context,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._iterator = iterator
+        self._encode = encode
+        self._channel = channel
+        self._executor = executor
+        self._context = context
+        self._loop = loop
+
+    def start(self) -> None:
+        """Queue the first job (admission was checked when the response was made)."""
+        self._submit(self._step)
+
+    def stop(self) -> None:
+        """The consumer is gone: make sure the iterator is closed, in the pool."""
+        if self._channel.close():
+            # Parked: no job runs it, so close it in a job of its own.
+            self._submit(self._close_iterator)
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        try:
+            self._executor.submit_admitted(self._context.run, job)
+        except RuntimeError:
+            # The pool is shut down (process exit): run it here rather than leak it.
+            self._context.run(job)
+
+    def _step(self) -> None:
+        # Runs in a pool thread. Exits either parked (the iterator stays open and
+        # exactly one party resumes or closes it) or with the iterator closed.
+        channel, encode, iterator = self._channel, self._encode, self._iterator
+        parked = False
+        try:
+            while not channel.closed:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    channel.finish_threadsafe(None)
+                    return
+                if channel.put_threadsafe(encode(item)) and channel.park(self._on_space):
+                    parked = True
+                    return
+        except Exception:
+            log.exception("stream producer failed")
+            channel.finish_threadsafe(FAILED)
+        finally:
+            if not parked:
+                self._close_iterator()
+
+    def _on_space(self) -> None:
+        # Called on the loop by the consumer's take(); the channel cleared the flag.
+        self._submit(self._step)
+
+    def _close_iterator(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("closing a stream's iterator failed")
