@@ -1,0 +1,39 @@
+"""Shared fixtures: an in-process app (lifespan run) and helpers for event files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from quart import Quart
+from quart.typing import TestAppProtocol as RunningApp
+
+from quart_service import Settings, create_app
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Defaults with the identity endpoint on, as operators and tests use it."""
+    return Settings(identity_endpoint=True)
+
+
+@pytest.fixture
+def app(settings: Settings) -> Quart:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def test_app(app: Quart) -> AsyncIterator[RunningApp]:
+    """The app with its lifespan running (before_serving / after_serving)."""
+    async with app.test_app() as running:
+        yield running
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines that test apps appended to ``path``."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

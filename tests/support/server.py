@@ -1,0 +1,128 @@
+"""Start the real Hypercorn with real worker processes on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A running Hypercorn, its workers, and where its output goes."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_pids(self) -> list[int]:
+        """The spawned worker processes (not multiprocessing's resource tracker)."""
+        parent = psutil.Process(self.process.pid)
+        return sorted(
+            child.pid for child in parent.children() if "spawn_main" in " ".join(child.cmdline())
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM by PID, then SIGKILL if it does not exit; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                for pid in self.worker_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return self.process.returncode
+
+
+def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a server: ours without QUART_SERVICE_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUART_SERVICE_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def spawn_hypercorn(
+    app: str, *, port: int, workers: int, env: Mapping[str, str] | None, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """``hypercorn --config hypercorn.toml`` (the shipped file) with bind and workers set."""
+    with log_path.open("wb") as log_file:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "hypercorn",
+                "--config", str(ROOT / "hypercorn.toml"),
+                "--bind", f"127.0.0.1:{port}",
+                "--workers", str(workers),
+                app,
+            ],
+            cwd=ROOT,
+            env=server_env(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_server(
+    tmp_path: Path,
+    *,
+    app: str = "tests.apps.chassis:app",
+    workers: int = 2,
+    env: Mapping[str, str] | None = None,
+    start_timeout: float = 30.0,
+) -> Iterator[Server]:
+    """Run a real Hypercorn with ``workers`` processes; stop it by PID afterwards."""
+    port = free_port()
+    log_path = tmp_path / f"hypercorn-{port}.log"
+    process = spawn_hypercorn(app, port=port, workers=workers, env=env, log_path=log_path)
+    server = Server(process, port, log_path)
+    try:
+        wait_until_serving(server, workers, start_timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_until_serving(server: Server, workers: int, timeout: float) -> None:
+    """Until every worker logged that it serves and /livez answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            code = server.process.returncode
+            raise RuntimeError(f"hypercorn exited with {code}:\n{server.log()}")
+        if server.log().count("Running on") >= workers:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(server.url + "/livez", timeout=2).status_code == 200:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError(f"hypercorn did not start within {timeout} s:\n{server.log()}")
