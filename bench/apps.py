@@ -1,0 +1,85 @@
+"""The apps the benchmarks compare, each with the same three routes.
+
+* ``GET /hello``  — a small JSON answer;
+* ``GET /sse``    — an SSE stream of 100 small events from an async generator;
+* ``GET /sync``   — the same 100 events from a *sync* generator (bridged to a thread).
+
+``service`` is quart_service (``create_app`` + its ``sse()`` helper); ``bare`` is a
+plain Quart app written the way its docs show. Both are built from the environment
+and open nothing at import, like the real app.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from quart import Blueprint, Quart, Response
+
+from quart_service import create_app, sse
+
+EVENTS = 100
+_EVENT = b'data: {"token":"hello"}\n\n'
+_ITEM = {"token": "hello"}
+
+
+def _service_routes() -> Blueprint:
+    bp = Blueprint("bench", __name__)
+
+    @bp.get("/hello")
+    async def hello() -> dict[str, Any]:
+        return {"message": "hello", "pid": os.getpid()}
+
+    @bp.get("/sse")
+    async def stream() -> Response:
+        async def produce() -> AsyncIterator[dict[str, str]]:
+            for _ in range(EVENTS):
+                yield _ITEM
+
+        return sse(produce())
+
+    @bp.get("/sync")
+    async def sync_stream() -> Response:
+        def produce() -> Iterator[dict[str, str]]:
+            for _ in range(EVENTS):
+                yield _ITEM
+
+        return sse(produce())
+
+    return bp
+
+
+def _bare() -> Quart:
+    app = Quart("bare")
+
+    @app.get("/hello")
+    async def hello() -> dict[str, Any]:
+        return {"message": "hello", "pid": os.getpid()}
+
+    @app.get("/sse")
+    async def stream() -> Response:
+        async def produce() -> AsyncIterator[bytes]:
+            for _ in range(EVENTS):
+                yield _EVENT
+
+        response = Response(produce(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    @app.get("/sync")
+    async def sync_stream() -> Response:
+        def produce() -> Iterator[bytes]:
+            for _ in range(EVENTS):
+                yield _EVENT
+
+        # Quart bridges a sync iterable with run_sync_iterable: one thread hop per item.
+        response = Response(produce(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    return app
+
+
+service = create_app(blueprints=[_service_routes()])
+bare = _bare()

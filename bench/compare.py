@@ -1,0 +1,188 @@
+"""Throughput and CPU cost of quart_service against a bare Quart app, in one run.
+
+    python -m bench.compare [--seconds 5] [--rounds 2] [--connections 64]
+
+Stacks (2 worker processes each, on loopback, wrk as the client):
+
+* ``service``        quart_service under the shipped hypercorn.toml (uvloop workers)
+* ``bare-tuned``     a bare Quart app under the same hypercorn.toml
+* ``bare-default``   the bare Quart app under Hypercorn's default settings (asyncio)
+
+Routes: JSON hello; SSE of 100 small events from an async generator; the same 100
+events from a sync generator (the service's pool bridge vs Quart's run_sync_iterable).
+Rounds are interleaved because requests/s move by up to 2x between runs on a shared
+machine; worker CPU time per request (utime+stime from /proc) is the steadier number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+
+from quart_service._proc import thread_count
+from tests.support.server import SHIPPED_CONFIG, Server, running_server
+
+EVENTS_PER_STREAM = 100
+ROUTES = {"json": "/hello", "sse": "/sse", "sync": "/sync"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    app: str
+    config: Path | None
+
+
+STACKS = [
+    Stack("service", "bench.apps:service", SHIPPED_CONFIG),
+    Stack("bare-tuned", "bench.apps:bare", SHIPPED_CONFIG),
+    Stack("bare-default", "bench.apps:bare", None),
+]
+
+
+@dataclass
+class Sample:
+    requests_per_s: float
+    cpu_us_per_request: float
+    peak_threads: int
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+
+    def add(self, stack: str, route: str, sample: Sample) -> None:
+        self.samples.setdefault((stack, route), []).append(sample)
+
+    def rps(self, stack: str, route: str) -> float:
+        return median(s.requests_per_s for s in self.samples[(stack, route)])
+
+    def cpu(self, stack: str, route: str) -> float:
+        return median(s.cpu_us_per_request for s in self.samples[(stack, route)])
+
+    def threads(self, stack: str, route: str) -> int:
+        return max(s.peak_threads for s in self.samples[(stack, route)])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` in seconds, from /proc/PID/stat."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / 100  # USER_HZ is 100 on Linux
+
+
+def wrk(url: str, seconds: float, connections: int) -> int:
+    """Completed requests of one wrk run."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"(\d+) requests in", out)
+    if match is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} failed responses")
+    return int(match.group(1))
+
+
+def measure(server: Server, route: str, seconds: float, connections: int) -> Sample:
+    pids = server.worker_pids()
+    wrk(server.url + route, 1, connections)  # warm up: imports, first-use paths
+    peak = 0
+    done = threading.Event()
+
+    def sample_threads() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max([peak, *(thread_count(pid) for pid in pids)])
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample_threads)
+    sampler.start()
+    try:
+        cpu_before, started = cpu_seconds(pids), time.monotonic()
+        completed = wrk(server.url + route, seconds, connections)
+        elapsed, cpu = time.monotonic() - started, cpu_seconds(pids) - cpu_before
+    finally:
+        done.set()
+        sampler.join()
+    return Sample(completed / elapsed, cpu / completed * 1e6, peak)
+
+
+def run(seconds: float, rounds: int, connections: int) -> Results:
+    results = Results()
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_no in range(1, rounds + 1):
+            for stack in STACKS:
+                with running_server(
+                    Path(tmp), app=stack.app, workers=2, config=stack.config
+                ) as server:
+                    for kind, route in ROUTES.items():
+                        sample = measure(server, route, seconds, connections)
+                        results.add(stack.name, kind, sample)
+                        print(
+                            f"round {round_no} {stack.name:13} {kind:5} "
+                            f"{sample.requests_per_s:9.0f} req/s "
+                            f"{sample.cpu_us_per_request:8.1f} us CPU/req "
+                            f"{sample.peak_threads:3d} threads",
+                            flush=True,
+                        )
+    return results
+
+
+def report(results: Results) -> None:
+    print("\nmedians over rounds (2 workers each; SSE and sync: 100 events per request)")
+    print(f"{'stack':13} {'JSON req/s':>11} {'SSE ev/s':>11} {'sync ev/s':>11} "
+          f"{'us/JSON':>8} {'us/SSE ev':>10} {'threads':>8}")  # fmt: skip
+    for stack in STACKS:
+        name = stack.name
+        print(
+            f"{name:13} {results.rps(name, 'json'):11.0f} "
+            f"{results.rps(name, 'sse') * EVENTS_PER_STREAM:11.0f} "
+            f"{results.rps(name, 'sync') * EVENTS_PER_STREAM:11.0f} "
+            f"{results.cpu(name, 'json'):8.1f} "
+            f"{results.cpu(name, 'sse') / EVENTS_PER_STREAM:10.2f} "
+            f"{max(results.threads(name, r) for r in ROUTES):8d}"
+        )
+    print("\nratios (target)")
+    for label, route, other, target in [
+        ("service / bare-tuned, JSON req/s", "json", "bare-tuned", 0.9),
+        ("service / bare-tuned, SSE events/s", "sse", "bare-tuned", 0.9),
+        ("service / bare-default, JSON req/s", "json", "bare-default", 2.0),
+        ("service / bare-tuned, sync-bridge events/s", "sync", "bare-tuned", 5.0),
+    ]:
+        ratio = results.rps("service", route) / results.rps(other, route)
+        cpu_ratio = results.cpu(other, route) / results.cpu("service", route)
+        verdict = "ok" if ratio >= target else "BELOW"
+        print(f"  {label:44} {ratio:5.2f}x (>= {target}x: {verdict}); "
+              f"by CPU per request {cpu_ratio:5.2f}x")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench needs wrk: apt-get install wrk")
+    report(run(args.seconds, args.rounds, args.connections))
+
+
+if __name__ == "__main__":
+    main()
