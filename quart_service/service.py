@@ -19,6 +19,7 @@ from typing import Any
 
 from quart import current_app
 
+from ._drain import install_sigterm_drain
 from ._logging import configure_logging
 from .executor import BoundedExecutor
 from .resources import Resource, ResourceRegistry, ResourceState
@@ -47,6 +48,7 @@ class Service:
         # Until the data plane elects a leader, every worker stands alone.
         self.role = "standalone"
         self.started_at: float | None = None
+        self.stopping = False
         self._executor: BoundedExecutor | None = None
         self._resources: ResourceRegistry | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -90,6 +92,11 @@ class Service:
             await self._resources.warm(only_marked=False)
         else:
             await self._resources.warm(only_marked=True)
+        install_sigterm_drain(
+            settings.stream_drain_timeout,
+            lambda: self.streams.active,
+            lambda: self.stopping,
+        )
         # Readiness depends on required resources: start them now, without holding
         # up start-up, so /readyz turns green without waiting for a first request.
         self.ensure_required()
@@ -102,6 +109,8 @@ class Service:
 
     async def stop(self) -> None:
         """Close resources in reverse creation order, then the pool."""
+        self.stopping = True
+        log.info("worker %d stopping", os.getpid())
         for task in list(self._background):
             task.cancel()
         if self._background:

@@ -85,8 +85,8 @@ class Settings:
     )
     stream_drain_timeout: float = _setting(
         25 * SECONDS,
-        "At shutdown, how long open streams may run on. Keep hypercorn.toml's "
-        "graceful_timeout a little above it.",
+        "After SIGTERM, how long a worker lets open streams run before it exits. Keep "
+        "hypercorn.toml's graceful_timeout a little above it.",
         minimum=0,
     )
     warm_resources: bool = _setting(

@@ -3,6 +3,9 @@ disconnects and slow clients (DESIGN.md section 4, pitfalls 1 and 4)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -165,3 +168,41 @@ def test_slow_client_keeps_worker_memory_bounded(tmp_path: Path) -> None:
         assert growth < 64 * 1024 * 1024, f"RSS grew {growth / 1e6:.1f} MB"
         # The worker is still healthy afterwards.
         assert httpx.get(server.url + "/livez", timeout=5).status_code == 200
+
+
+def test_sigterm_lets_an_open_stream_finish(tmp_path: Path) -> None:
+    """The shipped graceful_timeout drains streams; Hypercorn's 3 s default cuts them."""
+    with running_server(tmp_path, workers=2) as server, httpx.Client(timeout=30) as client:
+        params = {"count": 9, "interval": 0.5}
+        with client.stream("GET", server.url + "/demo/stream", params=params) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            server.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert len(rest) == 8
+        assert '"n":8' in rest[-1]
+        assert server.process.wait(timeout=10) == 0
+
+
+def test_sigterm_to_one_worker_drains_it_and_the_server_carries_on(tmp_path: Path) -> None:
+    env = {"QUART_SERVICE_STREAM_DRAIN_TIMEOUT": "10"}
+    with running_server(tmp_path, workers=2, env=env) as server, httpx.Client(timeout=30) as client:
+        params = {"count": 6, "interval": 0.5}
+        with client.stream("GET", server.url + "/demo/stream", params=params) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            pid = json.loads(first[6:])["pid"]
+            os.kill(pid, signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert len(rest) == 5
+        # The drained worker exits on its own (code 0), so Hypercorn replaces it
+        # instead of stopping the server.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and pid in server.worker_pids():
+            time.sleep(0.1)
+        assert pid not in server.worker_pids()
+        assert server.process.poll() is None
+        while time.monotonic() < deadline and len(server.worker_pids()) < 2:
+            time.sleep(0.1)
+        assert len(server.worker_pids()) == 2
+        assert client.get(server.url + "/livez").status_code == 200
