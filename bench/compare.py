@@ -54,6 +54,7 @@ class Sample:
     requests_per_s: float
     cpu_us_per_request: float
     peak_threads: int
+    busiest_share: float  # the busiest worker's share of the workers' CPU time
 
 
 @dataclass
@@ -73,14 +74,11 @@ class Results:
         return max(s.peak_threads for s in self.samples[(stack, route)])
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of ``pids`` in seconds, from /proc/PID/stat."""
-    ticks = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / 100  # USER_HZ is 100 on Linux
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # USER_HZ is 100 on Linux
 
 
 def wrk(url: str, seconds: float, connections: int) -> int:
@@ -115,20 +113,25 @@ def measure(server: Server, route: str, seconds: float, connections: int) -> Sam
     sampler = threading.Thread(target=sample_threads)
     sampler.start()
     try:
-        cpu_before, started = cpu_seconds(pids), time.monotonic()
+        cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
         completed = wrk(server.url + route, seconds, connections)
-        elapsed, cpu = time.monotonic() - started, cpu_seconds(pids) - cpu_before
+        elapsed = time.monotonic() - started
+        cpu = [cpu_seconds(p) - before for p, before in zip(pids, cpu_before, strict=True)]
     finally:
         done.set()
         sampler.join()
-    return Sample(completed / elapsed, cpu / completed * 1e6, peak)
+    # Pitfall 3: with asyncio workers one worker may take every connection.
+    share = max(cpu) / sum(cpu) if sum(cpu) else 0.0
+    return Sample(completed / elapsed, sum(cpu) / completed * 1e6, peak, share)
 
 
 def run(seconds: float, rounds: int, connections: int) -> Results:
     results = Results()
     with tempfile.TemporaryDirectory() as tmp:
         for round_no in range(1, rounds + 1):
-            for stack in STACKS:
+            # Rotate the order each round, so no stack always runs first (or last).
+            shift = (round_no - 1) % len(STACKS)
+            for stack in STACKS[shift:] + STACKS[:shift]:
                 with running_server(
                     Path(tmp), app=stack.app, workers=2, config=stack.config
                 ) as server:
@@ -139,7 +142,8 @@ def run(seconds: float, rounds: int, connections: int) -> Results:
                             f"round {round_no} {stack.name:13} {kind:5} "
                             f"{sample.requests_per_s:9.0f} req/s "
                             f"{sample.cpu_us_per_request:8.1f} us CPU/req "
-                            f"{sample.peak_threads:3d} threads",
+                            f"{sample.peak_threads:3d} threads "
+                            f"busiest worker {sample.busiest_share:4.0%} of CPU",
                             flush=True,
                         )
     return results
