@@ -4,11 +4,22 @@ The public surface is what ``__all__`` lists; everything in ``_``-prefixed modul
 private. See docs/ for the tutorial, guides and reference.
 """
 
+from .cache import ServiceCache
+from .data import ModelConfig, Snapshot
 from .errors import InvalidParameter, Overloaded, ResourceUnavailable, ServiceError, SettingsError
 from .executor import BoundedExecutor, ExecutorStats
 from .factory import create_app
 from .resources import Resource, ResourceRegistry, ResourceState, ResourceStatus
-from .service import Service, current_service, resources, settings
+from .service import (
+    Service,
+    cache,
+    cached,
+    current_service,
+    database,
+    resources,
+    settings,
+    snapshot,
+)
 from .settings import Settings
 from .streaming import NDJSON, SSE, ServerSentEvent, ndjson, sse, stream_response
 
@@ -20,6 +31,7 @@ __all__ = [
     "BoundedExecutor",
     "ExecutorStats",
     "InvalidParameter",
+    "ModelConfig",
     "Overloaded",
     "Resource",
     "ResourceRegistry",
@@ -28,15 +40,21 @@ __all__ = [
     "ResourceUnavailable",
     "ServerSentEvent",
     "Service",
+    "ServiceCache",
     "ServiceError",
     "Settings",
     "SettingsError",
+    "Snapshot",
     "__version__",
+    "cache",
+    "cached",
     "create_app",
     "current_service",
+    "database",
     "ndjson",
     "resources",
     "settings",
+    "snapshot",
     "sse",
     "stream_response",
 ]

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("quart_service")
 
@@ -26,7 +26,10 @@ _POLL = 0.1
 
 
 def install_sigterm_drain(
-    drain_timeout: float, active_streams: Callable[[], int], stopping: Callable[[], bool]
+    drain_timeout: float,
+    active_streams: Callable[[], int],
+    stopping: Callable[[], bool],
+    shutdown: Callable[[], Awaitable[None]],
 ) -> bool:
     """Handle SIGTERM in this worker unless the server already does (single-process
     Hypercorn installs its own handler; spawned workers have the default)."""
@@ -44,14 +47,17 @@ def install_sigterm_drain(
             active_streams(),
             drain_timeout,
         )
-        tasks.add(loop.create_task(_drain(drain_timeout, active_streams, stopping)))
+        tasks.add(loop.create_task(_drain(drain_timeout, active_streams, stopping, shutdown)))
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     return True
 
 
 async def _drain(
-    drain_timeout: float, active_streams: Callable[[], int], stopping: Callable[[], bool]
+    drain_timeout: float,
+    active_streams: Callable[[], int],
+    stopping: Callable[[], bool],
+    shutdown: Callable[[], Awaitable[None]],
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + drain_timeout
@@ -64,7 +70,9 @@ async def _drain(
         return  # the server is shutting this worker down properly
     left = active_streams()
     log.warning("worker %d: drain over with %d streams open; exiting", os.getpid(), left)
-    # Nobody else is stopping this worker (the SIGTERM was for it alone). Exit with
-    # code 0: Hypercorn replaces a worker that exits 0, but shuts the whole server
-    # down for any other code. SystemExit leaves the event loop from this task.
+    # Nobody else is stopping this worker (the SIGTERM was for it alone): close what
+    # it holds (the database connection's thread would keep the process alive), then
+    # exit with code 0: Hypercorn replaces a worker that exits 0, but shuts the whole
+    # server down for any other code. SystemExit leaves the event loop from this task.
+    await shutdown()
     raise SystemExit(0)

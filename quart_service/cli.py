@@ -26,15 +26,33 @@ def main() -> None:
 @main.command()
 def check() -> None:
     """Validate the settings and print the effective values."""
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        click.echo(f"quart_service: bad settings: {exc}", err=True)
-        sys.exit(2)
+    settings = _settings_or_exit()
     width = max(len(ENV_PREFIX + name) for name, *_ in settings.describe())
     for name, _type, value, _doc in settings.describe():
         click.echo(f"{(ENV_PREFIX + name.upper()).ljust(width)}  {value!r}")
     click.echo("settings ok")
+
+
+@main.command()
+def migrate() -> None:
+    """Apply pending database migrations (safe while workers run or start)."""
+    from .data.migrations import apply_migrations, schema_status
+
+    settings = _settings_or_exit()
+    database = settings.database_file
+    applied = apply_migrations(database, settings.database_busy_timeout)
+    for migration in applied:
+        click.echo(f"applied {migration.path.name}")
+    status = schema_status(database, settings.database_busy_timeout)
+    click.echo(f"{database}: schema at version {status.current} (latest {status.latest})")
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        click.echo(f"quart_service: bad settings: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,23 @@ class ResourceRegistry:
             call = partial(copy_context().run, partial(fn, *args, **kwargs))
             return await loop.run_in_executor(None, call)
 
+    async def reset(self, spec: Resource[Any] | str) -> None:
+        """Close this process's instance (if any); the next use creates a new one.
+
+        For a resource found broken (a connection to a file that was replaced)."""
+        slot = self._slot(spec)
+        async with slot.lock:
+            if slot.state is not ResourceState.READY:
+                return
+            value, slot.value = slot.value, None
+            slot.state, slot.instance_id = ResourceState.NOT_CREATED, None
+            self._order.remove(slot)
+            if slot.spec.close is not None:
+                try:
+                    await slot.spec.close(value)
+                except Exception:
+                    log.exception("closing resource %r failed", slot.spec.name)
+
     def status(self) -> list[ResourceStatus]:
         """Every resource's state, in declaration order."""
         return [

@@ -14,21 +14,36 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from quart import current_app
+from quart import current_app, g
 
 from ._drain import install_sigterm_drain
 from ._logging import configure_logging
+from .cache import ServiceCache
+from .data.database import Database
+from .data.layer import DATABASE, SNAPSHOT, DataLayer
+from .data.snapshot import Snapshot
 from .executor import BoundedExecutor
 from .resources import Resource, ResourceRegistry, ResourceState
 from .settings import Settings
 from .streaming.body import StreamCounters, StreamPolicy
 
-__all__ = ["EXTENSION", "Service", "current_service", "resources", "settings"]
+__all__ = [
+    "EXTENSION",
+    "Service",
+    "cache",
+    "cached",
+    "current_service",
+    "database",
+    "resources",
+    "settings",
+    "snapshot",
+]
 
 EXTENSION = "quart_service"
+T = TypeVar("T")
 log = logging.getLogger("quart_service")
 
 
@@ -45,8 +60,7 @@ class Service:
             buffer_bytes=settings.stream_buffer_bytes,
         )
         self.streams = StreamCounters()
-        # Until the data plane elects a leader, every worker stands alone.
-        self.role = "standalone"
+        self.data = DataLayer(settings)
         self.started_at: float | None = None
         self.stopping = False
         self._executor: BoundedExecutor | None = None
@@ -70,6 +84,11 @@ class Service:
         return self._resources
 
     @property
+    def role(self) -> str:
+        """``leader`` (refreshes the data for every worker of the host) or ``follower``."""
+        return self.data.plane.role
+
+    @property
     def serving(self) -> bool:
         """Whether the startup hook has run in this process."""
         return self._resources is not None
@@ -86,7 +105,10 @@ class Service:
         )
         # Quart's sync views and run_sync call run_in_executor(None, ...): this is it.
         loop.set_default_executor(self._executor)
-        self._resources = ResourceRegistry(self.specs, max_waiting=settings.executor_queue)
+        self._resources = ResourceRegistry(
+            [*self.data.resources(), *self.specs], max_waiting=settings.executor_queue
+        )
+        await self.data.start(self._resources)
         self.started_at = time.time()
         if settings.warm_resources:
             await self._resources.warm(only_marked=False)
@@ -96,6 +118,7 @@ class Service:
             settings.stream_drain_timeout,
             lambda: self.streams.active,
             lambda: self.stopping,
+            self.stop,
         )
         # Readiness depends on required resources: start them now, without holding
         # up start-up, so /readyz turns green without waiting for a first request.
@@ -108,13 +131,16 @@ class Service:
         )
 
     async def stop(self) -> None:
-        """Close resources in reverse creation order, then the pool."""
+        """Close resources in reverse creation order, then the pool (once)."""
+        if self.stopping:
+            return
         self.stopping = True
         log.info("worker %d stopping", os.getpid())
         for task in list(self._background):
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.data.stop()
         if self._resources is not None:
             await self._resources.aclose()
         if self._executor is not None:
@@ -159,3 +185,34 @@ def resources() -> ResourceRegistry:
 def settings() -> Settings:
     """The service's settings."""
     return current_service().settings
+
+
+def cache() -> ServiceCache:
+    """This process's cache: ``await cache().get_or_load(key, loader)``."""
+    return current_service().data.cache
+
+
+async def snapshot() -> Snapshot:
+    """The data snapshot for this request: the same object from start to end of it."""
+    held: Snapshot | None = g.get(_SNAPSHOT_KEY)
+    if held is None:
+        await current_service().resources.get(SNAPSHOT)  # loads it on first use
+        held = current_service().data.plane.snapshot
+        assert held is not None
+        setattr(g, _SNAPSHOT_KEY, held)
+    return held
+
+
+async def cached(key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None) -> T:
+    """``cache().get_or_load`` scoped to this request's snapshot generation."""
+    current = await snapshot()
+    return await cache().get_or_load(key, loader, ttl, generation=current.generation)
+
+
+async def database() -> Database:
+    """This process's database connection (opened on first use)."""
+    db: Database = await current_service().resources.get(DATABASE)
+    return db
+
+
+_SNAPSHOT_KEY = "_quart_service_snapshot"

@@ -89,6 +89,30 @@ class Settings:
         "hypercorn.toml's graceful_timeout a little above it.",
         minimum=0,
     )
+    data_dir: str = _setting(
+        "data", "Folder for the database, locks and the published snapshot; created."
+    )
+    database_path: str = _setting(
+        "", "SQLite database file; empty means <data_dir>/quart_service.db."
+    )
+    database_busy_timeout: float = _setting(
+        5 * SECONDS, "How long a query waits for a lock held by another writer.", minimum=0
+    )
+    auto_migrate: bool = _setting(
+        True, "Workers apply pending migrations at start-up (one of them, under a lock)."
+    )
+    refresh_interval: float = _setting(
+        2 * SECONDS,
+        "How often the leader checks the database's change marker.",
+        minimum=0.05,
+    )
+    snapshot_max_staleness: float = _setting(
+        60 * SECONDS,
+        "/readyz answers 503 when the last good refresh is older than this; 0: never.",
+        minimum=0,
+    )
+    cache_backend: str = _setting("memory", "Where get_or_load keeps values: memory.")
+    cache_ttl: float = _setting(300 * SECONDS, "Default lifetime of a cached value.", minimum=0)
     warm_resources: bool = _setting(
         False, "Create every declared resource at start-up instead of on first use."
     )
@@ -117,6 +141,11 @@ class Settings:
             minimum = f.metadata.get("minimum")
             if minimum is not None and value < minimum:
                 raise SettingsError(f"setting {f.name!r}: must be >= {minimum}, got {value!r}")
+        if self.cache_backend not in {"memory"}:
+            raise SettingsError(
+                f"setting 'cache_backend': expected 'memory' (the only backend so far), "
+                f"got {self.cache_backend!r}"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(
                 f"setting 'log_level': expected one of DEBUG, INFO, WARNING, ERROR, "
@@ -161,6 +190,11 @@ class Settings:
                 )
             values[key] = _cast(name, raw, hints[key])
         return cls.from_mapping(values, source="the environment")
+
+    @property
+    def database_file(self) -> Path:
+        """The SQLite file: ``database_path``, or its default inside ``data_dir``."""
+        return Path(self.database_path or Path(self.data_dir) / "quart_service.db")
 
     def describe(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, value, doc) of every setting, for ``quart-service check``."""

@@ -15,9 +15,9 @@ from quart_service import Settings, create_app
 
 
 @pytest.fixture
-def settings() -> Settings:
-    """Defaults with the identity endpoint on, as operators and tests use it."""
-    return Settings(identity_endpoint=True)
+def settings(tmp_path: Path) -> Settings:
+    """Defaults with the identity endpoint on and the data in a fresh folder."""
+    return Settings(identity_endpoint=True, data_dir=str(tmp_path / "data"))
 
 
 @pytest.fixture

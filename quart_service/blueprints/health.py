@@ -27,10 +27,13 @@ async def livez() -> dict[str, Any]:
 
 @health.get("/readyz")
 async def readyz() -> tuple[Response, int]:
-    """Ready when every required resource is ready; 503 with the reasons otherwise."""
+    """Ready when the schema is current, every required resource (the snapshot among
+    them) is ready and the data is fresh enough; 503 with the reasons otherwise."""
     service = current_service()
-    problems: list[str] = []
-    checks: dict[str, str] = {}
+    if service.data.schema is None or service.data.schema.behind:
+        await service.data.check_schema()  # migrated meanwhile? look again
+    data_checks, problems = service.data.readiness()
+    checks: dict[str, Any] = {"data": data_checks}
     for status in service.resources.status():
         if not status.required:
             continue
@@ -65,4 +68,5 @@ async def whoami() -> dict[str, Any]:
         "executor": asdict(service.executor.stats()),
         "resources": [status.as_dict() for status in service.resources.status()],
         "streams": asdict(service.streams),
+        "data": service.data.identity(),
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from quart_service import Resource, create_app, resources, sse
+from quart_service import Resource, cached, create_app, resources, snapshot, sse
 
 EVENTS_FILE = os.environ.get("TEST_EVENTS_FILE", "")
 SLOW_CREATE_SECONDS = float(os.environ.get("TEST_SLOW_CREATE_SECONDS", "0.5"))
@@ -151,6 +151,33 @@ async def raw_stream() -> Response:
             await asyncio.sleep(0.5)
 
     return Response(produce(), content_type="text/event-stream")
+
+
+@bp.get("/data")
+async def data() -> dict[str, Any]:
+    """What this worker's snapshot says."""
+    snap = await snapshot()
+    return {
+        "pid": os.getpid(),
+        "generation": snap.generation,
+        "revision": snap.revision,
+        "models": {name: dict(m.parameters) for name, m in snap.models.items()},
+    }
+
+
+@bp.get("/cached/<name>")
+async def cached_value(name: str) -> dict[str, Any]:
+    """A slow load from the snapshot, behind the generation-scoped cache."""
+    snap = await snapshot()
+
+    async def load() -> Any:
+        record("loaded", key=name, generation=snap.generation)
+        await asyncio.sleep(0.3)
+        model = snap.models.get(name)
+        return None if model is None else model.parameters.get("v")
+
+    value = await cached(name, load)
+    return {"pid": os.getpid(), "generation": snap.generation, "value": value}
 
 
 app = create_app(resources=[SLOW, *MODELS], blueprints=[bp])

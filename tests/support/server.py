@@ -116,6 +116,8 @@ def running_server(
     """Run a real Hypercorn with ``workers`` processes; stop it by PID afterwards."""
     port = free_port()
     log_path = tmp_path / f"hypercorn-{port}.log"
+    # Each server gets its own data folder unless the test shares one on purpose.
+    env = {"QUART_SERVICE_DATA_DIR": str(tmp_path / f"data-{port}"), **(env or {})}
     process = spawn_hypercorn(
         app, port=port, workers=workers, env=env, log_path=log_path, config=config
     )
@@ -141,3 +143,29 @@ def wait_until_serving(server: Server, workers: int, timeout: float) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"hypercorn did not start within {timeout} s:\n{server.log()}")
+
+
+def pin_workers(server: Server, count: int, attempts: int = 400) -> dict[int, httpx.Client]:
+    """One keep-alive client per worker: each new connection lands on some worker;
+    keep the first client that reached each one (the connection stays pinned)."""
+    pinned: dict[int, httpx.Client] = {}
+    for _ in range(attempts):
+        # One connection, kept however long the test idles (httpx drops idle ones
+        # after 5 s by default; the server keeps them for keep_alive_timeout, 75 s).
+        limits = httpx.Limits(max_connections=1, keepalive_expiry=600)
+        client = httpx.Client(base_url=server.url, timeout=30, limits=limits)
+        pid = client.get("/livez").json()["pid"]
+        if pid in pinned:
+            client.close()
+        else:
+            pinned[pid] = client
+            if len(pinned) == count:
+                return pinned
+    for client in pinned.values():
+        client.close()
+    raise RuntimeError(f"reached {len(pinned)} of {count} workers in {attempts} connections")
+
+
+def sqlite3_shell(database: Path, sql: str) -> None:
+    """Change the database the way an operator would: the sqlite3 command-line shell."""
+    subprocess.run(["sqlite3", str(database), sql], check=True, capture_output=True, timeout=30)

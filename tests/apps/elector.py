@@ -1,0 +1,61 @@
+"""A process that runs only the data plane's election and refresh, for failover tests.
+
+    python -m tests.apps.elector DATA_DIR INTERVAL EVENTS_FILE
+
+It uses the same DataPlane as a worker, so killing it with SIGKILL is killing a
+leader, without Hypercorn (which stops the whole server when one worker dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from quart_service.data.database import Database
+from quart_service.data.migrations import apply_migrations
+from quart_service.data.plane import DataPlane
+
+
+async def main(data_dir: Path, interval: float, events: Path) -> None:
+    def record(kind: str, **fields: object) -> None:
+        line = json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **fields})
+        with events.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    database_file = data_dir / "quart_service.db"
+    apply_migrations(database_file)
+    queries: Counter[str] = Counter()
+    connection: Database | None = None
+
+    async def database() -> Database:
+        nonlocal connection
+        if connection is None:
+            connection = await Database.open(database_file, 5.0, queries)
+        return connection
+
+    async def reset() -> None:
+        nonlocal connection
+        if connection is not None:
+            await connection.close()
+            connection = None
+
+    plane = DataPlane(data_dir, interval, database, reset)
+    plane.on_swap(lambda s: record("swap", generation=s.generation, revision=s.revision))
+    runner = asyncio.create_task(plane.run())
+    record("started")
+    role = ""
+    while not runner.done():
+        if plane.role != role:
+            role = plane.role
+            record("role", role=role)
+        await asyncio.sleep(0.01)
+    await runner
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])))

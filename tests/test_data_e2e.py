@@ -1,0 +1,325 @@
+"""The data plane under real Hypercorn workers, a real SQLite file and the sqlite3 shell."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .conftest import read_events
+from .support.server import ROOT, pin_workers, running_server, server_env, sqlite3_shell
+
+INTERVAL = 0.5
+
+
+def _env(data_dir: Path, events: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {
+        "QUART_SERVICE_DATA_DIR": str(data_dir),
+        "QUART_SERVICE_REFRESH_INTERVAL": str(INTERVAL),
+        "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
+        **extra,
+    }
+    if events is not None:
+        env["TEST_EVENTS_FILE"] = str(events)
+    return env
+
+
+def _put_model(database: Path, name: str, parameters: dict[str, Any]) -> None:
+    """Insert or update a model row with the sqlite3 shell, as an operator would."""
+    params = json.dumps(parameters).replace("'", "''")
+    sqlite3_shell(
+        database,
+        f"INSERT INTO models (name, engine, parameters) VALUES ('{name}', 'local', '{params}') "
+        "ON CONFLICT (name) DO UPDATE SET parameters = excluded.parameters",
+    )
+
+
+def _identities(clients: dict[int, httpx.Client]) -> dict[int, dict[str, Any]]:
+    identities = {pid: c.get("/debug/identity").json() for pid, c in clients.items()}
+    for pid, identity in identities.items():
+        assert identity["pid"] == pid, "a pinned connection moved to another worker"
+    return identities
+
+
+@contextlib.contextmanager
+def _pinned(server: Any, count: int) -> Iterator[dict[int, httpx.Client]]:
+    clients = pin_workers(server, count)
+    try:
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _wait_all(
+    clients: dict[int, httpx.Client], path: str, done: Any, timeout: float
+) -> dict[int, float]:
+    """Poll every worker until ``done(answer)``; returns when each one got there."""
+    started = time.monotonic()
+    reached: dict[int, float] = {}
+    while len(reached) < len(clients) and time.monotonic() - started < timeout:
+        for pid, client in clients.items():
+            if pid not in reached and done(client.get(path).json()):
+                reached[pid] = time.monotonic() - started
+        time.sleep(0.01)
+    assert len(reached) == len(clients), f"only {sorted(reached)} of {sorted(clients)}"
+    return reached
+
+
+def test_four_workers_on_an_empty_database_migrate_once_and_become_ready(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
+        _pinned(server, 4) as clients,
+    ):
+        for client in clients.values():
+            for _ in range(100):
+                ready = client.get("/readyz")
+                if ready.status_code == 200:
+                    break
+                time.sleep(0.05)
+            assert ready.status_code == 200, ready.text
+        identities = _identities(clients)
+    applied = sum(i["data"]["migrations_applied"] for i in identities.values())
+    assert applied == 1  # one file, applied by exactly one of the four workers
+    with contextlib.closing(sqlite3.connect(data_dir / "quart_service.db")) as db:
+        rows = db.execute("SELECT version, applied_by_pid FROM schema_migrations").fetchall()
+    assert len(rows) == 1
+    assert rows[0][1] in identities
+
+
+def test_database_queries_do_not_grow_with_the_worker_count(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with (
+        running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
+        _pinned(server, 4) as clients,
+    ):
+        before = _identities(clients)
+        time.sleep(10)
+        after = _identities(clients)
+    leaders = [pid for pid, i in after.items() if i["data"]["role"] == "leader"]
+    assert len(leaders) == 1
+
+    def polls(identity: dict[str, Any]) -> int:
+        return int(identity["data"]["queries"].get("poll", 0))
+
+    for pid in after:
+        if pid not in leaders:
+            assert polls(after[pid]) == 0, f"follower {pid} queried the database"
+    # Only the leader polls: one small query per interval for the whole host.
+    leader_polls = polls(after[leaders[0]]) - polls(before[leaders[0]])
+    assert 10 / INTERVAL * 0.7 <= leader_polls <= 10 / INTERVAL + 2
+    total_after = sum(sum(i["data"]["queries"].values()) for i in after.values())
+    total_before = sum(sum(i["data"]["queries"].values()) for i in before.values())
+    assert total_after - total_before == leader_polls
+
+
+def test_a_change_from_the_sqlite3_shell_reaches_every_worker(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    database = data_dir / "quart_service.db"
+    with (
+        running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
+        _pinned(server, 4) as clients,
+    ):
+        delays: list[float] = []
+        for n in range(5):
+            _put_model(database, "m", {"v": n})
+            reached = _wait_all(
+                clients,
+                "/data",
+                lambda answer, n=n: answer["models"].get("m") == {"v": n},
+                timeout=5,
+            )
+            delays.append(max(reached.values()))
+    # Visible in every worker within refresh_interval + 0.5 s.
+    assert max(delays) <= INTERVAL + 0.5, delays
+
+
+def test_cache_loads_once_per_worker_and_never_serves_an_old_generation(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    events = tmp_path / "events.jsonl"
+    database = data_dir / "quart_service.db"
+    with (
+        running_server(tmp_path, workers=2, env=_env(data_dir, events)) as server,
+        _pinned(server, 2) as clients,
+    ):
+        _put_model(database, "k", {"v": "old"})
+        _wait_all(clients, "/data", lambda a: "k" in a["models"], timeout=5)
+
+        async def burst() -> list[dict[str, Any]]:
+            limits = httpx.Limits(max_connections=500)
+            async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+                answers = await asyncio.gather(
+                    *(client.get(server.url + "/cached/k") for _ in range(500))
+                )
+            return [a.json() for a in answers]
+
+        answers = asyncio.run(burst())
+        assert {a["value"] for a in answers} == {"old"}
+        loads = Counter(e["pid"] for e in read_events(events) if e["kind"] == "loaded")
+        answered = {a["pid"] for a in answers}
+        # 500 concurrent misses: the loader ran once in each worker that answered.
+        assert loads == Counter(dict.fromkeys(answered, 1))
+
+        _put_model(database, "k", {"v": "new"})
+        _wait_all(clients, "/data", lambda a: a["models"]["k"] == {"v": "new"}, timeout=5)
+        for client in clients.values():
+            for _ in range(20):
+                assert client.get("/cached/k").json()["value"] == "new"
+
+
+def _move(database: Path, to: Path) -> None:
+    # Fold the WAL into the main file first, so moving the file moves all the data.
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    os.replace(database, to)
+
+
+def test_database_gone_for_ten_seconds_serves_last_snapshot_then_recovers(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    database = data_dir / "quart_service.db"
+    away = data_dir / "away.db"
+    env = _env(data_dir, QUART_SERVICE_SNAPSHOT_MAX_STALENESS="2")
+    with running_server(tmp_path, workers=2, env=env) as server, _pinned(server, 2) as clients:
+        _put_model(database, "a", {"v": 1})
+        _wait_all(clients, "/data", lambda a: "a" in a["models"], timeout=5)
+        _move(database, away)
+        try:
+            started = time.monotonic()
+            stale_seen = False
+            while time.monotonic() - started < 10:
+                for client in clients.values():
+                    answer = client.get("/data")
+                    assert answer.status_code == 200
+                    assert answer.json()["models"]["a"] == {"v": 1}
+                    ready = client.get("/readyz").json()
+                    if ready["checks"]["data"]["stale"] and ready["status"] == "not_ready":
+                        stale_seen = True
+                        assert any("data is stale" in p for p in ready["problems"])
+                time.sleep(0.2)
+            assert stale_seen, "no worker reported stale data"
+            _put_model(away, "a", {"v": 2})
+        finally:
+            _move(away, database)
+        _wait_all(clients, "/data", lambda a: a["models"]["a"] == {"v": 2}, timeout=10)
+        _wait_all(clients, "/readyz", lambda a: a["status"] == "ready", timeout=10)
+
+
+def test_a_writer_holding_an_exclusive_lock_does_not_stop_reads(tmp_path: Path) -> None:
+    """WAL: readers are not blocked by a writer, so the refresh carries on."""
+    data_dir = tmp_path / "data"
+    database = data_dir / "quart_service.db"
+    with (
+        running_server(tmp_path, workers=2, env=_env(data_dir)) as server,
+        _pinned(server, 2) as clients,
+    ):
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3, sys, time\n"
+                f"c = sqlite3.connect({str(database)!r}, isolation_level=None)\n"
+                "c.execute('BEGIN EXCLUSIVE')\n"
+                "c.execute(\"INSERT INTO models (name, engine) VALUES ('held', 'local')\")\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(10)\n"
+                "c.execute('COMMIT')\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "locked"
+            for _ in range(20):
+                for client in clients.values():
+                    assert client.get("/data").status_code == 200
+                    assert client.get("/readyz").status_code == 200
+                time.sleep(0.2)
+        finally:
+            holder.wait(timeout=30)
+            if holder.stdout is not None:
+                holder.stdout.close()
+        _wait_all(clients, "/data", lambda a: "held" in a["models"], timeout=5)
+
+
+def _elector(data_dir: Path, events: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.apps.elector", str(data_dir), str(INTERVAL), str(events)],
+        cwd=ROOT,
+        env=server_env(),
+    )
+
+
+def test_leader_failover_after_kill_9(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    events = tmp_path / "events.jsonl"
+    processes = [_elector(data_dir, events) for _ in range(3)]
+    try:
+
+        def leaders() -> list[int]:
+            current: dict[int, str] = {}
+            for event in read_events(events):
+                if event["kind"] == "role":
+                    current[event["pid"]] = event["role"]
+            alive = {p.pid for p in processes if p.poll() is None}
+            return [pid for pid, role in current.items() if role == "leader" and pid in alive]
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(leaders()) != 1:
+            time.sleep(0.05)
+        (first,) = leaders()
+        os.kill(first, signal.SIGKILL)
+        killed_at = time.time()
+        next(p for p in processes if p.pid == first).wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not leaders():
+            time.sleep(0.01)
+        (second,) = leaders()
+        assert second != first
+        took_over = next(
+            e["t"]
+            for e in read_events(events)
+            if e["kind"] == "role" and e["pid"] == second and e["role"] == "leader"
+        )
+        assert took_over - killed_at <= 2 * INTERVAL
+        # Refreshes continue: a change is published by the new leader.
+        sqlite3_shell(
+            data_dir / "quart_service.db",
+            "INSERT INTO models (name, engine) VALUES ('after-failover', 'local')",
+        )
+        revision_seen = False
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not revision_seen:
+            published = json.loads((data_dir / "snapshot.json").read_text())
+            revision_seen = any(m["name"] == "after-failover" for m in published["models"])
+            time.sleep(0.05)
+        assert revision_seen
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
