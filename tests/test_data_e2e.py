@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from .conftest import read_events
+from .support.data import put_model, wait_all
 from .support.server import ROOT, pin_workers, running_server, server_env, sqlite3_shell
 
 INTERVAL = 0.5
@@ -36,16 +37,6 @@ def _env(data_dir: Path, events: Path | None = None, **extra: str) -> dict[str, 
     return env
 
 
-def _put_model(database: Path, name: str, parameters: dict[str, Any]) -> None:
-    """Insert or update a model row with the sqlite3 shell, as an operator would."""
-    params = json.dumps(parameters).replace("'", "''")
-    sqlite3_shell(
-        database,
-        f"INSERT INTO models (name, engine, parameters) VALUES ('{name}', 'local', '{params}') "
-        "ON CONFLICT (name) DO UPDATE SET parameters = excluded.parameters",
-    )
-
-
 def _identities(clients: dict[int, httpx.Client]) -> dict[int, dict[str, Any]]:
     identities = {pid: c.get("/debug/identity").json() for pid, c in clients.items()}
     for pid, identity in identities.items():
@@ -61,21 +52,6 @@ def _pinned(server: Any, count: int) -> Iterator[dict[int, httpx.Client]]:
     finally:
         for client in clients.values():
             client.close()
-
-
-def _wait_all(
-    clients: dict[int, httpx.Client], path: str, done: Any, timeout: float
-) -> dict[int, float]:
-    """Poll every worker until ``done(answer)``; returns when each one got there."""
-    started = time.monotonic()
-    reached: dict[int, float] = {}
-    while len(reached) < len(clients) and time.monotonic() - started < timeout:
-        for pid, client in clients.items():
-            if pid not in reached and done(client.get(path).json()):
-                reached[pid] = time.monotonic() - started
-        time.sleep(0.01)
-    assert len(reached) == len(clients), f"only {sorted(reached)} of {sorted(clients)}"
-    return reached
 
 
 def test_four_workers_on_an_empty_database_migrate_once_and_become_ready(
@@ -137,13 +113,13 @@ def test_a_change_from_the_sqlite3_shell_reaches_every_worker(tmp_path: Path) ->
     ):
         delays: list[float] = []
         for n in range(5):
-            _put_model(database, "m", {"v": n})
-            reached = _wait_all(
-                clients,
-                "/data",
-                lambda answer, n=n: answer["models"].get("m") == {"v": n},
-                timeout=5,
-            )
+            expected = {"v": n}
+            put_model(database, "m", expected)
+
+            def arrived(answer: dict[str, Any], expected: dict[str, int] = expected) -> bool:
+                return bool(answer["models"].get("m") == expected)
+
+            reached = wait_all(clients, "/data", arrived, timeout=5)
             delays.append(max(reached.values()))
     # Visible in every worker within refresh_interval + 0.5 s.
     assert max(delays) <= INTERVAL + 0.5, delays
@@ -159,8 +135,8 @@ def test_cache_loads_once_per_worker_and_never_serves_an_old_generation(
         running_server(tmp_path, workers=2, env=_env(data_dir, events)) as server,
         _pinned(server, 2) as clients,
     ):
-        _put_model(database, "k", {"v": "old"})
-        _wait_all(clients, "/data", lambda a: "k" in a["models"], timeout=5)
+        put_model(database, "k", {"v": "old"})
+        wait_all(clients, "/data", lambda a: "k" in a["models"], timeout=5)
 
         async def burst() -> list[dict[str, Any]]:
             limits = httpx.Limits(max_connections=500)
@@ -177,8 +153,8 @@ def test_cache_loads_once_per_worker_and_never_serves_an_old_generation(
         # 500 concurrent misses: the loader ran once in each worker that answered.
         assert loads == Counter(dict.fromkeys(answered, 1))
 
-        _put_model(database, "k", {"v": "new"})
-        _wait_all(clients, "/data", lambda a: a["models"]["k"] == {"v": "new"}, timeout=5)
+        put_model(database, "k", {"v": "new"})
+        wait_all(clients, "/data", lambda a: a["models"]["k"] == {"v": "new"}, timeout=5)
         for client in clients.values():
             for _ in range(20):
                 assert client.get("/cached/k").json()["value"] == "new"
@@ -199,8 +175,8 @@ def test_database_gone_for_ten_seconds_serves_last_snapshot_then_recovers(
     away = data_dir / "away.db"
     env = _env(data_dir, QUART_SERVICE_SNAPSHOT_MAX_STALENESS="2")
     with running_server(tmp_path, workers=2, env=env) as server, _pinned(server, 2) as clients:
-        _put_model(database, "a", {"v": 1})
-        _wait_all(clients, "/data", lambda a: "a" in a["models"], timeout=5)
+        put_model(database, "a", {"v": 1})
+        wait_all(clients, "/data", lambda a: "a" in a["models"], timeout=5)
         _move(database, away)
         try:
             started = time.monotonic()
@@ -216,11 +192,11 @@ def test_database_gone_for_ten_seconds_serves_last_snapshot_then_recovers(
                         assert any("data is stale" in p for p in ready["problems"])
                 time.sleep(0.2)
             assert stale_seen, "no worker reported stale data"
-            _put_model(away, "a", {"v": 2})
+            put_model(away, "a", {"v": 2})
         finally:
             _move(away, database)
-        _wait_all(clients, "/data", lambda a: a["models"]["a"] == {"v": 2}, timeout=10)
-        _wait_all(clients, "/readyz", lambda a: a["status"] == "ready", timeout=10)
+        wait_all(clients, "/data", lambda a: a["models"]["a"] == {"v": 2}, timeout=10)
+        wait_all(clients, "/readyz", lambda a: a["status"] == "ready", timeout=10)
 
 
 def test_a_writer_holding_an_exclusive_lock_does_not_stop_reads(tmp_path: Path) -> None:
@@ -258,7 +234,7 @@ def test_a_writer_holding_an_exclusive_lock_does_not_stop_reads(tmp_path: Path) 
             holder.wait(timeout=30)
             if holder.stdout is not None:
                 holder.stdout.close()
-        _wait_all(clients, "/data", lambda a: "held" in a["models"], timeout=5)
+        wait_all(clients, "/data", lambda a: "held" in a["models"], timeout=5)
 
 
 def _elector(data_dir: Path, events: Path) -> subprocess.Popen[bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -75,7 +75,9 @@ class Snapshot:
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def from_rows(cls, generation: int, revision: int, rows: list[Mapping[str, Any]]) -> Snapshot:
+    def from_rows(
+        cls, generation: int, revision: int, rows: Sequence[Mapping[str, Any]]
+    ) -> Snapshot:
         """Build from ``models`` rows (``parameters`` as JSON text)."""
         models = {
             row["name"]: ModelConfig.from_mapping(
