@@ -110,10 +110,7 @@ class Service:
         )
         await self.data.start(self._resources)
         self.started_at = time.time()
-        if settings.warm_resources:
-            await self._resources.warm(only_marked=False)
-        else:
-            await self._resources.warm(only_marked=True)
+        await self._resources.warm(only_marked=not settings.warm_resources)
         install_sigterm_drain(
             settings.stream_drain_timeout,
             lambda: self.streams.active,

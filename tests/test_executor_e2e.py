@@ -14,7 +14,7 @@ from quart_service._proc import thread_count
 from .support.server import running_server
 
 POOL = 8
-DATABASE_CONNECTIONS = 0  # the data plane (a later issue) adds its connection here
+DATABASE_CONNECTIONS = 1  # the refresh leader's aiosqlite connection runs one thread
 
 
 async def _mixed_load(url: str, total: int) -> list[int]:
