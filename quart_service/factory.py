@@ -12,6 +12,9 @@ from typing import Any
 
 from quart import Blueprint, Quart
 
+from .api.admin import admin
+from .api.openai import v1
+from .api.wiring import ai_resources
 from .blueprints.demo import demo
 from .blueprints.health import health, identity
 from .errors import register_error_handlers
@@ -39,13 +42,16 @@ def create_app(
     # Keep the order a view wrote its keys in, and skip the sort on every response.
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    service = Service(settings, resources)
+    service = Service(settings, [*ai_resources(lambda: service.resources), *resources])
     app.extensions[EXTENSION] = service
     app.before_serving(service.start)
     app.after_serving(service.stop)
     register_error_handlers(app)
 
     app.register_blueprint(health)
+    app.register_blueprint(v1)
+    if settings.admin_token:
+        app.register_blueprint(admin)
     if settings.identity_endpoint:
         app.register_blueprint(identity)
     if settings.demo_routes:

@@ -28,6 +28,7 @@ __all__ = ["ENV_PREFIX", "Settings", "SettingsError"]
 
 ENV_PREFIX: Final = "QUART_SERVICE_"
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
+_SECRETS = frozenset({"admin_token"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -113,6 +114,9 @@ class Settings:
     )
     cache_backend: str = _setting("memory", "Where get_or_load keeps values: memory.")
     cache_ttl: float = _setting(300 * SECONDS, "Default lifetime of a cached value.", minimum=0)
+    admin_token: str = _setting(
+        "", "Bearer token of the /admin API; empty turns the admin API off."
+    )
     warm_resources: bool = _setting(
         False, "Create every declared resource at start-up instead of on first use."
     )
@@ -197,10 +201,16 @@ class Settings:
         return Path(self.database_path or Path(self.data_dir) / "quart_service.db")
 
     def describe(self) -> list[tuple[str, str, Any, str]]:
-        """(name, type, value, doc) of every setting, for ``quart-service check``."""
+        """(name, type, value, doc) of every setting, for ``quart-service check``;
+        secrets are masked."""
         hints = get_type_hints(type(self))
         return [
-            (f.name, _type_name(hints[f.name]), getattr(self, f.name), f.metadata["doc"])
+            (
+                f.name,
+                _type_name(hints[f.name]),
+                "***" if f.name in _SECRETS and getattr(self, f.name) else getattr(self, f.name),
+                f.metadata["doc"],
+            )
             for f in dataclasses.fields(self)
         ]
 

@@ -10,8 +10,11 @@ from typing import Any
 from quart import Blueprint, Response, jsonify
 
 from .._proc import rss_bytes, thread_count
+from ..api.openai import AI_COUNTERS
+from ..api.wiring import ENGINES
+from ..engines.registry import EngineRegistry
 from ..resources import ResourceState
-from ..service import current_service
+from ..service import Service, current_service
 
 __all__ = ["health", "identity"]
 
@@ -69,4 +72,15 @@ async def whoami() -> dict[str, Any]:
         "resources": [status.as_dict() for status in service.resources.status()],
         "streams": asdict(service.streams),
         "data": service.data.identity(),
+        "ai": {**asdict(AI_COUNTERS), "engines": await _engines(service)},
     }
+
+
+async def _engines(service: Service) -> list[dict[str, Any]]:
+    """The engine instances this worker built (without building the registry)."""
+    if not any(
+        s.name == ENGINES and s.state is ResourceState.READY for s in service.resources.status()
+    ):
+        return []
+    engines: EngineRegistry = await service.resources.get(ENGINES)
+    return engines.status()

@@ -22,7 +22,7 @@ from typing import Any
 
 from quart import Response
 
-from ..service import current_service
+from .. import service as _service  # a module: service.py imports streaming too
 from .body import StreamBody
 from .events import NDJSON, SSE, Encoder
 
@@ -70,7 +70,7 @@ def stream_response(
             f"a stream needs an async generator or an iterator of events, "
             f"not {type(source).__name__}"
         )
-    service = current_service()
+    service = _service.current_service()
     if not isinstance(source, AsyncIterable):
         # Refuse now, while a 503 can still be sent, rather than mid-stream.
         service.executor.check_capacity()

@@ -1,0 +1,88 @@
+"""What an engine is: something that turns a prompt into a stream of text pieces.
+
+Engines are per-process singletons, one instance per model row, built by a factory
+registered under the entry-point group ``quart_service.engines``::
+
+    [project.entry-points."quart_service.engines"]
+    my-engine = "my_package.engine:create"
+
+    async def create(model: ModelConfig, context: EngineContext) -> Engine: ...
+
+The API layer handles the protocol (OpenAI shapes, stop sequences, usage, finish
+reasons); an engine only generates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from ..data.snapshot import ModelConfig
+from ..errors import ServiceError
+
+__all__ = [
+    "Engine",
+    "EngineContext",
+    "EngineError",
+    "EngineFactory",
+    "GenerationRequest",
+    "Message",
+]
+
+
+class EngineError(ServiceError):
+    """An engine cannot be built or failed while generating."""
+
+    status = 502
+    code = "engine_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """What to generate. ``messages`` is set for chat, ``prompt`` always."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    messages: tuple[Message, ...] = ()
+
+
+class Engine(Protocol):
+    """A model's generator, one instance per model per process."""
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` is, in this engine's units (for usage counts)."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Text pieces, one token each, at most ``request.max_tokens`` of them."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the instance holds (called when its model row changes)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineContext:
+    """What the service lends an engine: the shared pool and HTTP client."""
+
+    run_sync: Callable[..., Awaitable[Any]]  # run_sync(fn, *args) on the shared pool
+    http_client: Callable[[], Awaitable[httpx.AsyncClient]]  # this process's client
+
+
+EngineFactory = Callable[[ModelConfig, EngineContext], Awaitable[Engine]]

@@ -1,0 +1,149 @@
+"""``local``: a small real language model on the CPU — a word-level n-gram model.
+
+Trained when the engine is built, on the public-domain corpus shipped with the
+package (the Gettysburg Address, the Preamble to the U.S. Constitution and the opening
+of the Declaration of Independence) or on the ``corpus`` text in the model's
+parameters. Sampling honours ``temperature`` (0: always the likeliest word), ``top_p``
+and ``seed`` (the same seed gives the same text). Sampling runs on the shared pool in
+batches; ``tokens_per_second`` paces the stream on the event loop, so a slow stream
+holds no thread.
+
+Parameters: ``order`` (2 to 5, default 3), ``corpus`` (text), ``tokens_per_second``
+(0: as fast as possible).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..data.snapshot import ModelConfig
+from .base import Engine, EngineContext, EngineError, GenerationRequest
+
+__all__ = ["NGramModel", "create"]
+
+CORPUS = Path(__file__).with_name("corpus.txt")
+_TOKEN = re.compile(r"[A-Za-z0-9'-]+|[.,;:!?]")
+_BATCH = 16  # tokens sampled per pool job
+
+
+class NGramModel:
+    """Counts of the next word after each context of ``order - 1`` words."""
+
+    def __init__(self, text: str, order: int) -> None:
+        tokens = _TOKEN.findall(text)
+        if len(tokens) < order + 1:
+            raise EngineError(f"the corpus is too short for order {order}: {len(tokens)} tokens")
+        self.order = order
+        self.table: dict[tuple[str, ...], Counter[str]] = defaultdict(Counter)
+        for n in range(1, order):
+            # Back-off tables for shorter contexts, so any prompt finds a continuation.
+            for i in range(len(tokens) - n):
+                self.table[tuple(tokens[i : i + n])][tokens[i + n]] += 1
+        self.table[()] = Counter(tokens)
+        self.starts = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "."]
+
+    def next_word(
+        self, context: list[str], rng: random.Random, temperature: float, top_p: float
+    ) -> str:
+        for n in range(self.order - 1, -1, -1):
+            counts = self.table.get(tuple(context[-n:]) if n else ())
+            if counts:
+                return _sample(counts, rng, temperature, top_p)
+        raise AssertionError("the unigram table is never empty")
+
+
+def _sample(counts: Counter[str], rng: random.Random, temperature: float, top_p: float) -> str:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # stable for a seed
+    if temperature == 0:
+        return ranked[0][0]
+    weights = [count ** (1.0 / temperature) for _, count in ranked]
+    total = sum(weights)
+    kept, cumulative = [], 0.0
+    for (word, _), weight in zip(ranked, weights, strict=True):
+        kept.append((word, weight))
+        cumulative += weight / total
+        if cumulative >= top_p:
+            break
+    return rng.choices([w for w, _ in kept], weights=[w for _, w in kept])[0]
+
+
+def _join(word: str, first: bool) -> str:
+    return word if first or word in ".,;:!?" else " " + word
+
+
+class LocalEngine:
+    """One n-gram model, trained once per process per model row."""
+
+    def __init__(self, model: NGramModel, context: EngineContext, pace: float) -> None:
+        self._model = model
+        self._context = context
+        self._pace = pace
+
+    def count_tokens(self, text: str) -> int:
+        return len(_TOKEN.findall(text))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        rng = random.Random(request.seed)
+        history = _TOKEN.findall(request.prompt)[-(self._model.order - 1) :]
+        if not history or tuple(history) not in self._model.table:
+            history = [rng.choice(self._model.starts or ["The"])]
+        produced = 0
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while produced < request.max_tokens:
+            count = min(_BATCH, request.max_tokens - produced)
+            words = await self._context.run_sync(self._sample, history, rng, request, count)
+            for word in words:
+                if self._pace:
+                    next_at += 1.0 / self._pace
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+                yield _join(word, produced == 0)
+                produced += 1
+
+    def _sample(
+        self, history: list[str], rng: random.Random, request: GenerationRequest, count: int
+    ) -> list[str]:
+        words = []
+        for _ in range(count):
+            word = self._model.next_word(history, rng, request.temperature, request.top_p)
+            words.append(word)
+            history.append(word)
+            del history[: -(self._model.order - 1) or None]
+        return words
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _read_corpus() -> str:
+    return CORPUS.read_text(encoding="utf-8")
+
+
+def _number(
+    parameters: Mapping[str, Any], name: str, default: float, low: float, high: float
+) -> float:
+    value = parameters.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise EngineError(
+            f"parameter {name!r} must be a number in [{low:g}, {high:g}], got {value!r}"
+        )
+    return float(value)
+
+
+async def create(model: ModelConfig, context: EngineContext) -> Engine:
+    """Build the engine for ``model`` (trains the n-gram model on the pool)."""
+    parameters = model.parameters
+    order = int(_number(parameters, "order", 3, 2, 5))
+    pace = _number(parameters, "tokens_per_second", 0, 0, 10_000)
+    corpus = parameters.get("corpus")
+    if corpus is not None and not isinstance(corpus, str):
+        raise EngineError("parameter 'corpus' must be text")
+    text = corpus if corpus is not None else await context.run_sync(_read_corpus)
+    trained = await context.run_sync(NGramModel, text, order)
+    return LocalEngine(trained, context, pace)

@@ -1,0 +1,101 @@
+"""``upstream``: proxies to any OpenAI-compatible server, streaming chunk by chunk.
+
+Parameters: ``base_url`` (for example ``http://127.0.0.1:9000/v1``), ``api_key``
+(optional), ``model`` (the upstream's model name; default: this model's name).
+
+All upstream traffic of a worker goes through its one pooled ``httpx.AsyncClient``.
+The request is always a streaming one; when our client disconnects, the generator is
+cancelled, which leaves ``client.stream(...)`` and closes the upstream response at
+once, so the upstream stops generating too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from ..data.snapshot import ModelConfig
+from .base import Engine, EngineContext, EngineError, GenerationRequest
+
+__all__ = ["create"]
+
+
+class UpstreamEngine:
+    """Forwards generation to an OpenAI-compatible ``/chat/completions``."""
+
+    def __init__(self, context: EngineContext, base_url: str, model: str, api_key: str) -> None:
+        self._context = context
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def count_tokens(self, text: str) -> int:
+        # The upstream's tokenizer is unknown here; whitespace words are the estimate.
+        return len(text.split())
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages] or [
+            {"role": "user", "content": request.prompt}
+        ]
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+        client = await self._context.http_client()
+        try:
+            async with client.stream("POST", self._url, json=body, headers=self._headers) as reply:
+                if reply.status_code != 200:
+                    detail = (await reply.aread())[:500].decode(errors="replace")
+                    raise EngineError(f"upstream answered {reply.status_code}: {detail}")
+                async for line in reply.aiter_lines():
+                    piece = _content(line)
+                    if piece is None:
+                        break
+                    if piece:
+                        yield piece
+        except httpx.HTTPError as exc:
+            raise EngineError(f"upstream request failed: {type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        return None  # the HTTP client is the process's, not this instance's
+
+
+def _content(line: str) -> str | None:
+    """The text of one SSE line: '' for nothing, None at the end of the stream."""
+    if not line.startswith("data:"):
+        return ""
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return None
+    try:
+        choices = json.loads(data).get("choices") or []
+    except ValueError:
+        return ""
+    if not choices:
+        return ""
+    content = (choices[0].get("delta") or {}).get("content")
+    return content if isinstance(content, str) else ""
+
+
+async def create(model: ModelConfig, context: EngineContext) -> Engine:
+    """Build the engine for ``model`` from its parameters."""
+    parameters = model.parameters
+    base_url = parameters.get("base_url")
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise EngineError("parameter 'base_url' must be an http(s) URL, e.g. http://host/v1")
+    upstream_model = parameters.get("model", model.name)
+    api_key = parameters.get("api_key", "")
+    if not isinstance(upstream_model, str) or not isinstance(api_key, str):
+        raise EngineError("parameters 'model' and 'api_key' must be text")
+    return UpstreamEngine(context, base_url, upstream_model, api_key)
