@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engines.base import Engine, GenerationRequest
 
@@ -26,6 +27,17 @@ class AICounters:
     first_tokens: int = 0
     time_to_first_token_total: float = 0.0
     finish_reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (dataclasses.asdict would mangle the Counter)."""
+        return {
+            "requests": self.requests,
+            "streams": self.streams,
+            "tokens": self.tokens,
+            "first_tokens": self.first_tokens,
+            "time_to_first_token_total": self.time_to_first_token_total,
+            "finish_reasons": dict(self.finish_reasons),
+        }
 
 
 class Generation:

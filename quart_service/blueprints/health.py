@@ -72,7 +72,7 @@ async def whoami() -> dict[str, Any]:
         "resources": [status.as_dict() for status in service.resources.status()],
         "streams": asdict(service.streams),
         "data": service.data.identity(),
-        "ai": {**asdict(AI_COUNTERS), "engines": await _engines(service)},
+        "ai": {**AI_COUNTERS.as_dict(), "engines": await _engines(service)},
     }
 
 
