@@ -4,6 +4,7 @@ The public surface is what ``__all__`` lists; everything in ``_``-prefixed modul
 private. See docs/ for the tutorial, guides and reference.
 """
 
+from ._version import __version__
 from .cache import ServiceCache
 from .data import ModelConfig, Snapshot
 from .errors import InvalidParameter, Overloaded, ResourceUnavailable, ServiceError, SettingsError
@@ -22,8 +23,6 @@ from .service import (
 )
 from .settings import Settings
 from .streaming import NDJSON, SSE, ServerSentEvent, ndjson, sse, stream_response
-
-__version__ = "0.1.0"
 
 __all__ = [
     "NDJSON",

@@ -14,6 +14,7 @@ from quart import Blueprint, Quart
 
 from .api.admin import admin
 from .api.openai import v1
+from .api.openapi_doc import openapi
 from .api.wiring import ai_resources
 from .blueprints.demo import demo
 from .blueprints.health import health, identity
@@ -42,7 +43,8 @@ def create_app(
     # Keep the order a view wrote its keys in, and skip the sort on every response.
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    service = Service(settings, [*ai_resources(lambda: service.resources), *resources])
+    ai = ai_resources(lambda: service.resources, lambda: service.executor)
+    service = Service(settings, [*ai, *resources])
     app.extensions[EXTENSION] = service
     app.before_serving(service.start)
     app.after_serving(service.stop)
@@ -50,6 +52,7 @@ def create_app(
 
     app.register_blueprint(health)
     app.register_blueprint(v1)
+    app.register_blueprint(openapi)
     if settings.admin_token:
         app.register_blueprint(admin)
     if settings.identity_endpoint:

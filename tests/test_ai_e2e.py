@@ -288,6 +288,7 @@ def test_upstream_engine_proxies_a_second_instance_and_stops_it_on_disconnect(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_an_eighty_second_stream_arrives_whole(tmp_path: Path) -> None:
     with (
         running_server(tmp_path, workers=2, env=_env(tmp_path)) as server,

@@ -128,7 +128,11 @@ async def _model(name: str) -> ModelConfig:
 
 
 async def _engine(model: ModelConfig) -> Engine:
-    engines: EngineRegistry = await current_service().resources.get(ENGINES)
+    service = current_service()
+    # Admission: a generation's pool steps are never refused once it has started,
+    # so refuse here (503 + Retry-After) while the pool and its queue are full.
+    service.executor.check_capacity()
+    engines: EngineRegistry = await service.resources.get(ENGINES)
     return await engines.get(model)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextvars import copy_context
 from functools import partial
 from typing import Any
 
@@ -11,17 +12,13 @@ import httpx
 
 from ..engines.base import EngineContext
 from ..engines.registry import EngineRegistry, discover_factories
+from ..executor import BoundedExecutor
 from ..resources import Resource, ResourceRegistry
 
 __all__ = ["ENGINES", "HTTP_CLIENT", "ai_resources"]
 
 ENGINES = "engines"
 HTTP_CLIENT = "http_client"
-
-
-async def _run_sync(fn: Callable[..., Any], *args: Any) -> Any:
-    # The loop's default executor is the worker's one bounded pool.
-    return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args))
 
 
 async def _open_client() -> httpx.AsyncClient:
@@ -40,15 +37,23 @@ async def _close_engines(engines: EngineRegistry) -> None:
     await engines.aclose()
 
 
-def ai_resources(registry: Callable[[], ResourceRegistry]) -> list[Resource[Any]]:
+def ai_resources(
+    registry: Callable[[], ResourceRegistry], executor: Callable[[], BoundedExecutor]
+) -> list[Resource[Any]]:
     """The resources the v1 API uses, declared in every worker's registry."""
+
+    async def run_sync(fn: Callable[..., Any], *args: Any) -> Any:
+        # An engine's steps belong to a request already admitted (the API checks the
+        # pool's capacity before it starts): never refuse them half-way.
+        future = executor().submit_admitted(copy_context().run, partial(fn, *args))
+        return await asyncio.wrap_future(future)
 
     async def http_client() -> httpx.AsyncClient:
         client: httpx.AsyncClient = await registry().get(HTTP_CLIENT)
         return client
 
     async def open_engines() -> EngineRegistry:
-        context = EngineContext(run_sync=_run_sync, http_client=http_client)
+        context = EngineContext(run_sync=run_sync, http_client=http_client)
         return EngineRegistry(discover_factories(), context)
 
     return [

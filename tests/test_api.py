@@ -1,0 +1,44 @@
+"""The v1 API in process: OpenAPI document, generation rules, the local engine."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from quart.typing import TestAppProtocol as RunningApp
+
+from quart_service.engines.local import NGramModel
+
+
+async def test_openapi_document_lists_the_api(test_app: RunningApp) -> None:
+    response = await test_app.test_client().get("/openapi.json")
+    assert response.status_code == 200
+    document: dict[str, Any] = await response.get_json()
+    assert document["openapi"].startswith("3.")
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(document["paths"])
+    chat = document["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"model", "messages"} <= set(chat["required"])
+    assert "max_tokens" in chat["properties"]
+
+
+async def test_stop_sequence_split_across_pieces_is_still_cut(test_app: RunningApp) -> None:
+    client = test_app.test_client()
+    body = {"model": "local-ngram", "prompt": "Four score and", "max_tokens": 60, "seed": 5}
+    whole = await (await client.post("/v1/completions", json=body)).get_json()
+    text: str = whole["choices"][0]["text"]
+    words = text.split()
+    stop = " ".join(words[3:5])  # two words: the stop spans two pieces
+    cut = await (await client.post("/v1/completions", json={**body, "stop": stop})).get_json()
+    assert cut["choices"][0]["text"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_ngram_model_is_deterministic_per_seed_and_greedy_at_zero() -> None:
+    model = NGramModel("a b c. a b d. a b c. a b c.", order=3)
+
+    def sample(seed: int, temperature: float) -> list[str]:
+        rng, history = random.Random(seed), ["a", "b"]
+        return [model.next_word(history, rng, temperature, 1.0) for _ in range(20)]
+
+    assert sample(1, 1.0) == sample(1, 1.0)
+    assert set(sample(2, 0.0)) == {"c"}  # "a b" -> "c" three times, "d" once
