@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from .support.data import wait_all
-from .support.server import Server, pin_workers, running_server
+from .support.server import Server, pinned_workers, running_server
 
 TOKEN = "test-admin-token"
 INTERVAL = 0.5
@@ -28,16 +26,6 @@ def _env(tmp_path: Path, name: str = "data") -> dict[str, str]:
         "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
         "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
     }
-
-
-@contextlib.contextmanager
-def _pinned(server: Server, count: int) -> Iterator[dict[int, httpx.Client]]:
-    clients = pin_workers(server, count)
-    try:
-        yield clients
-    finally:
-        for client in clients.values():
-            client.close()
 
 
 def _create_model(server: Server, name: str, engine: str, parameters: dict[str, Any]) -> None:
@@ -197,7 +185,7 @@ def test_admin_update_reaches_every_worker_and_rebuilds_only_that_engine(
 ) -> None:
     with (
         running_server(tmp_path, workers=2, env=_env(tmp_path)) as server,
-        _pinned(server, 2) as clients,
+        pinned_workers(server, 2) as clients,
     ):
         _create_model(server, "a", "local", {"order": 2})
         _create_model(server, "b", "local", {"order": 3})
@@ -256,9 +244,9 @@ def test_upstream_engine_proxies_a_second_instance_and_stops_it_on_disconnect(
 ) -> None:
     with (
         running_server(tmp_path, workers=2, env=_env(tmp_path, "up")) as upstream,
-        _pinned(upstream, 2) as upstream_workers,
+        pinned_workers(upstream, 2) as upstream_workers,
         running_server(tmp_path, workers=2, env=_env(tmp_path, "front")) as front,
-        _pinned(front, 2) as front_workers,
+        pinned_workers(front, 2) as front_workers,
     ):
         _create_model(upstream, "paced", "local", {"tokens_per_second": 20})
         _wait_model(upstream_workers, "paced", {"tokens_per_second": 20})
@@ -292,7 +280,7 @@ def test_upstream_engine_proxies_a_second_instance_and_stops_it_on_disconnect(
 def test_an_eighty_second_stream_arrives_whole(tmp_path: Path) -> None:
     with (
         running_server(tmp_path, workers=2, env=_env(tmp_path)) as server,
-        _pinned(server, 2) as clients,
+        pinned_workers(server, 2) as clients,
     ):
         _create_model(server, "slow", "local", {"tokens_per_second": 5})
         _wait_model(clients, "slow", {"tokens_per_second": 5})

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,13 @@ from quart_service.data.migrations import discover
 
 from .conftest import read_events
 from .support.data import put_model, wait_all
-from .support.server import ROOT, pin_workers, running_server, server_env, sqlite3_shell
+from .support.server import (
+    ROOT,
+    pinned_workers,
+    running_server,
+    server_env,
+    sqlite3_shell,
+)
 
 INTERVAL = 0.5
 
@@ -46,23 +51,13 @@ def _identities(clients: dict[int, httpx.Client]) -> dict[int, dict[str, Any]]:
     return identities
 
 
-@contextlib.contextmanager
-def _pinned(server: Any, count: int) -> Iterator[dict[int, httpx.Client]]:
-    clients = pin_workers(server, count)
-    try:
-        yield clients
-    finally:
-        for client in clients.values():
-            client.close()
-
-
 def test_four_workers_on_an_empty_database_migrate_once_and_become_ready(
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
     with (
         running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
-        _pinned(server, 4) as clients,
+        pinned_workers(server, 4) as clients,
     ):
         for client in clients.values():
             for _ in range(100):
@@ -86,7 +81,7 @@ def test_database_queries_do_not_grow_with_the_worker_count(tmp_path: Path) -> N
     data_dir = tmp_path / "data"
     with (
         running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
-        _pinned(server, 4) as clients,
+        pinned_workers(server, 4) as clients,
     ):
         before = _identities(clients)
         time.sleep(10)
@@ -113,7 +108,7 @@ def test_a_change_from_the_sqlite3_shell_reaches_every_worker(tmp_path: Path) ->
     database = data_dir / "quart_service.db"
     with (
         running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
-        _pinned(server, 4) as clients,
+        pinned_workers(server, 4) as clients,
     ):
         delays: list[float] = []
         for n in range(5):
@@ -137,7 +132,7 @@ def test_cache_loads_once_per_worker_and_never_serves_an_old_generation(
     database = data_dir / "quart_service.db"
     with (
         running_server(tmp_path, workers=2, env=_env(data_dir, events)) as server,
-        _pinned(server, 2) as clients,
+        pinned_workers(server, 2) as clients,
     ):
         put_model(database, "k", {"v": "old"})
         wait_all(clients, "/data", lambda a: "k" in a["models"], timeout=5)
@@ -178,7 +173,10 @@ def test_database_gone_for_ten_seconds_serves_last_snapshot_then_recovers(
     database = data_dir / "quart_service.db"
     away = data_dir / "away.db"
     env = _env(data_dir, QUART_SERVICE_SNAPSHOT_MAX_STALENESS="2")
-    with running_server(tmp_path, workers=2, env=env) as server, _pinned(server, 2) as clients:
+    with (
+        running_server(tmp_path, workers=2, env=env) as server,
+        pinned_workers(server, 2) as clients,
+    ):
         put_model(database, "a", {"v": 1})
         wait_all(clients, "/data", lambda a: "a" in a["models"], timeout=5)
         _move(database, away)
@@ -209,7 +207,7 @@ def test_a_writer_holding_an_exclusive_lock_does_not_stop_reads(tmp_path: Path) 
     database = data_dir / "quart_service.db"
     with (
         running_server(tmp_path, workers=2, env=_env(data_dir)) as server,
-        _pinned(server, 2) as clients,
+        pinned_workers(server, 2) as clients,
     ):
         holder = subprocess.Popen(
             [

@@ -169,28 +169,18 @@ async def list_models() -> dict[str, Any]:
 async def chat_completions() -> Response | dict[str, Any]:
     """Chat completions, streamed as ``chat.completion.chunk`` events or answered whole."""
     body = await _body(ChatCompletionRequest)
-    model = await _model(body.model)
-    engine = await _engine(model)
     messages = tuple(Message(m.role, m.text()) for m in body.messages)
     prompt = "\n".join(m.content for m in messages)
-    generation = Generation(engine, _request(body, prompt, messages=messages), AI_COUNTERS)
-    AI_COUNTERS.requests += 1
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+    generation, head = await _start(body, _request(body, prompt, messages=messages), "chatcmpl")
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return _stream(generation, head, usage, _chat_chunk)
+        return _stream(generation, head, _wants_usage(body), _chat_chunk)
     text = "".join([piece async for piece in generation.pieces()])
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "finish_reason": generation.finish_reason}
     return {
         **head,
         "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": generation.finish_reason,
-                "logprobs": None,
-            }
-        ],
+        "choices": [{**choice, "logprobs": None}],
         "usage": generation.usage(),
         "system_fingerprint": None,
     }
@@ -200,23 +190,32 @@ async def chat_completions() -> Response | dict[str, Any]:
 async def completions() -> Response | dict[str, Any]:
     """Text completions, streamed or answered whole."""
     body = await _body(CompletionRequest)
-    model = await _model(body.model)
-    engine = await _engine(model)
-    generation = Generation(engine, _request(body, body.prompt_text()), AI_COUNTERS)
-    AI_COUNTERS.requests += 1
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+    generation, head = await _start(body, _request(body, body.prompt_text()), "cmpl")
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return _stream(generation, head, usage, _text_chunk)
+        return _stream(generation, head, _wants_usage(body), _text_chunk)
     text = "".join([piece async for piece in generation.pieces()])
+    choice = {"index": 0, "text": text, "finish_reason": generation.finish_reason}
     return {
         **head,
         "object": "text_completion",
-        "choices": [
-            {"index": 0, "text": text, "finish_reason": generation.finish_reason, "logprobs": None}
-        ],
+        "choices": [{**choice, "logprobs": None}],
         "usage": generation.usage(),
     }
+
+
+async def _start(
+    body: ChatCompletionRequest | CompletionRequest, request: GenerationRequest, prefix: str
+) -> tuple[Generation, dict[str, Any]]:
+    """Resolve the model and its engine; the answer's common head."""
+    model = await _model(body.model)
+    engine = await _engine(model)
+    AI_COUNTERS.requests += 1
+    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+    return Generation(engine, request, AI_COUNTERS), head
+
+
+def _wants_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 Chunk = Callable[[dict[str, Any], str | None, str | None, bool], dict[str, Any]]

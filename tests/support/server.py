@@ -169,3 +169,14 @@ def pin_workers(server: Server, count: int, attempts: int = 400) -> dict[int, ht
 def sqlite3_shell(database: Path, sql: str) -> None:
     """Change the database the way an operator would: the sqlite3 command-line shell."""
     subprocess.run(["sqlite3", str(database), sql], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def pinned_workers(server: Server, count: int) -> Iterator[dict[int, httpx.Client]]:
+    """:func:`pin_workers`, closing the clients afterwards."""
+    clients = pin_workers(server, count)
+    try:
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
