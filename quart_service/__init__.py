@@ -7,7 +7,16 @@ private. See docs/ for the tutorial, guides and reference.
 from ._version import __version__
 from .cache import ServiceCache
 from .data import ModelConfig, Snapshot
-from .errors import InvalidParameter, Overloaded, ResourceUnavailable, ServiceError, SettingsError
+from .errors import (
+    Conflict,
+    InvalidParameter,
+    NotFound,
+    Overloaded,
+    ResourceUnavailable,
+    ServiceError,
+    SettingsError,
+    Unauthorized,
+)
 from .executor import BoundedExecutor, ExecutorStats
 from .factory import create_app
 from .resources import Resource, ResourceRegistry, ResourceState, ResourceStatus
@@ -28,9 +37,11 @@ __all__ = [
     "NDJSON",
     "SSE",
     "BoundedExecutor",
+    "Conflict",
     "ExecutorStats",
     "InvalidParameter",
     "ModelConfig",
+    "NotFound",
     "Overloaded",
     "Resource",
     "ResourceRegistry",
@@ -44,6 +55,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "Snapshot",
+    "Unauthorized",
     "__version__",
     "cache",
     "cached",

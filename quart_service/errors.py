@@ -5,6 +5,9 @@ The tree::
     ServiceError                 base: every error this package raises on purpose
      ├── SettingsError           a setting is unknown or has a bad value (start-up)
      ├── InvalidParameter        400: a request parameter is missing or malformed
+     ├── Unauthorized            401: no or a wrong bearer token
+     ├── NotFound                404: the named thing does not exist
+     ├── Conflict                409: the named thing exists already
      ├── Overloaded              503: the thread pool, its queue or a resource's
      │                           concurrency limit is full; retry after a moment
      └── ResourceUnavailable     503: a resource could not be created
@@ -27,11 +30,14 @@ from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 __all__ = [
+    "Conflict",
     "InvalidParameter",
+    "NotFound",
     "Overloaded",
     "ResourceUnavailable",
     "ServiceError",
     "SettingsError",
+    "Unauthorized",
     "error_response",
     "register_error_handlers",
 ]
@@ -62,6 +68,27 @@ class InvalidParameter(ServiceError):
 
     status = 400
     code = "invalid_parameter"
+
+
+class Unauthorized(ServiceError):
+    """No or a wrong credential; the message says what to send."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(ServiceError):
+    """The named thing does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    """The named thing exists already."""
+
+    status = 409
+    code = "conflict"
 
 
 class Overloaded(ServiceError):

@@ -16,7 +16,7 @@ from quart import Blueprint, request
 
 from ..data.snapshot import ModelConfig
 from ..engines.registry import EngineRegistry
-from ..errors import InvalidParameter, ServiceError
+from ..errors import Conflict, InvalidParameter, NotFound, Unauthorized
 from ..service import current_service, database
 from .schemas import ModelCreate, ModelUpdate
 from .wiring import ENGINES
@@ -29,25 +29,10 @@ _ROW = "SELECT name, engine, parameters, enabled, updated_at FROM models"
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
 
-class Unauthorized(ServiceError):
-    """No or a wrong bearer token."""
-
-    status = 401
-    code = "unauthorized"
-
-
-class NotFound(ServiceError):
+class ModelNotFound(NotFound):
     """No such model."""
 
-    status = 404
     code = "model_not_found"
-
-
-class Conflict(ServiceError):
-    """The model exists already."""
-
-    status = 409
-    code = "model_exists"
 
 
 @admin.before_request
@@ -87,7 +72,7 @@ async def _row(name: str) -> dict[str, Any]:
     db = await database()
     row = await db.fetchone(_ROW + " WHERE name = ?", (name,))
     if row is None:
-        raise NotFound(f"no model named {name!r}")
+        raise ModelNotFound(f"no model named {name!r}")
     return _model_json(dict(row))
 
 
@@ -145,7 +130,7 @@ async def update_model(name: str) -> dict[str, Any]:
         (*changes.values(), name),
     )
     if updated == 0:
-        raise NotFound(f"no model named {name!r}")
+        raise ModelNotFound(f"no model named {name!r}")
     return await _row(name)
 
 
@@ -157,5 +142,5 @@ async def disable_model(name: str) -> dict[str, Any]:
         f"UPDATE models SET enabled = 0, updated_at = {_NOW} WHERE name = ?", (name,)
     )
     if updated == 0:
-        raise NotFound(f"no model named {name!r}")
+        raise ModelNotFound(f"no model named {name!r}")
     return await _row(name)
