@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import BoundedExecutor, ExecutorStats
 from .factory import create_app
+from .plugins import Plugin, PluginError
 from .resources import Resource, ResourceRegistry, ResourceState, ResourceStatus
 from .service import (
     Service,
@@ -43,6 +44,8 @@ __all__ = [
     "ModelConfig",
     "NotFound",
     "Overloaded",
+    "Plugin",
+    "PluginError",
     "Resource",
     "ResourceRegistry",
     "ResourceState",

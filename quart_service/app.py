@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 
-from .errors import SettingsError
+from .errors import ServiceError
 from .factory import create_app
 
 try:
     app = create_app()
-except SettingsError as exc:
-    print(f"quart_service: bad settings: {exc}", file=sys.stderr, flush=True)
+except ServiceError as exc:  # bad settings, a broken or colliding team blueprint
+    kind = "bad settings" if exc.code == "bad_settings" else "cannot start"
+    print(f"quart_service: {kind}: {exc}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
 
 __all__ = ["app"]

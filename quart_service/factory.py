@@ -19,9 +19,11 @@ from .api.wiring import ai_resources
 from .blueprints.demo import demo
 from .blueprints.health import health, identity
 from .errors import register_error_handlers
+from .plugins import import_string, load_plugins
 from .resources import Resource
 from .service import EXTENSION, Service
-from .settings import Settings
+from .settings import Settings, split_list, split_pairs
+from .wsgi import WSGIMounts
 
 __all__ = ["create_app"]
 
@@ -43,13 +45,6 @@ def create_app(
     # Keep the order a view wrote its keys in, and skip the sort on every response.
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    ai = ai_resources(lambda: service.resources, lambda: service.executor)
-    service = Service(settings, [*ai, *resources])
-    app.extensions[EXTENSION] = service
-    app.before_serving(service.start)
-    app.after_serving(service.stop)
-    register_error_handlers(app)
-
     app.register_blueprint(health)
     app.register_blueprint(v1)
     app.register_blueprint(openapi)
@@ -61,4 +56,25 @@ def create_app(
         app.register_blueprint(demo)
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+    # Team blueprints last, so a route that collides with any of the above is refused.
+    plugins = load_plugins(
+        app,
+        split_list(settings.blueprints),
+        split_pairs(settings.blueprint_prefixes),
+        set(split_list(settings.disabled_blueprints)),
+        strict=settings.plugin_failure == "fail",
+    )
+    ai = ai_resources(lambda: service.resources, lambda: service.executor)
+    service = Service(settings, [*ai, *plugins.resources, *resources])
+    service.plugins = plugins
+    app.extensions[EXTENSION] = service
+    app.before_serving(service.start)
+    app.after_serving(service.stop)
+    register_error_handlers(app)
+
+    if settings.wsgi_mounts:
+        mounts = WSGIMounts(app.asgi_app, settings.wsgi_max_body_size)
+        for prefix, target in split_pairs(settings.wsgi_mounts).items():
+            mounts.mount(prefix, import_string(target))
+        app.asgi_app = mounts  # type: ignore[method-assign]
     return app

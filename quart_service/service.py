@@ -26,6 +26,7 @@ from .data.database import Database
 from .data.layer import DATABASE, SNAPSHOT, DataLayer
 from .data.snapshot import Snapshot
 from .executor import BoundedExecutor
+from .plugins import LoadedPlugins
 from .resources import Resource, ResourceRegistry, ResourceState
 from .settings import Settings
 from .streaming.body import StreamCounters, StreamPolicy
@@ -61,6 +62,7 @@ class Service:
         )
         self.streams = StreamCounters()
         self.data = DataLayer(settings)
+        self.plugins = LoadedPlugins()
         self.started_at: float | None = None
         self.stopping = False
         self._executor: BoundedExecutor | None = None

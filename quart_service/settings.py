@@ -117,6 +117,22 @@ class Settings:
     admin_token: str = _setting(
         "", "Bearer token of the /admin API; empty turns the admin API off."
     )
+    blueprints: str = _setting(
+        "", "Extra team blueprints as comma-separated module:attribute import strings."
+    )
+    blueprint_prefixes: str = _setting(
+        "", "URL prefix per team blueprint: name=/prefix, comma-separated."
+    )
+    disabled_blueprints: str = _setting("", "Team blueprints not to mount, comma-separated.")
+    plugin_failure: str = _setting(
+        "skip", "A team blueprint that fails to load: skip (and report it) or fail."
+    )
+    wsgi_mounts: str = _setting(
+        "", "WSGI (Flask) apps to mount: /prefix=module:attribute, comma-separated."
+    )
+    wsgi_max_body_size: int = _setting(
+        16 * MIB, "Largest request body for a mounted WSGI app, in bytes (413 beyond).", minimum=0
+    )
     warm_resources: bool = _setting(
         False, "Create every declared resource at start-up instead of on first use."
     )
@@ -150,6 +166,14 @@ class Settings:
                 f"setting 'cache_backend': expected 'memory' (the only backend so far), "
                 f"got {self.cache_backend!r}"
             )
+        if self.plugin_failure not in {"skip", "fail"}:
+            raise SettingsError(
+                f"setting 'plugin_failure': expected 'skip' or 'fail', got {self.plugin_failure!r}"
+            )
+        for key in ("blueprint_prefixes", "wsgi_mounts"):
+            for item in split_list(getattr(self, key)):
+                if "=" not in item:
+                    raise SettingsError(f"setting {key!r}: expected name=value pairs, got {item!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(
                 f"setting 'log_level': expected one of DEBUG, INFO, WARNING, ERROR, "
@@ -213,6 +237,16 @@ class Settings:
             )
             for f in dataclasses.fields(self)
         ]
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting as a list, blanks dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def split_pairs(value: str) -> dict[str, str]:
+    """A comma-separated ``key=value`` setting as a dict."""
+    return dict(item.split("=", 1) for item in split_list(value))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

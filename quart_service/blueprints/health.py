@@ -36,7 +36,7 @@ async def readyz() -> tuple[Response, int]:
     if service.data.schema is None or service.data.schema.behind:
         await service.data.check_schema()  # migrated meanwhile? look again
     data_checks, problems = service.data.readiness()
-    checks: dict[str, Any] = {"data": data_checks}
+    checks: dict[str, Any] = {"data": data_checks, "skipped_blueprints": service.plugins.skipped}
     for status in service.resources.status():
         if not status.required:
             continue
@@ -72,6 +72,7 @@ async def whoami() -> dict[str, Any]:
         "resources": [status.as_dict() for status in service.resources.status()],
         "streams": asdict(service.streams),
         "data": service.data.identity(),
+        "blueprints": {"mounted": service.plugins.mounted, "skipped": service.plugins.skipped},
         "ai": {**AI_COUNTERS.as_dict(), "engines": await _engines(service)},
     }
 

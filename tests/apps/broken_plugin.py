@@ -1,0 +1,3 @@
+"""A team blueprint module whose import fails (a missing dependency, say)."""
+
+raise ImportError("team dependency 'missing_lib' is not installed")
