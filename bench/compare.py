@@ -22,14 +22,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from quart_service._proc import thread_count
-from tests.support.server import SHIPPED_CONFIG, Server, running_server
+from tests.support.server import SHIPPED_CONFIG, Server, peak_threads, running_server
 
 EVENTS_PER_STREAM = 100
 ROUTES = {"json": "/hello", "sse": "/sse", "sync": "/sync"}
@@ -101,28 +99,14 @@ def wrk(url: str, seconds: float, connections: int) -> int:
 def measure(server: Server, route: str, seconds: float, connections: int) -> Sample:
     pids = server.worker_pids()
     wrk(server.url + route, 1, connections)  # warm up: imports, first-use paths
-    peak = 0
-    done = threading.Event()
-
-    def sample_threads() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max([peak, *(thread_count(pid) for pid in pids)])
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample_threads)
-    sampler.start()
-    try:
+    with peak_threads(pids, every=0.05) as peak:
         cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
         completed = wrk(server.url + route, seconds, connections)
         elapsed = time.monotonic() - started
         cpu = [cpu_seconds(p) - before for p, before in zip(pids, cpu_before, strict=True)]
-    finally:
-        done.set()
-        sampler.join()
     # Pitfall 3: with asyncio workers one worker may take every connection.
     share = max(cpu) / sum(cpu) if sum(cpu) else 0.0
-    return Sample(completed / elapsed, sum(cpu) / completed * 1e6, peak, share)
+    return Sample(completed / elapsed, sum(cpu) / completed * 1e6, max(peak.values()), share)
 
 
 def run(seconds: float, rounds: int, connections: int) -> Results:

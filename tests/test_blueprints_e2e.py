@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quart_service._proc import thread_count
-
-from .support.server import ROOT, free_port, running_server, spawn_hypercorn
+from .support.server import ROOT, free_port, peak_threads, running_server, spawn_hypercorn
 
 EXAMPLE = ROOT / "examples" / "team_blueprint"
 
@@ -153,27 +149,12 @@ def test_mounted_flask_app_serves_on_the_pool_and_contains_its_errors(tmp_path: 
         assert http.get("/livez").status_code == 200
         assert http.get("/legacy/").status_code == 200
 
-        pids = server.worker_pids()
-        peak = dict.fromkeys(pids, 0)
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                for pid in pids:
-                    peak[pid] = max(peak[pid], thread_count(pid))
-                time.sleep(0.01)
-
         async def hundred() -> list[int]:
             limits = httpx.Limits(max_connections=100)
             async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as c:
                 answers = await asyncio.gather(*(c.get("/legacy/") for _ in range(100)))
             return [a.status_code for a in answers]
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with peak_threads(server.worker_pids()) as peak:
             assert asyncio.run(hundred()) == [200] * 100
-        finally:
-            stop.set()
-            sampler.join()
         assert all(0 < n <= pool + 1 + 2 for n in peak.values()), peak

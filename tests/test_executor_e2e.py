@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from quart_service._proc import thread_count
-
-from .support.server import running_server
+from .support.server import peak_threads, running_server
 
 POOL = 8
 DATABASE_CONNECTIONS = 1  # the refresh leader's aiosqlite connection runs one thread
@@ -42,26 +39,13 @@ def test_threads_per_worker_stay_within_the_pool_bound(tmp_path: Path) -> None:
         "QUART_SERVICE_EXECUTOR_THREADS": str(POOL),
         "QUART_SERVICE_EXECUTOR_QUEUE": "1000",
     }
-    with running_server(tmp_path, workers=2, env=env) as server:
-        pids = server.worker_pids()
-        peak = dict.fromkeys(pids, 0)
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                for pid in pids:
-                    peak[pid] = max(peak[pid], thread_count(pid))
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            for _ in range(2):  # two rounds of 200 concurrent requests
-                statuses = asyncio.run(_mixed_load(server.url, 200))
-                assert statuses == [200] * 200
-        finally:
-            stop.set()
-            sampler.join()
+    with (
+        running_server(tmp_path, workers=2, env=env) as server,
+        peak_threads(server.worker_pids()) as peak,
+    ):
+        for _ in range(2):  # two rounds of 200 concurrent requests
+            statuses = asyncio.run(_mixed_load(server.url, 200))
+            assert statuses == [200] * 200
     bound = POOL + DATABASE_CONNECTIONS + 2
     print("peak threads per worker:", peak)
     assert all(0 < n <= bound for n in peak.values()), peak

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -180,3 +181,27 @@ def pinned_workers(server: Server, count: int) -> Iterator[dict[int, httpx.Clien
     finally:
         for client in clients.values():
             client.close()
+
+
+@contextlib.contextmanager
+def peak_threads(pids: list[int], every: float = 0.01) -> Iterator[dict[int, int]]:
+    """Sample /proc/PID/status of ``pids`` in a thread while the block runs; the dict
+    holds each process's peak thread count (filled in as it goes)."""
+    from quart_service._proc import thread_count
+
+    peak = dict.fromkeys(pids, 0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for pid in pids:
+                peak[pid] = max(peak[pid], thread_count(pid))
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
