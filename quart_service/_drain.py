@@ -1,12 +1,23 @@
-"""Let open streams finish when a worker is told to stop (SIGTERM).
+"""A worker's graceful drain on SIGTERM: finish what is open, end streams cleanly.
 
-Hypercorn's parent process, on SIGTERM, asks every worker to stop and waits for the
-*first* one to exit; then it sends SIGTERM to the others, which kills them at once
-with their streams (Hypercorn 0.18, ``run.py``: ``process.terminate()`` after the
-first exit). So ``graceful_timeout`` only protected the streams of the worker that
-happened to exit first. A worker of this service therefore handles SIGTERM itself:
-it keeps serving its open streams for up to ``stream_drain_timeout``, and exits on
-its own if the server does not shut it down in the meantime.
+Sequence (``drain_timeout`` is the ``stream_drain_timeout`` setting)::
+
+    t0            SIGTERM: /readyz turns 503, every response says Connection: close,
+                  so keep-alive clients move to other workers without a failed request
+    t0 + 1 s      the server stops accepting (when it lets us: under
+                  ``quart-service serve``) and closes idle connections
+    ...           open streams and in-flight requests go on
+    t0 + drain    every stream still open gets a final event (SSE ``retry:`` and an
+                  ``error`` event with code ``shutdown``) and ends; the client reconnects
+    then          the server closes the connections and runs the shutdown hook; the
+                  process exits 0
+
+Why a worker handles SIGTERM itself: Hypercorn's parent, on SIGTERM, waits for the
+*first* worker to exit and then kills the others at once with their streams
+(Hypercorn 0.18, ``run.py``). Under plain ``hypercorn`` the worker has no way to make
+the server stop accepting, so after the drain it closes its resources and exits 0 on
+its own if nobody stopped it (Hypercorn replaces a worker that exits 0; any other
+code stops the whole server).
 """
 
 from __future__ import annotations
@@ -17,62 +28,85 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 
+from .streaming.body import StreamHub
+
+__all__ = ["Drain", "on_server_stop"]
+
 log = logging.getLogger("quart_service")
 
-# After the last stream ends, how long the server's own shutdown may take to begin
+# Keep-alive clients get this long to see "Connection: close" before idle
+# connections are closed under them (closing an idle connection races the client's
+# next request on it).
+_SOFT = 1.0
+# After the streams ended, how long the server's own shutdown may take to begin
 # before the worker decides that nobody else is stopping it.
 _HANDOVER = 2.0
-_POLL = 0.1
+_POLL = 0.05
+_server_stops: list[Callable[[], None]] = []
 
 
-def install_sigterm_drain(
-    drain_timeout: float,
-    active_streams: Callable[[], int],
-    stopping: Callable[[], bool],
-    shutdown: Callable[[], Awaitable[None]],
-) -> bool:
-    """Handle SIGTERM in this worker unless the server already does (single-process
-    Hypercorn installs its own handler; spawned workers have the default)."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return False
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
+def on_server_stop(stop: Callable[[], None]) -> None:
+    """Register how to make this process's server stop accepting connections (the
+    ``quart-service serve`` worker does; plain Hypercorn offers no such hook)."""
+    _server_stops.append(stop)
 
-    def on_sigterm() -> None:
-        if tasks:
+
+class Drain:
+    """This worker's drain: started by SIGTERM (or :meth:`begin`), once."""
+
+    def __init__(
+        self,
+        drain_timeout: float,
+        streams: StreamHub,
+        stopping: Callable[[], bool],
+        shutdown: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.drain_timeout = drain_timeout
+        self.streams = streams
+        self.draining = False
+        self._stopping = stopping
+        self._shutdown = shutdown
+        self._task: asyncio.Task[None] | None = None
+
+    def install(self) -> bool:
+        """Handle SIGTERM in this worker unless the server already does
+        (single-process Hypercorn installs its own; spawned workers have none)."""
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return False
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.begin)
+        return True
+
+    def begin(self) -> None:
+        """Start draining (idempotent)."""
+        if self._task is not None:
             return
+        self.draining = True
         log.info(
             "worker %d: SIGTERM, draining %d open streams for up to %g s",
             os.getpid(),
-            active_streams(),
-            drain_timeout,
+            len(self.streams.open),
+            self.drain_timeout,
         )
-        tasks.add(loop.create_task(_drain(drain_timeout, active_streams, stopping, shutdown)))
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    return True
-
-
-async def _drain(
-    drain_timeout: float,
-    active_streams: Callable[[], int],
-    stopping: Callable[[], bool],
-    shutdown: Callable[[], Awaitable[None]],
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + drain_timeout
-    while active_streams() and loop.time() < deadline:
-        await asyncio.sleep(_POLL)
-    handover = loop.time() + _HANDOVER
-    while not stopping() and loop.time() < handover:
-        await asyncio.sleep(_POLL)
-    if stopping():
-        return  # the server is shutting this worker down properly
-    left = active_streams()
-    log.warning("worker %d: drain over with %d streams open; exiting", os.getpid(), left)
-    # Nobody else is stopping this worker (the SIGTERM was for it alone): close what
-    # it holds (the database connection's thread would keep the process alive), then
-    # exit with code 0: Hypercorn replaces a worker that exits 0, but shuts the whole
-    # server down for any other code. SystemExit leaves the event loop from this task.
-    await shutdown()
-    raise SystemExit(0)
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout
+        await asyncio.sleep(min(_SOFT, self.drain_timeout))
+        for stop in _server_stops:
+            stop()
+        while self.streams.open and loop.time() < deadline:
+            await asyncio.sleep(_POLL)
+        ended = self.streams.shut_down()
+        if ended:
+            log.info("worker %d: drain deadline, ended %d streams", os.getpid(), ended)
+        handover = loop.time() + _HANDOVER
+        while not self._stopping() and loop.time() < handover:
+            await asyncio.sleep(_POLL)
+        if self._stopping():
+            return  # the server is shutting this worker down properly
+        log.warning("worker %d: drained; nobody stopped the server, exiting", os.getpid())
+        # Close what it holds (the database connection's thread would keep the
+        # process alive), then exit 0. SystemExit leaves the event loop from this task.
+        await self._shutdown()
+        raise SystemExit(0)

@@ -1,17 +1,52 @@
-"""The service's log lines on stderr, in Hypercorn's format, so one stream reads well."""
+"""The service's log lines on stderr: text in Hypercorn's format, or JSON.
+
+Every record carries the id of the request it was written in (``request_id``), so
+the lines of one request can be found together; JSON lines have it as a field.
+"""
 
 from __future__ import annotations
 
 import logging
 
-_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+from pythonjsonlogger.json import JsonFormatter
+
+_TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+_JSON = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s %(request_id)s"
+_DATE = "%Y-%m-%d %H:%M:%S %z"
+_MARK = "_quart_service_handler"
 
 
-def configure_logging(level: str) -> None:
-    """Give the ``quart_service`` logger a stderr handler unless one is configured."""
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (empty outside requests) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .observe import current_request_id
+
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id()
+        return True
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Give the ``quart_service`` logger a stderr handler unless one is configured
+    elsewhere (an operator's logging config wins)."""
     logger = logging.getLogger("quart_service")
     logger.setLevel(level.upper())
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(_FORMAT, "%Y-%m-%d %H:%M:%S %z"))
+    ours = [h for h in logger.handlers if getattr(h, _MARK, False)]
+    if (logger.handlers and not ours) or (not ours and logging.getLogger().handlers):
+        return
+    handler = ours[0] if ours else logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                _JSON,
+                datefmt=_DATE,
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter(_TEXT, _DATE))
+    if not ours:
+        setattr(handler, _MARK, True)
+        handler.addFilter(RequestIdFilter())
         logger.addHandler(handler)

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from aiocache import SimpleMemoryCache
 
+from .metrics.families import ExportedCounts, ServiceMetrics
+
 __all__ = ["ServiceCache"]
 
 T = TypeVar("T")
@@ -30,7 +32,7 @@ class ServiceCache:
         self._default_ttl = default_ttl
         self._generation = generation
         self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self.counters: Counter[str] = Counter()  # hits, misses, loads, load_errors
+        self.counters: Counter[str] = ExportedCounts(_export)  # hits, misses, loads, ...
 
     def key(self, key: str, generation: int | None = None) -> str:
         """The backend key: ``g<generation>:<key>`` (this worker's generation by default)."""
@@ -87,3 +89,12 @@ class ServiceCache:
     async def close(self) -> None:
         """Release the backend."""
         await self._backend.close()
+
+
+def _export(metrics: ServiceMetrics, key: str) -> Any:
+    """The metric child each cache counter feeds."""
+    if key in ("hits", "misses"):
+        return metrics.cache_requests.labels(key[:-1] if key == "misses" else "hit")
+    if key in ("loads", "load_errors"):
+        return metrics.cache_loads.labels("ok" if key == "loads" else "error")
+    return None

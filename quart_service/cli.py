@@ -1,8 +1,10 @@
 """The ``quart-service`` command: operator tools around the service.
 
-``quart-service check`` validates the settings (environment and TOML file) and prints
-them; it exits 2 with the offending key named when they are bad. Run it before
-``hypercorn``: Hypercorn 0.18 can exit 0 when all of its workers fail at start-up.
+``quart-service serve`` runs the service on Hypercorn's workers under a supervisor
+(see :mod:`quart_service.supervisor`). ``quart-service check`` validates the settings
+(environment and TOML file) and prints them; it exits 2 with the offending key named
+when they are bad. Run it before ``hypercorn``: Hypercorn 0.18 can exit 0 when all
+of its workers fail at start-up.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 import click
 
+from ._logging import configure_logging
 from .errors import SettingsError
 from .settings import ENV_PREFIX, Settings
 
@@ -31,6 +34,63 @@ def check() -> None:
     for name, _type, value, _doc in settings.describe():
         click.echo(f"{(ENV_PREFIX + name.upper()).ljust(width)}  {value!r}")
     click.echo("settings ok")
+
+
+@main.command()
+@click.argument("app", default="quart_service.app:app")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default="hypercorn.toml",
+    show_default=True,
+    help="Hypercorn settings (TOML); Hypercorn's defaults when the file is missing.",
+)
+@click.option("--bind", "-b", multiple=True, help="Address to listen on (overrides the file).")
+@click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes.")
+@click.option(
+    "--max-start-failures",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Give up after this many workers in a row exit before serving.",
+)
+def serve(
+    app: str,
+    config_path: str,
+    bind: tuple[str, ...],
+    workers: int | None,
+    max_start_failures: int,
+) -> None:
+    """Serve APP with supervised Hypercorn workers (replaced when they die)."""
+    import os
+
+    from hypercorn.config import Config
+
+    from .metrics import enable_multiprocess
+    from .supervisor import Supervisor
+
+    settings = _settings_or_exit()
+    configure_logging(settings.log_level, settings.log_format)
+    config = Config.from_toml(config_path) if os.path.exists(config_path) else Config()
+    config.application_path = app
+    if bind:
+        config.bind = list(bind)
+    if workers is not None:
+        config.workers = workers
+    config.workers = max(config.workers, 1)
+    if config.graceful_timeout < settings.stream_drain_timeout + 1:
+        # Hypercorn would cancel open streams before the drain sends their last event.
+        config.graceful_timeout = settings.stream_drain_timeout + 1
+    if settings.metrics:
+        enable_multiprocess(settings.metrics_root)
+    supervisor = Supervisor(
+        config,
+        drain_timeout=settings.stream_drain_timeout,
+        max_start_failures=max_start_failures,
+        count_metrics=settings.metrics,
+    )
+    sys.exit(supervisor.run())
 
 
 @main.command()

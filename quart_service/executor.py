@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from .errors import Overloaded
+from .metrics.families import process_metrics
 
 __all__ = ["BoundedExecutor", "ExecutorStats"]
 
@@ -130,6 +131,7 @@ class BoundedExecutor(ThreadPoolExecutor):
             self._outstanding -= 1
 
     def _overloaded(self) -> Overloaded:
+        process_metrics().shed.labels("executor_full").inc()
         return Overloaded(
             f"The worker's thread pool is full ({self._max_workers} threads busy, "
             f"{self._queue_limit} jobs queued); retry after {self._retry_after:g} s.",

@@ -18,7 +18,9 @@ from .api.openapi_doc import openapi
 from .api.wiring import ai_resources
 from .blueprints.demo import demo
 from .blueprints.health import health, identity
+from .blueprints.metrics import metrics
 from .errors import register_error_handlers
+from .observe import RequestObserver, mark_route
 from .plugins import import_string, load_plugins
 from .resources import Resource
 from .service import EXTENSION, Service
@@ -45,7 +47,10 @@ def create_app(
     # Keep the order a view wrote its keys in, and skip the sort on every response.
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
+    app.before_request(mark_route)
     app.register_blueprint(health)
+    if settings.metrics:
+        app.register_blueprint(metrics)
     app.register_blueprint(v1)
     app.register_blueprint(openapi)
     if settings.admin_token:
@@ -77,4 +82,22 @@ def create_app(
         for prefix, target in split_pairs(settings.wsgi_mounts).items():
             mounts.mount(prefix, import_string(target))
         app.asgi_app = mounts  # type: ignore[method-assign]
+    if settings.cors_allow_origins:
+        _enable_cors(app, split_list(settings.cors_allow_origins))
+    # Outermost: ids, access log and metrics see what the client sees.
+    app.asgi_app = RequestObserver(app.asgi_app, service, settings.access_log)  # type: ignore[method-assign]
     return app
+
+
+def _enable_cors(app: Quart, origins: list[str]) -> None:
+    """Browser access for the listed origins (quart-cors); off unless configured."""
+    from quart_cors import cors
+
+    cors(
+        app,
+        allow_origin="*" if origins == ["*"] else origins,
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+        max_age=600,
+    )

@@ -34,6 +34,7 @@ from functools import partial
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from .errors import Overloaded, ResourceUnavailable
+from .metrics.families import process_metrics
 
 __all__ = ["Resource", "ResourceRegistry", "ResourceState", "ResourceStatus"]
 
@@ -207,6 +208,7 @@ class ResourceRegistry:
                 slot.in_use -= 1
             return
         if semaphore.locked() and slot.waiting >= self._max_waiting:
+            process_metrics().shed.labels("resource_busy").inc()
             raise Overloaded(
                 f"resource {slot.spec.name!r} is at its limit of {slot.spec.limit} "
                 f"concurrent uses with {slot.waiting} waiting; retry shortly.",

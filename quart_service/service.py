@@ -14,22 +14,24 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from quart import current_app, g
 
-from ._drain import install_sigterm_drain
+from ._drain import Drain
 from ._logging import configure_logging
+from ._proc import rss_bytes, thread_count
 from .cache import ServiceCache
 from .data.database import Database
 from .data.layer import DATABASE, SNAPSHOT, DataLayer
 from .data.snapshot import Snapshot
 from .executor import BoundedExecutor
+from .metrics import ServiceMetrics, enable_multiprocess, process_metrics
 from .plugins import LoadedPlugins
 from .resources import Resource, ResourceRegistry, ResourceState
 from .settings import Settings
-from .streaming.body import StreamCounters, StreamPolicy
+from .streaming.body import StreamCounters, StreamHub, StreamPolicy
 
 __all__ = [
     "EXTENSION",
@@ -60,11 +62,18 @@ class Service:
             heartbeat=settings.stream_heartbeat,
             buffer_bytes=settings.stream_buffer_bytes,
         )
-        self.streams = StreamCounters()
+        self.stream_hub = StreamHub(settings.stream_reconnect_after)
         self.data = DataLayer(settings)
         self.plugins = LoadedPlugins()
         self.started_at: float | None = None
         self.stopping = False
+        self.metrics: ServiceMetrics | None = None
+        self.drain = Drain(
+            settings.stream_drain_timeout,
+            self.stream_hub,
+            lambda: self.stopping,
+            self.stop,
+        )
         self._executor: BoundedExecutor | None = None
         self._resources: ResourceRegistry | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -91,6 +100,16 @@ class Service:
         return self.data.plane.role
 
     @property
+    def streams(self) -> StreamCounters:
+        """This process's stream counts."""
+        return self.stream_hub.counters
+
+    @property
+    def draining(self) -> bool:
+        """Whether this worker is draining (SIGTERM): finishing, not taking new work."""
+        return self.drain.draining
+
+    @property
     def serving(self) -> bool:
         """Whether the startup hook has run in this process."""
         return self._resources is not None
@@ -100,7 +119,11 @@ class Service:
     async def start(self) -> None:
         """Create this process's pool and registry; runs once per worker at startup."""
         settings = self.settings
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
+        if settings.metrics:
+            # Before the first metric exists: its values must live in the shared files.
+            enable_multiprocess(settings.metrics_root)
+        self.metrics = process_metrics()
         loop = asyncio.get_running_loop()
         self._executor = BoundedExecutor(
             settings.executor_threads, settings.executor_queue, retry_after=settings.retry_after
@@ -113,12 +136,9 @@ class Service:
         await self.data.start(self._resources)
         self.started_at = time.time()
         await self._resources.warm(only_marked=not settings.warm_resources)
-        install_sigterm_drain(
-            settings.stream_drain_timeout,
-            lambda: self.streams.active,
-            lambda: self.stopping,
-            self.stop,
-        )
+        self.drain.install()
+        self.sample_metrics()
+        self._spawn(self._sample_every(_SAMPLE_INTERVAL))
         # Readiness depends on required resources: start them now, without holding
         # up start-up, so /readyz turns green without waiting for a first request.
         self.ensure_required()
@@ -146,6 +166,35 @@ class Service:
             # Running jobs finish on their own; queued ones are dropped.
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def sample_metrics(self) -> None:
+        """Set this worker's gauges: pool load, threads, memory, role, snapshot,
+        resource states (every second, and before a scrape)."""
+        metrics = self.metrics
+        if metrics is None or self._executor is None or self._resources is None:
+            return
+        stats = self._executor.stats()
+        metrics.executor_threads.set(stats.max_threads)
+        metrics.executor_busy.set(stats.active)
+        metrics.executor_queued.set(stats.queued)
+        metrics.worker_threads.set(thread_count())
+        metrics.worker_memory.set(rss_bytes())
+        metrics.is_leader.set(1 if self.role == "leader" else 0)
+        metrics.snapshot_generation.set(self.data.plane.generation)
+        for status in self._resources.status():
+            for state in ResourceState:
+                value = 1 if status.state is state else 0
+                metrics.resource_state.labels(status.name, state.value).set(value)
+
+    async def _sample_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.sample_metrics()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def ensure_required(self) -> None:
         """Start creating each required resource that is not ready, in the background."""
         registry = self.resources
@@ -154,9 +203,7 @@ class Service:
                 ResourceState.NOT_CREATED,
                 ResourceState.FAILED,
             ):
-                task = asyncio.get_running_loop().create_task(self._create(status.name))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._spawn(self._create(status.name))
 
     async def _create(self, name: str) -> None:
         # The registry logged a failure and records the state; retried on next use.
@@ -164,6 +211,7 @@ class Service:
             await self.resources.get(name)
 
 
+_SAMPLE_INTERVAL = 1.0
 _NOT_STARTED = (
     "the service has not started in this process: resources and the pool exist only "
     "while serving (inside requests, or between before_serving and after_serving)"

@@ -140,6 +140,29 @@ class Settings:
         False, "Serve GET /debug/identity (pid, role, resources, threads) for operators."
     )
     demo_routes: bool = _setting(True, "Serve the example stream at GET /demo/stream.")
+    stream_reconnect_after: int = _setting(
+        1000,
+        "Milliseconds sent as SSE retry: in the shutdown event that ends a stream at "
+        "the drain deadline; the client reconnects (to another worker) after it.",
+        minimum=0,
+    )
+    metrics: bool = _setting(
+        True, "Serve GET /metrics, summed over every worker of the server (Prometheus text)."
+    )
+    metrics_dir: str = _setting(
+        "",
+        "Folder of the workers' metric files; empty means <data_dir>/metrics. One "
+        "sub-folder per running server; those of dead servers are removed.",
+    )
+    log_format: str = _setting("text", "Log lines as text or json (one object per line).")
+    access_log: bool = _setting(
+        True, "One log line per request: method, path, status, duration, bytes, request id."
+    )
+    cors_allow_origins: str = _setting(
+        "",
+        "Origins allowed to call the API from a browser, comma-separated (* for any); "
+        "empty turns CORS off.",
+    )
     log_level: str = _setting("INFO", "Level of the service's own loggers.")
 
     def __post_init__(self) -> None:
@@ -174,6 +197,10 @@ class Settings:
             for item in split_list(getattr(self, key)):
                 if "=" not in item:
                     raise SettingsError(f"setting {key!r}: expected name=value pairs, got {item!r}")
+        if self.log_format not in {"text", "json"}:
+            raise SettingsError(
+                f"setting 'log_format': expected 'text' or 'json', got {self.log_format!r}"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(
                 f"setting 'log_level': expected one of DEBUG, INFO, WARNING, ERROR, "
@@ -223,6 +250,11 @@ class Settings:
     def database_file(self) -> Path:
         """The SQLite file: ``database_path``, or its default inside ``data_dir``."""
         return Path(self.database_path or Path(self.data_dir) / "quart_service.db")
+
+    @property
+    def metrics_root(self) -> Path:
+        """The folder of the metric files (``metrics_dir`` or ``<data_dir>/metrics``)."""
+        return Path(self.metrics_dir) if self.metrics_dir else Path(self.data_dir) / "metrics"
 
     def describe(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, value, doc) of every setting, for ``quart-service check``;

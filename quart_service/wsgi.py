@@ -17,6 +17,7 @@ from hypercorn.middleware import AsyncioWSGIMiddleware
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .errors import Overloaded
+from .observe import ROUTE_KEY
 
 __all__ = ["WSGIMounts"]
 
@@ -60,6 +61,7 @@ class WSGIMounts:
                 send, 413, "request_too_large", f"The body is over {self.max_body_size} bytes."
             )
             return
+        scope[ROUTE_KEY] = prefix + "/*"  # one metric series per mounted app
         mounted = cast(Scope, {**scope, "root_path": scope.get("root_path", "") + prefix})
         try:
             await middleware(mounted, receive, send)

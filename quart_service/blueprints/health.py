@@ -36,6 +36,9 @@ async def readyz() -> tuple[Response, int]:
     if service.data.schema is None or service.data.schema.behind:
         await service.data.check_schema()  # migrated meanwhile? look again
     data_checks, problems = service.data.readiness()
+    if service.draining:
+        # Load balancers stop sending here; open work finishes (see _drain.py).
+        problems.append("draining: the worker is shutting down")
     checks: dict[str, Any] = {"data": data_checks, "skipped_blueprints": service.plugins.skipped}
     for status in service.resources.status():
         if not status.required:

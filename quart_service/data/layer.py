@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import ServiceCache
+from ..metrics.families import ExportedCounts, ServiceMetrics
 from ..resources import Resource, ResourceRegistry
 from ..settings import Settings
 from .database import Database
@@ -33,7 +34,7 @@ class DataLayer:
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
         self.database_file = settings.database_file
-        self.queries: Counter[str] = Counter()
+        self.queries: Counter[str] = ExportedCounts(_export_query)
         self.migrations_applied = 0
         self.schema: SchemaStatus | None = None
         self._registry: ResourceRegistry | None = None
@@ -151,3 +152,7 @@ class DataLayer:
         task = asyncio.get_running_loop().create_task(self.cache.clear())
         self._clearing.add(task)
         task.add_done_callback(self._clearing.discard)
+
+
+def _export_query(metrics: ServiceMetrics, kind: str) -> Any:
+    return metrics.database_queries.labels(kind)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..coordination.local import LeaderLock, PublishedFile
+from ..metrics.families import ExportedCounts, ServiceMetrics
 from .database import Database
 from .snapshot import Snapshot
 
@@ -86,7 +87,7 @@ class DataPlane:
         self._status_file = PublishedFile(data_dir / "refresh.json")
         self.snapshot: Snapshot | None = None
         self.swapped_at: float | None = None
-        self.counters: Counter[str] = Counter()  # refresh_runs, leader_changes, ...
+        self.counters: Counter[str] = ExportedCounts(_export)  # refresh_runs, ...
         self._failing_since: float | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
 
@@ -236,3 +237,12 @@ class DataPlane:
             self._status_file.publish(json.dumps(status))
         except OSError as exc:
             log.warning("cannot write refresh status: %s", exc)
+
+
+def _export(metrics: ServiceMetrics, key: str) -> Any:
+    """The metric each data-plane counter feeds."""
+    return {
+        "refresh_runs": metrics.refresh_runs,
+        "poll_failures": metrics.refresh_failures,
+        "leader_changes": metrics.leader_changes,
+    }.get(key)

@@ -1,6 +1,6 @@
 """Streaming responses (SSE, NDJSON) from async generators and sync iterators."""
 
-from .body import StreamCounters, StreamPolicy
+from .body import StreamCounters, StreamHub, StreamPolicy
 from .events import NDJSON, SSE, Encoder, ServerSentEvent
 from .responses import ndjson, sse, stream_response
 
@@ -10,6 +10,7 @@ __all__ = [
     "Encoder",
     "ServerSentEvent",
     "StreamCounters",
+    "StreamHub",
     "StreamPolicy",
     "ndjson",
     "sse",

@@ -164,6 +164,10 @@ class Channel:
             space.set_result(None)
         return parked
 
+    def interrupt(self) -> None:
+        """Wake the consumer now (it has something else to do, such as shut down)."""
+        self._wake()
+
     # -- internals ----------------------------------------------------------------------
 
     def _wake(self) -> None:

@@ -23,11 +23,12 @@ from typing import Any
 from quart.wrappers.response import ResponseBody
 
 from ..executor import BoundedExecutor
+from ..metrics.families import ServiceMetrics, process_metrics
 from ._channel import Channel
 from ._pumps import ThreadPump, pump_async
 from .events import Encoder
 
-__all__ = ["StreamBody", "StreamCounters", "StreamPolicy"]
+__all__ = ["StreamBody", "StreamCounters", "StreamHub", "StreamPolicy"]
 
 log = logging.getLogger("quart_service.streaming")
 
@@ -47,7 +48,7 @@ class StreamPolicy:
 
 @dataclass(slots=True)
 class StreamCounters:
-    """This process's stream counts (exported as metrics later)."""
+    """This process's stream counts (on /debug/identity; /metrics sums all workers)."""
 
     opened: int = 0
     active: int = 0
@@ -59,6 +60,35 @@ class StreamCounters:
     events: int = 0
     writes: int = 0
     heartbeats: int = 0
+    shutdowns: int = 0
+
+
+class StreamHub:
+    """This process's open streams: their counts, their metrics, and the shutdown
+    that ends all of them at the drain deadline."""
+
+    def __init__(self, reconnect_after: int = 1000) -> None:
+        self.counters = StreamCounters()
+        self.reconnect_after = reconnect_after  # ms, sent as SSE retry: at shutdown
+        self.shutting_down = False
+        self.open: set[StreamBody] = set()
+        self._metrics: ServiceMetrics | None = None
+
+    @property
+    def metrics(self) -> ServiceMetrics:
+        """The process's metrics (looked up on the first stream, after start-up)."""
+        if self._metrics is None:
+            self._metrics = process_metrics()
+        return self._metrics
+
+    def shut_down(self) -> int:
+        """End every open stream (and any opened later) with a shutdown event that
+        tells the client to reconnect; returns how many were open."""
+        self.shutting_down = True
+        bodies = list(self.open)
+        for body in bodies:
+            body.shut_down()
+        return len(bodies)
 
 
 class StreamBody(ResponseBody):
@@ -69,14 +99,16 @@ class StreamBody(ResponseBody):
         source: AsyncIterable[Any] | Iterable[Any],
         encoder: Encoder,
         policy: StreamPolicy,
-        counters: StreamCounters,
+        hub: StreamHub,
         executor: BoundedExecutor,
         context: Context,
     ) -> None:
         self._source = source
         self._encoder = encoder
         self._policy = policy
-        self._counters = counters
+        self._hub = hub
+        self._counters = hub.counters
+        self._metrics = hub.metrics
         self._executor = executor
         self._context = context
         self._channel: Channel | None = None
@@ -85,7 +117,9 @@ class StreamBody(ResponseBody):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = self._last_data = self._last_write = 0.0
         self._final: bytes | None = None  # an error frame still to send
+        self._ended_as = "completed"  # or why it ended early, for the metrics
         self._done = False
+        self._shutdown = False
 
     async def __aenter__(self) -> StreamBody:
         loop = self._loop = asyncio.get_running_loop()
@@ -102,6 +136,11 @@ class StreamBody(ResponseBody):
             self._pump.start()
         self._counters.opened += 1
         self._counters.active += 1
+        self._metrics.streams_opened.inc()
+        self._metrics.streams_active.inc()
+        self._hub.open.add(self)
+        if self._hub.shutting_down:
+            self._shutdown = True
         return self
 
     async def __aexit__(
@@ -112,11 +151,16 @@ class StreamBody(ResponseBody):
     ) -> None:
         counters = self._counters
         counters.active -= 1
+        self._hub.open.discard(self)
         if exc_type is not None:
             # The send failed or our task was cancelled: the client went away.
             counters.disconnected += 1
+            self._ended_as = "disconnected"
         elif self._channel is not None and self._channel.end_reason is None and not self._final:
             counters.completed += 1
+        metrics = self._metrics
+        metrics.streams_active.dec()
+        metrics.stream_ends.labels(self._ended_as).inc()
         await self._stop_producer()
 
     def __aiter__(self) -> StreamBody:
@@ -125,10 +169,20 @@ class StreamBody(ResponseBody):
     async def __anext__(self) -> bytes:
         channel = self._channel
         assert channel is not None, "iterate a StreamBody inside 'async with'"
+        if self._shutdown or self._done:
+            if self._done:  # the final frame went out: nothing may follow it
+                raise StopAsyncIteration
+            return await self._end_for_shutdown()
         taken = channel.take()
         if taken is None:
             return await self._wait_for_more(channel)
         return self._sent(taken)
+
+    def shut_down(self) -> None:
+        """End this stream at its next step with a shutdown event (drain deadline)."""
+        self._shutdown = True
+        if self._channel is not None:
+            self._channel.interrupt()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -137,6 +191,8 @@ class StreamBody(ResponseBody):
         counters = self._counters
         counters.events += count
         counters.writes += 1
+        self._metrics.stream_events.inc(count)
+        self._metrics.stream_writes.inc()
         assert self._loop is not None
         self._last_data = self._last_write = self._loop.time()
         return data
@@ -152,6 +208,8 @@ class StreamBody(ResponseBody):
                 return self._sent(taken)
             if self._done:
                 raise StopAsyncIteration
+            if self._shutdown:
+                return await self._end_for_shutdown()
             if channel.ended:
                 return self._end(channel)
             now = loop.time()
@@ -177,6 +235,7 @@ class StreamBody(ResponseBody):
                 if now >= beat_at:
                     self._last_write = now
                     self._counters.heartbeats += 1
+                    self._metrics.stream_heartbeats.inc()
                     return heartbeat
                 deadline = beat_at if deadline is None else min(deadline, beat_at)
             await channel.wait(deadline)
@@ -187,18 +246,32 @@ class StreamBody(ResponseBody):
         if reason is None:
             raise StopAsyncIteration
         self._counters.failed += 1
+        self._ended_as = "error"
         self._final = self._encoder.error(*reason)
         return self._final
 
     async def _end_early(self, code: str, message: str) -> bytes:
         if code == "stream_idle_timeout":
             self._counters.idle_timeouts += 1
+            self._ended_as = "idle_timeout"
         else:
             self._counters.total_timeouts += 1
+            self._ended_as = "total_timeout"
+        return await self._finish(self._encoder.error(code, message))
+
+    async def _end_for_shutdown(self) -> bytes:
+        self._counters.shutdowns += 1
+        self._ended_as = "shutdown"
+        retry = self._hub.reconnect_after
+        message = f"The server is shutting down; reconnect in {retry} ms."
+        return await self._finish(self._encoder.error("shutdown", message, retry=retry))
+
+    async def _finish(self, frame: bytes) -> bytes:
         self._done = True
-        self._final = self._encoder.error(code, message)
+        self._shutdown = False  # the final frame is sent once
+        self._final = frame
         await self._stop_producer()
-        return self._final
+        return frame
 
     async def _stop_producer(self) -> None:
         if self._pump is not None:

@@ -47,8 +47,9 @@ class Encoder(Protocol):
         """The bytes of one produced item."""
         ...
 
-    def error(self, code: str, message: str) -> bytes:
-        """A final frame telling the client why the stream ended early."""
+    def error(self, code: str, message: str, retry: int | None = None) -> bytes:
+        """A final frame telling the client why the stream ended early; ``retry``
+        (milliseconds) tells it to reconnect after that long."""
         ...
 
 
@@ -70,8 +71,9 @@ class _SSE:
             return _sse_event(item)
         return b"data: " + _dumps(item).encode() + b"\n\n"
 
-    def error(self, code: str, message: str) -> bytes:
-        return _sse_event(ServerSentEvent(error_payload(code, message), event="error"))
+    def error(self, code: str, message: str, retry: int | None = None) -> bytes:
+        payload = error_payload(code, message)
+        return _sse_event(ServerSentEvent(payload, event="error", retry=retry))
 
 
 class _NDJSON:
@@ -85,8 +87,11 @@ class _NDJSON:
             return item.encode() + b"\n"
         return _dumps(item).encode() + b"\n"
 
-    def error(self, code: str, message: str) -> bytes:
-        return _dumps(error_payload(code, message)).encode() + b"\n"
+    def error(self, code: str, message: str, retry: int | None = None) -> bytes:
+        payload = error_payload(code, message)
+        if retry is not None:
+            payload["error"]["retry_after_ms"] = retry
+        return _dumps(payload).encode() + b"\n"
 
 
 def _data_lines(text: str) -> bytes:

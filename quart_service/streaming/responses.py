@@ -78,7 +78,7 @@ def stream_response(
         source,
         encoder,
         service.stream_policy,
-        service.streams,
+        service.stream_hub,
         service.executor,
         # The producer runs in another task or thread: give it this request's context.
         copy_context(),

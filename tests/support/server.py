@@ -84,14 +84,22 @@ def spawn_hypercorn(
     env: Mapping[str, str] | None,
     log_path: Path,
     config: Path | None = SHIPPED_CONFIG,
+    command: str = "hypercorn",
 ) -> subprocess.Popen[bytes]:
     """``hypercorn --config hypercorn.toml`` (the shipped file; None: Hypercorn's own
-    defaults) with bind and workers set."""
+    defaults) with bind and workers set; ``command="serve"``: ``quart-service serve``
+    with the same arguments."""
     config_args = ["--config", str(config)] if config is not None else []
+    if command == "serve":
+        program = [sys.executable, "-m", "quart_service.cli", "serve"]
+        if config is None:
+            config_args = ["--config", "/nonexistent/hypercorn.toml"]
+    else:
+        program = [sys.executable, "-m", "hypercorn"]
     with log_path.open("wb") as log_file:
         return subprocess.Popen(
             [
-                sys.executable, "-m", "hypercorn",
+                *program,
                 *config_args,
                 "--bind", f"127.0.0.1:{port}",
                 "--workers", str(workers),
@@ -113,14 +121,16 @@ def running_server(
     env: Mapping[str, str] | None = None,
     start_timeout: float = 30.0,
     config: Path | None = SHIPPED_CONFIG,
+    command: str = "hypercorn",
 ) -> Iterator[Server]:
-    """Run a real Hypercorn with ``workers`` processes; stop it by PID afterwards."""
+    """Run a real Hypercorn (``command="serve"``: ``quart-service serve``) with
+    ``workers`` processes; stop it by PID afterwards."""
     port = free_port()
     log_path = tmp_path / f"hypercorn-{port}.log"
     # Each server gets its own data folder unless the test shares one on purpose.
     env = {"QUART_SERVICE_DATA_DIR": str(tmp_path / f"data-{port}"), **(env or {})}
     process = spawn_hypercorn(
-        app, port=port, workers=workers, env=env, log_path=log_path, config=config
+        app, port=port, workers=workers, env=env, log_path=log_path, config=config, command=command
     )
     server = Server(process, port, log_path)
     try:

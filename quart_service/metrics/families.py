@@ -1,0 +1,249 @@
+"""Every metric the service exports, defined in one place.
+
+One :class:`ServiceMetrics` exists per process (:func:`process_metrics`), created on
+first use, after :func:`~quart_service.metrics.store.enable_multiprocess` chose where
+the values live. Each value is written through to this process's memory-mapped file
+(prometheus-client's multiprocess mode), so any worker can sum every worker's values
+when ``/metrics`` is scraped.
+
+Gauges state how they combine across workers: ``livesum`` adds the values of the
+workers alive now (active streams, busy threads), ``liveall`` keeps one series per
+worker (``pid`` label), ``max`` keeps the highest.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as _Counter
+from collections.abc import Callable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["ExportedCounts", "ServiceMetrics", "process_metrics"]
+
+# Seconds: from a fast JSON answer to a long generation.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (*_LATENCY_BUCKETS, 120, 300, 600, 1800)
+
+
+class ServiceMetrics:
+    """The metric families of one process (see docs/operations.md for each meaning)."""
+
+    def __init__(self) -> None:
+        # registry=None: these are collected from the files of every worker, never
+        # from one process's registry (and a second app in a test process is fine).
+        r = None
+        self.requests = Counter(
+            "quart_service_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "quart_service_http_request_duration_seconds",
+            "Time from request start to the last byte of the response (streams included).",
+            ["route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_byte = Histogram(
+            "quart_service_http_time_to_first_byte_seconds",
+            "Time from request start to the first body byte (a stream's first event).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "quart_service_http_requests_in_progress",
+            "Requests being answered now, streams included.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.streams_active = Gauge(
+            "quart_service_streams_active",
+            "Streaming responses open now.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.streams_opened = Counter(
+            "quart_service_streams_opened", "Streaming responses started.", registry=r
+        )
+        self.stream_ends = Counter(
+            "quart_service_stream_ends",
+            "Streams ended, by reason: completed, disconnected (the client left), "
+            "idle_timeout, total_timeout, error, shutdown.",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_events = Counter(
+            "quart_service_stream_events", "Events (SSE events, NDJSON lines) sent.", registry=r
+        )
+        self.stream_writes = Counter(
+            "quart_service_stream_writes",
+            "Socket writes of streams; events / writes is the coalescing factor.",
+            registry=r,
+        )
+        self.stream_heartbeats = Counter(
+            "quart_service_stream_heartbeats",
+            "Heartbeat comments sent on quiet streams.",
+            registry=r,
+        )
+        self.executor_threads = Gauge(
+            "quart_service_executor_threads",
+            "Threads of the shared pools (sum over workers).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.executor_busy = Gauge(
+            "quart_service_executor_busy",
+            "Pool threads running a job now (sampled every second and at scrape).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.executor_queued = Gauge(
+            "quart_service_executor_queued",
+            "Jobs admitted and waiting for a pool thread (sampled).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.shed = Counter(
+            "quart_service_shed_requests",
+            "Work refused with 503 to protect the service: executor_full, resource_busy.",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "quart_service_cache_requests",
+            "Cache lookups by result (hit, miss).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_loads = Counter(
+            "quart_service_cache_loads",
+            "Loader calls after misses, by outcome (ok, error); single flight keeps "
+            "one per key per worker.",
+            ["outcome"],
+            registry=r,
+        )
+        self.database_queries = Counter(
+            "quart_service_database_queries",
+            "Database queries by purpose (poll, load, startup, admin, ...).",
+            ["kind"],
+            registry=r,
+        )
+        self.refresh_runs = Counter(
+            "quart_service_refresh_runs",
+            "Snapshots loaded and published by the leader (the data changed).",
+            registry=r,
+        )
+        self.refresh_failures = Counter(
+            "quart_service_refresh_failures",
+            "Leader polls that failed to reach the database.",
+            registry=r,
+        )
+        self.leader_changes = Counter(
+            "quart_service_leader_changes",
+            "Times a worker became the refresh leader.",
+            registry=r,
+        )
+        self.is_leader = Gauge(
+            "quart_service_leader",
+            "1 in the worker that holds the leader lock (the sum should be 1 per host).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.snapshot_generation = Gauge(
+            "quart_service_snapshot_generation",
+            "Generation of the data snapshot each worker serves.",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.resource_state = Gauge(
+            "quart_service_resource_state",
+            "Workers whose resource is in each state (not_created, creating, ready, failed).",
+            ["resource", "state"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.worker_threads = Gauge(
+            "quart_service_worker_threads",
+            "OS threads of each worker process (sampled).",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.worker_memory = Gauge(
+            "quart_service_worker_resident_memory_bytes",
+            "Resident memory of each worker process (sampled).",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
+        self.ai_tokens = Counter(
+            "quart_service_ai_completion_tokens",
+            "Completion tokens generated by the AI API.",
+            registry=r,
+        )
+        self._http: dict[tuple[str, str, int], Callable[[float, float | None], None]] = {}
+
+    def observe_request(
+        self, route: str, method: str, status: int, duration: float, first_byte: float | None
+    ) -> None:
+        """Record one answered request (its children are looked up once per key)."""
+        key = (route, method, status)
+        record = self._http.get(key)
+        if record is None:
+            record = self._http[key] = self._request_recorder(route, method, status)
+        record(duration, first_byte)
+
+    def _request_recorder(
+        self, route: str, method: str, status: int
+    ) -> Callable[[float, float | None], None]:
+        count = self.requests.labels(route, method, str(status)).inc
+        duration = self.request_duration.labels(route).observe
+        ttfb = self.time_to_first_byte.labels(route).observe
+
+        def record(elapsed: float, first_byte: float | None) -> None:
+            count()
+            duration(elapsed)
+            if first_byte is not None:
+                ttfb(first_byte)
+
+        return record
+
+
+_lock = threading.Lock()
+_metrics: ServiceMetrics | None = None
+
+
+def process_metrics() -> ServiceMetrics:
+    """This process's metrics, created on first use."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = ServiceMetrics()
+    return _metrics
+
+
+class ExportedCounts(_Counter[str]):
+    """A ``Counter`` of named events whose increments are also exported as metrics.
+
+    Components keep their plain ``counts["x"] += 1`` (shown per worker on
+    ``/debug/identity``); each increase is written through to the metric child that
+    ``export(metrics, key)`` names, or to none when it returns None.
+    """
+
+    def __init__(self, export: Callable[[ServiceMetrics, str], Counter | None]) -> None:
+        super().__init__()
+        self._export = export
+        self._children: dict[str, Counter | None] = {}
+
+    def __setitem__(self, key: str, value: int) -> None:
+        delta = value - self.get(key, 0)
+        super().__setitem__(key, value)
+        if delta > 0:
+            if key in self._children:
+                child = self._children[key]
+            else:
+                child = self._children[key] = self._export(process_metrics(), key)
+            if child is not None:
+                child.inc(delta)

@@ -1,0 +1,130 @@
+"""Per-request observation: request ids, the access log line, request metrics.
+
+An ASGI middleware around the whole app (WSGI mounts included), so it sees what the
+client sees: the status actually sent, every body byte, and the end of a stream, not
+the moment a view returned. The route label is the matched URL rule
+(``/v1/models``, ``/model/<int:i>``), written into the ASGI scope by a
+``before_request`` hook, so metric series stay few whatever the paths requested.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from quart import request
+
+if TYPE_CHECKING:
+    from .service import Service
+
+__all__ = ["REQUEST_ID", "ROUTE_KEY", "RequestObserver", "current_request_id", "mark_route"]
+
+REQUEST_ID: ContextVar[str] = ContextVar("quart_service_request_id", default="")
+ROUTE_KEY = "quart_service.route"
+UNMATCHED = "<unmatched>"
+access = logging.getLogger("quart_service.access")
+
+# A client's id is kept when it is short and plain; anything else is replaced, so a
+# header cannot forge log fields or blow up log lines.
+_VALID_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
+_HEADER = b"x-request-id"
+_CLOSE = (b"connection", b"close")
+
+
+def current_request_id() -> str:
+    """The id of the request being handled ("" outside a request)."""
+    return REQUEST_ID.get()
+
+
+async def mark_route() -> None:
+    """``before_request`` hook: record the matched URL rule for the observer."""
+    rule = request.url_rule
+    if rule is not None:
+        request.scope[ROUTE_KEY] = rule.rule  # type: ignore[literal-required]
+
+
+class RequestObserver:
+    """Wraps an ASGI app: ids, access log and metrics for each HTTP request."""
+
+    def __init__(self, app: ASGIFramework, service: Service, access_log: bool) -> None:
+        self.app = app
+        self.service = service
+        self.access_log = access_log
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _incoming_id(scope["headers"]) or uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        id_header = (_HEADER, request_id.encode())
+        status = 0
+        sent = 0
+        first_byte: float | None = None
+        service = self.service
+        metrics = service.metrics  # None until the worker has started
+        if metrics is not None:
+            metrics.in_progress.inc()
+
+        async def observed_send(message: Any) -> None:
+            nonlocal status, sent, first_byte
+            kind = message["type"]
+            if kind == "http.response.body":
+                body = message.get("body", b"")
+                if body:
+                    sent += len(body)
+                    if first_byte is None:
+                        first_byte = time.perf_counter() - started
+            elif kind == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", ()), id_header]
+                if service.draining:
+                    # Keep-alive clients leave this worker after this response.
+                    headers.append(_CLOSE)
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = str(scope.get(ROUTE_KEY, UNMATCHED))
+            # No response started: the client left first (or the app failed hard).
+            final = status or 499
+            if metrics is not None:
+                metrics.in_progress.dec()
+                metrics.observe_request(route, scope["method"], final, elapsed, first_byte)
+            if self.access_log and access.isEnabledFor(logging.INFO):
+                access.info(
+                    "%s %s %d %.1fms %dB id=%s",
+                    scope["method"],
+                    scope["path"],
+                    final,
+                    elapsed * 1000,
+                    sent,
+                    request_id,
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route,
+                        "status": final,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "bytes": sent,
+                    },
+                )
+            REQUEST_ID.reset(token)
+
+
+def _incoming_id(headers: Any) -> str | None:
+    for name, value in headers:
+        if name == _HEADER:
+            return value.decode() if _VALID_ID.match(value) else None
+    return None

@@ -1,0 +1,322 @@
+"""``quart-service serve``: Hypercorn's workers, supervised.
+
+Plain ``hypercorn`` stops the whole server when one worker crashes (DESIGN.md
+pitfall 2), and its SIGHUP stops every worker at once. The supervisor runs the same
+Hypercorn worker code on the same shared sockets and adds:
+
+* a worker that dies, however (a crash, ``kill -9``, the OOM killer), is replaced at
+  once while the others keep serving;
+* a worker that dies before it serves is retried with backoff (0.5 s, 1 s, 2 s, ...),
+  and after ``max_start_failures`` in a row the supervisor gives up with one clear
+  message and exit code 1, instead of restarting in a tight loop;
+* SIGTERM (or Ctrl-C) drains every worker (see :mod:`quart_service._drain`) and exits
+  0; a second one kills at once;
+* SIGHUP replaces the workers one at a time: a new worker is serving before an old
+  one starts to drain, so no request fails and code or settings changes go live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from hypercorn.config import Config, Sockets
+from prometheus_client import Counter
+
+from ._worker import run_worker
+from .metrics.store import forget_process
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("quart_service.serve")
+
+_BACKOFF_FIRST = 0.5
+_BACKOFF_MAX = 30.0
+_KILL_MARGIN = 5.0  # beyond the drain and Hypercorn's graceful timeout
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    ready_pipe: Connection
+    spawned_at: float
+    replaces: _Worker | None = None
+    ready: bool = False
+    retiring: bool = False
+    kill_at: float | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+
+class Supervisor:
+    """Keeps ``config.workers`` Hypercorn workers serving ``config.application_path``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        drain_timeout: float,
+        max_start_failures: int = 5,
+        count_metrics: bool = False,
+    ) -> None:
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.max_start_failures = max_start_failures
+        # Only this counter: the supervisor serves nothing, so it has no other metric.
+        self._restarts = (
+            Counter(
+                "quart_service_worker_restarts",
+                "Workers started by 'quart-service serve' to replace others, by "
+                "reason: crashed, startup_failed, reload.",
+                ["reason"],
+                registry=None,
+            )
+            if count_metrics
+            else None
+        )
+        self.workers: list[_Worker] = []
+        self.exit_code = 0
+        self._ctx = get_context("spawn")
+        self._failures = 0  # workers in a row that died before serving
+        self._next_spawn = 0.0
+        self._reload_queue: list[_Worker] = []
+        self._stop = self._kill = self._reload = False
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit code."""
+        sockets = self.config.create_sockets()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        log.info(
+            "supervisor %d: serving %s with %d workers on %s",
+            os.getpid(),
+            self.config.application_path,
+            self.config.workers,
+            ", ".join(self.config.bind),
+        )
+        try:
+            while not self._stop:
+                self._step(sockets)
+            return self._shut_down()
+        finally:
+            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+                sock.close()
+
+    def _step(self, sockets: Sockets) -> None:
+        self._reap()
+        self._notice_ready()
+        if self._stop:
+            return
+        if self._reload:
+            self._reload = False
+            self._begin_reload()
+        self._advance_reload(sockets)
+        self._fill(sockets)
+        self._kill_overdue()
+        self._wait()
+
+    # -- events -------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        for worker in [w for w in self.workers if w.process.exitcode is not None]:
+            self.workers.remove(worker)
+            worker.process.join()
+            worker.ready_pipe.close()
+            code = worker.process.exitcode
+            forget_process(worker.pid)  # its live gauges no longer count
+            if worker.retiring:
+                log.info("worker %d retired (%s)", worker.pid, _describe(code))
+            elif worker.ready:
+                log.error(
+                    "worker %d died (%s); starting a replacement", worker.pid, _describe(code)
+                )
+                self._count_restart("crashed")
+            else:
+                self._start_failed(worker, code)
+
+    def _start_failed(self, worker: _Worker, code: int | None) -> None:
+        self._failures += 1
+        self._count_restart("startup_failed")
+        if worker.replaces is not None:
+            log.error("reload stopped: a new worker failed to start; the old ones keep serving")
+            self._reload_queue.clear()
+        if self._failures >= self.max_start_failures:
+            log.critical(
+                "giving up: %d workers in a row exited before serving (the last: %s). "
+                "Their own log lines above say why; 'quart-service check' validates "
+                "the settings.",
+                self._failures,
+                _describe(code),
+            )
+            self.exit_code = 1
+            self._stop = True
+            return
+        delay = min(_BACKOFF_FIRST * 2 ** (self._failures - 1), _BACKOFF_MAX)
+        self._next_spawn = time.monotonic() + delay
+        log.error(
+            "worker %d exited before serving (%s); %d in a row, next try in %.1f s",
+            worker.pid,
+            _describe(code),
+            self._failures,
+            delay,
+        )
+
+    def _notice_ready(self) -> None:
+        for worker in self.workers:
+            if worker.ready or not worker.ready_pipe.poll():
+                continue
+            try:
+                worker.ready_pipe.recv_bytes()
+            except (EOFError, OSError):
+                continue  # died before serving: _reap sees it
+            worker.ready = True
+            self._failures = 0
+            log.info(
+                "worker %d serving (started in %.2f s)",
+                worker.pid,
+                time.monotonic() - worker.spawned_at,
+            )
+            if worker.replaces is not None:
+                self._retire(worker.replaces)
+
+    # -- actions ------------------------------------------------------------------------
+
+    def _fill(self, sockets: Sockets) -> None:
+        replacing = sum(1 for w in self.workers if w.replaces is not None and not w.ready)
+        wanted = self.config.workers + replacing
+        while sum(1 for w in self.workers if not w.retiring) < wanted:
+            # Failing to start: one attempt at a time, after the backoff.
+            if self._failures and (
+                time.monotonic() < self._next_spawn
+                or any(not w.ready and not w.retiring for w in self.workers)
+            ):
+                return
+            self._spawn(sockets)
+
+    def _spawn(self, sockets: Sockets, replaces: _Worker | None = None) -> _Worker:
+        reader, writer = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=run_worker,
+            kwargs={"config": self.config, "sockets": sockets, "ready": writer},
+            name="quart-service-worker",
+        )
+        process.start()
+        writer.close()  # the worker holds its own copy
+        worker = _Worker(process, reader, time.monotonic(), replaces=replaces)
+        self.workers.append(worker)
+        return worker
+
+    def _begin_reload(self) -> None:
+        self._reload_queue = [w for w in self.workers if not w.retiring]
+        log.info("SIGHUP: replacing %d workers one at a time", len(self._reload_queue))
+
+    def _advance_reload(self, sockets: Sockets) -> None:
+        if any(w.replaces is not None and not w.ready for w in self.workers):
+            return  # the current replacement is still starting
+        while self._reload_queue:
+            old = self._reload_queue.pop(0)
+            if old in self.workers and not old.retiring:
+                self._count_restart("reload")
+                self._spawn(sockets, replaces=old)
+                return
+        self._reload_queue.clear()
+
+    def _retire(self, worker: _Worker) -> None:
+        if worker.retiring or worker not in self.workers:
+            return
+        worker.retiring = True
+        worker.kill_at = time.monotonic() + self._drain_limit()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGTERM)
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.kill_at is not None and now >= worker.kill_at:
+                log.warning("worker %d did not finish draining; killing it", worker.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+                worker.kill_at = None
+
+    def _wait(self) -> None:
+        timeout = 1.0
+        if self._failures and self._next_spawn > time.monotonic():
+            timeout = min(timeout, self._next_spawn - time.monotonic())
+        waitables: list[object] = [self._wake_r]
+        for worker in self.workers:
+            waitables.append(worker.process.sentinel)
+            if not worker.ready:
+                waitables.append(worker.ready_pipe)
+        wait(waitables, timeout)  # type: ignore[arg-type]
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+
+    def _shut_down(self) -> int:
+        log.info(
+            "stopping %d workers (open streams get up to %g s)",
+            len(self.workers),
+            self.drain_timeout,
+        )
+        for worker in self.workers:
+            self._retire(worker)
+        killed = False
+        deadline = time.monotonic() + self._drain_limit()
+        while self.workers:
+            if self._kill or time.monotonic() >= deadline:
+                for worker in self.workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signal.SIGKILL)
+                killed = True
+                log.warning("killed %d workers that were still draining", len(self.workers))
+                self._kill = False
+                deadline = float("inf")
+            self._wait()
+            self._reap()
+        log.info("supervisor %d: stopped", os.getpid())
+        return self.exit_code or (1 if killed else 0)
+
+    def _drain_limit(self) -> float:
+        return self.drain_timeout + float(self.config.graceful_timeout) + _KILL_MARGIN
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop:
+            self._kill = True  # a second Ctrl-C / SIGTERM: do not wait
+        self._stop = True
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self._reload = True
+
+    def _count_restart(self, reason: str) -> None:
+        if self._restarts is not None:
+            self._restarts.labels(reason).inc()
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
