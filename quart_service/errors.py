@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from quart import Quart, Response
@@ -40,6 +41,7 @@ __all__ = [
     "Unauthorized",
     "error_response",
     "register_error_handlers",
+    "send_error",
 ]
 
 log = logging.getLogger("quart_service.errors")
@@ -148,3 +150,19 @@ def register_error_handlers(app: Quart) -> None:
         # Log the traceback for the operator; the client gets a stable code only.
         log.exception("unhandled error in a view")
         return error_response(500, "internal_error", "The server failed; the error was logged.")
+
+
+async def send_error(
+    send: Callable[[Any], Awaitable[None]],
+    status: int,
+    code: str,
+    message: str,
+    retry_after: float | None = None,
+) -> None:
+    """The JSON error body, sent on a raw ASGI ``send`` (outside Quart: middleware)."""
+    body = json.dumps({"error": {"code": code, "message": message, "status": status}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

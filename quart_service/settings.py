@@ -62,6 +62,14 @@ class Settings:
     max_body_size: int = _setting(
         16 * MIB, "Largest request body accepted, in bytes (413 beyond).", minimum=0
     )
+    max_url_length: int = _setting(
+        8 * KIB, "Longest path plus query string accepted, in bytes (414 beyond).", minimum=1
+    )
+    max_header_size: int = _setting(
+        16 * KIB,
+        "Largest total of request header names and values, in bytes (431 beyond).",
+        minimum=1,
+    )
     stream_idle_timeout: float = _setting(
         60 * SECONDS,
         "A stream whose producer is silent this long ends with a stream_idle_timeout error event.",

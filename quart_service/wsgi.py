@@ -10,13 +10,12 @@ that request alone).
 
 from __future__ import annotations
 
-import json
 from typing import Any, cast
 
 from hypercorn.middleware import AsyncioWSGIMiddleware
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
-from .errors import Overloaded
+from .errors import Overloaded, send_error
 from .observe import ROUTE_KEY
 
 __all__ = ["WSGIMounts"]
@@ -57,7 +56,7 @@ class WSGIMounts:
     ) -> None:
         length = _content_length(scope)
         if length is not None and length > self.max_body_size:
-            await _json(
+            await send_error(
                 send, 413, "request_too_large", f"The body is over {self.max_body_size} bytes."
             )
             return
@@ -67,7 +66,7 @@ class WSGIMounts:
             await middleware(mounted, receive, send)
         except Overloaded as exc:
             # Refused before the WSGI app ran: nothing was sent yet.
-            await _json(send, 503, exc.code, exc.message, retry_after=exc.retry_after)
+            await send_error(send, 503, exc.code, exc.message, retry_after=exc.retry_after)
 
 
 def _content_length(scope: Any) -> int | None:
@@ -78,14 +77,3 @@ def _content_length(scope: Any) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-async def _json(
-    send: ASGISendCallable, status: int, code: str, message: str, retry_after: float | None = None
-) -> None:
-    body = json.dumps({"error": {"code": code, "message": message, "status": status}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
