@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -144,6 +145,30 @@ def register_error_handlers(app: Quart) -> None:
             if name.lower() == "allow":
                 response.headers["Allow"] = value
         return response
+
+    @app.errorhandler(sqlite3.OperationalError)
+    async def _database_error(exc: sqlite3.OperationalError) -> Response:
+        # Locked by another writer past the busy timeout, or the file is gone: the
+        # request may succeed shortly, so 503 with Retry-After rather than a 500.
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            log.warning("database busy: %s", exc)
+            return error_response(
+                503,
+                "database_busy",
+                "The database is locked by another writer; retry.",
+                retry_after=1.0,
+            )
+        if "unable to open" in text or "disk i/o" in text or "readonly" in text:
+            log.warning("database unavailable: %s", exc)
+            return error_response(
+                503,
+                "database_unavailable",
+                "The database cannot be reached; retry.",
+                retry_after=5.0,
+            )
+        log.exception("database error in a view")
+        return error_response(500, "internal_error", "The server failed; the error was logged.")
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:

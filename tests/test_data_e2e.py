@@ -30,6 +30,7 @@ from .support.server import (
 )
 
 INTERVAL = 0.5
+_AI_APP = "quart_service.app:app"
 
 
 def _env(data_dir: Path, events: Path | None = None, **extra: str) -> dict[str, str]:
@@ -301,3 +302,103 @@ def test_leader_failover_after_kill_9(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _wait_stale_while_serving(clients: dict[int, httpx.Client], seconds: float) -> bool:
+    """Requests keep succeeding from the last snapshot for ``seconds``; True if every
+    worker's /readyz reported the data stale meanwhile."""
+    stale: set[int] = set()
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        for pid, client in clients.items():
+            answer = client.get("/data")
+            assert answer.status_code == 200
+            assert answer.json()["models"]["a"] == {"v": 1}
+            ready = client.get("/readyz")
+            if ready.status_code == 503 and ready.json()["checks"]["data"]["stale"]:
+                stale.add(pid)
+        time.sleep(0.2)
+    return stale == set(clients)
+
+
+def test_a_database_locked_by_another_writer_for_ten_seconds(tmp_path: Path) -> None:
+    """WAL keeps readers going while another process holds the write lock for 10 s:
+    reads and the refresh carry on, a write through the admin API gets 503
+    database_busy with Retry-After (not a 500), and succeeds once the lock is gone."""
+    data_dir = tmp_path / "data"
+    database = data_dir / "quart_service.db"
+    env = _env(
+        data_dir,
+        QUART_SERVICE_DATABASE_BUSY_TIMEOUT="0.3",
+        QUART_SERVICE_ADMIN_TOKEN="t0ken",
+    )
+    auth = {"Authorization": "Bearer t0ken"}
+    model = {"name": "written", "engine": "local", "parameters": {}}
+    with (
+        running_server(tmp_path, app=_AI_APP, workers=2, env=env) as server,
+        pinned_workers(server, 2) as clients,
+    ):
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3, time\n"
+                f"c = sqlite3.connect({str(database)!r}, isolation_level=None)\n"
+                "c.execute('BEGIN EXCLUSIVE')\n"
+                "c.execute(\"INSERT INTO models (name, engine) VALUES ('locker', 'local')\")\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(10)\n"
+                "c.execute('COMMIT')\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "locked"
+            locked_at = time.monotonic()
+            busy = 0
+            while time.monotonic() - locked_at < 8:
+                for client in clients.values():
+                    assert client.get("/v1/models").status_code == 200
+                    assert client.get("/readyz").status_code == 200
+                refused = httpx.post(server.url + "/admin/models", json=model, headers=auth)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "database_busy"
+                assert refused.headers["retry-after"] == "1"
+                busy += 1
+            assert busy >= 3
+        finally:
+            holder.wait(timeout=30)
+            if holder.stdout is not None:
+                holder.stdout.close()
+        created = httpx.post(server.url + "/admin/models", json=model, headers=auth)
+        assert created.status_code == 201
+        names = lambda a: {m["id"] for m in a["data"]}  # noqa: E731
+        wait_all(clients, "/v1/models", lambda a: {"locker", "written"} <= names(a), timeout=10)
+        assert "Traceback" not in server.log()
+
+
+def test_a_deleted_database_file_is_survived_until_it_is_restored(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    database = data_dir / "quart_service.db"
+    backup = tmp_path / "backup.db"
+    env = _env(data_dir, QUART_SERVICE_SNAPSHOT_MAX_STALENESS="2")
+    with (
+        running_server(tmp_path, workers=2, env=env) as server,
+        pinned_workers(server, 2) as clients,
+    ):
+        put_model(database, "a", {"v": 1})
+        wait_all(clients, "/data", lambda a: "a" in a["models"], timeout=5)
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            db.execute(f"VACUUM INTO '{backup}'")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{database}{suffix}")
+        assert _wait_stale_while_serving(clients, 5.0), "stale was not reported"
+        assert not database.exists(), "the service must not create an empty database"
+        put_model(backup, "restored", {"v": 3})
+        os.replace(backup, database)  # the operator restores the file
+        wait_all(clients, "/data", lambda a: "restored" in a["models"], timeout=10)
+        wait_all(clients, "/readyz", lambda a: a["status"] == "ready", timeout=10)
+        assert server.process.poll() is None
