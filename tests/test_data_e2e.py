@@ -374,8 +374,11 @@ def test_a_database_locked_by_another_writer_for_ten_seconds(tmp_path: Path) -> 
                 holder.stdout.close()
         created = httpx.post(server.url + "/admin/models", json=model, headers=auth)
         assert created.status_code == 201
-        names = lambda a: {m["id"] for m in a["data"]}  # noqa: E731
-        wait_all(clients, "/v1/models", lambda a: {"locker", "written"} <= names(a), timeout=10)
+
+        def both_seen(answer: dict[str, Any]) -> bool:
+            return {"locker", "written"} <= {m["id"] for m in answer["data"]}
+
+        wait_all(clients, "/v1/models", both_seen, timeout=10)
         assert "Traceback" not in server.log()
 
 
