@@ -2,7 +2,8 @@
 
 * ``GET /hello``  — a small JSON answer;
 * ``GET /sse``    — an SSE stream of 100 small events from an async generator;
-* ``GET /sync``   — the same 100 events from a *sync* generator (bridged to a thread).
+* ``GET /sync``   — the same 100 events from a *sync* generator (bridged to a thread);
+* ``GET /idle``   — one event, then a stream held open with heartbeats only.
 
 ``service`` is quart_service (``create_app`` + its ``sse()`` helper); ``bare`` is a
 plain Quart app written the way its docs show. Both are built from the environment
@@ -11,6 +12,7 @@ and open nothing at import, like the real app.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,6 +22,7 @@ from quart import Blueprint, Quart, Response
 from quart_service import create_app, sse
 
 EVENTS = 100
+HEARTBEAT = float(os.environ.get("QUART_SERVICE_STREAM_HEARTBEAT", "15"))
 _EVENT = b'data: {"token":"hello"}\n\n'
 _ITEM = {"token": "hello"}
 
@@ -44,6 +47,15 @@ def _service_routes() -> Blueprint:
         def produce() -> Iterator[dict[str, str]]:
             for _ in range(EVENTS):
                 yield _ITEM
+
+        return sse(produce())
+
+    @bp.get("/idle")
+    async def idle() -> Response:
+        # One event, then nothing: the service's heartbeats keep the stream alive.
+        async def produce() -> AsyncIterator[dict[str, str]]:
+            yield _ITEM
+            await asyncio.Event().wait()
 
         return sse(produce())
 
@@ -74,6 +86,19 @@ def _bare() -> Quart:
                 yield _EVENT
 
         # Quart bridges a sync iterable with run_sync_iterable: one thread hop per item.
+        response = Response(produce(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    @app.get("/idle")
+    async def idle() -> Response:
+        # The same held stream written by hand: an event, then a comment per interval.
+        async def produce() -> AsyncIterator[bytes]:
+            yield _EVENT
+            while True:
+                await asyncio.sleep(HEARTBEAT)
+                yield b": keep-alive\n\n"
+
         response = Response(produce(), content_type="text/event-stream")
         response.timeout = None
         return response
