@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import BoundedExecutor, ExecutorStats
 from .factory import create_app
+from .observe import current_request_id
 from .plugins import Plugin, PluginError
 from .resources import Resource, ResourceRegistry, ResourceState, ResourceStatus
 from .service import (
@@ -63,6 +64,7 @@ __all__ = [
     "cache",
     "cached",
     "create_app",
+    "current_request_id",
     "current_service",
     "database",
     "ndjson",

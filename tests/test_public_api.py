@@ -19,6 +19,9 @@ PUBLIC_MODULES = [
     "quart_service.service",
     "quart_service.settings",
     "quart_service.streaming",
+    "quart_service.metrics",
+    "quart_service.observe",
+    "quart_service.supervisor",
 ]
 
 
