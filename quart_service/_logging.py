@@ -10,6 +10,8 @@ import logging
 
 from pythonjsonlogger.json import JsonFormatter
 
+from .observe import current_request_id
+
 _TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 _JSON = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s %(request_id)s"
 _DATE = "%Y-%m-%d %H:%M:%S %z"
@@ -20,8 +22,6 @@ class RequestIdFilter(logging.Filter):
     """Adds ``request_id`` (empty outside requests) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from .observe import current_request_id
-
         if not hasattr(record, "request_id"):
             record.request_id = current_request_id()
         return True

@@ -10,9 +10,9 @@ the moment a view returned. The route label is the matched URL rule
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ class RequestObserver:
         self.access_log = access_log
         self.max_url = service.settings.max_url_length
         self.max_headers = service.settings.max_header_size
+        self.json_fields = service.settings.log_format == "json"
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -67,7 +68,7 @@ class RequestObserver:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_id(scope["headers"]) or uuid.uuid4().hex
+        request_id = _incoming_id(scope["headers"]) or os.urandom(16).hex()
         token = REQUEST_ID.set(request_id)
         id_header = (_HEADER, request_id.encode())
         status = 0
@@ -75,8 +76,8 @@ class RequestObserver:
         first_byte: float | None = None
         service = self.service
         metrics = service.metrics  # None until the worker has started
-        if metrics is not None:
-            metrics.in_progress.inc()
+        # A plain int, copied to the gauge when sampled: no shared-file write here.
+        service.requests_in_progress += 1
 
         async def observed_send(message: Any) -> None:
             nonlocal status, sent, first_byte
@@ -85,7 +86,9 @@ class RequestObserver:
                 body = message.get("body", b"")
                 if body:
                     sent += len(body)
-                    if first_byte is None:
+                    # Time to first byte of responses sent in pieces (streams): for a
+                    # one-piece answer it would only repeat the duration.
+                    if first_byte is None and message.get("more_body", False):
                         first_byte = time.perf_counter() - started
             elif kind == "http.response.start":
                 status = message["status"]
@@ -107,8 +110,8 @@ class RequestObserver:
             route = str(scope.get(ROUTE_KEY, UNMATCHED))
             # No response started: the client left first (or the app failed hard).
             final = status or 499
+            service.requests_in_progress -= 1
             if metrics is not None:
-                metrics.in_progress.dec()
                 metrics.observe_request(route, scope["method"], final, elapsed, first_byte)
             if self.access_log and access.isEnabledFor(logging.INFO):
                 access.info(
@@ -119,14 +122,8 @@ class RequestObserver:
                     elapsed * 1000,
                     sent,
                     request_id,
-                    extra={
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "route": route,
-                        "status": final,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "bytes": sent,
-                    },
+                    # Fields only where a JSON formatter will write them.
+                    extra=_fields(scope, route, final, elapsed, sent) if self.json_fields else None,
                 )
             REQUEST_ID.reset(token)
 
@@ -142,6 +139,17 @@ class RequestObserver:
         if size > self.max_headers:
             return 431, "headers_too_large", f"The headers are over {self.max_headers} bytes."
         return None
+
+
+def _fields(scope: Any, route: str, status: int, elapsed: float, sent: int) -> dict[str, Any]:
+    return {
+        "method": scope["method"],
+        "path": scope["path"],
+        "route": route,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+        "bytes": sent,
+    }
 
 
 def _incoming_id(headers: Any) -> str | None:

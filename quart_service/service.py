@@ -68,6 +68,7 @@ class Service:
         self.started_at: float | None = None
         self.stopping = False
         self.metrics: ServiceMetrics | None = None
+        self.requests_in_progress = 0  # kept by the request observer
         self.drain = Drain(
             settings.stream_drain_timeout,
             self.stream_hub,
@@ -173,6 +174,7 @@ class Service:
         if metrics is None or self._executor is None or self._resources is None:
             return
         stats = self._executor.stats()
+        metrics.in_progress.set(self.requests_in_progress)
         metrics.executor_threads.set(stats.max_threads)
         metrics.executor_busy.set(stats.active)
         metrics.executor_queued.set(stats.queued)

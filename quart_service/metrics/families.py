@@ -48,14 +48,15 @@ class ServiceMetrics:
         )
         self.time_to_first_byte = Histogram(
             "quart_service_http_time_to_first_byte_seconds",
-            "Time from request start to the first body byte (a stream's first event).",
+            "Time from request start to the first body byte of responses sent in pieces "
+            "(a stream's first event: time to first token).",
             ["route"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.in_progress = Gauge(
             "quart_service_http_requests_in_progress",
-            "Requests being answered now, streams included.",
+            "Requests being answered now, streams included (sampled).",
             multiprocess_mode="livesum",
             registry=r,
         )
