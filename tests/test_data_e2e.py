@@ -202,6 +202,26 @@ def test_database_gone_for_ten_seconds_serves_last_snapshot_then_recovers(
         wait_all(clients, "/readyz", lambda a: a["status"] == "ready", timeout=10)
 
 
+def _hold_write_lock(database: Path, model: str) -> subprocess.Popen[str]:
+    """Another process takes the write lock, inserts ``model``, holds it 10 s, commits;
+    it prints ``locked`` once it holds the lock."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, time\n"
+            f"c = sqlite3.connect({str(database)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE')\n"
+            f"c.execute(\"INSERT INTO models (name, engine) VALUES ('{model}', 'local')\")\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(10)\n"
+            "c.execute('COMMIT')\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_a_writer_holding_an_exclusive_lock_does_not_stop_reads(tmp_path: Path) -> None:
     """WAL: readers are not blocked by a writer, so the refresh carries on."""
     data_dir = tmp_path / "data"
@@ -210,21 +230,7 @@ def test_a_writer_holding_an_exclusive_lock_does_not_stop_reads(tmp_path: Path) 
         running_server(tmp_path, workers=2, env=_env(data_dir)) as server,
         pinned_workers(server, 2) as clients,
     ):
-        holder = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sqlite3, sys, time\n"
-                f"c = sqlite3.connect({str(database)!r}, isolation_level=None)\n"
-                "c.execute('BEGIN EXCLUSIVE')\n"
-                "c.execute(\"INSERT INTO models (name, engine) VALUES ('held', 'local')\")\n"
-                "print('locked', flush=True)\n"
-                "time.sleep(10)\n"
-                "c.execute('COMMIT')\n",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        holder = _hold_write_lock(database, "held")
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "locked"
@@ -338,21 +344,7 @@ def test_a_database_locked_by_another_writer_for_ten_seconds(tmp_path: Path) -> 
         running_server(tmp_path, app=_AI_APP, workers=2, env=env) as server,
         pinned_workers(server, 2) as clients,
     ):
-        holder = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sqlite3, time\n"
-                f"c = sqlite3.connect({str(database)!r}, isolation_level=None)\n"
-                "c.execute('BEGIN EXCLUSIVE')\n"
-                "c.execute(\"INSERT INTO models (name, engine) VALUES ('locker', 'local')\")\n"
-                "print('locked', flush=True)\n"
-                "time.sleep(10)\n"
-                "c.execute('COMMIT')\n",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        holder = _hold_write_lock(database, "locker")
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline().strip() == "locked"

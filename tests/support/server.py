@@ -43,9 +43,15 @@ class Server:
     def worker_pids(self) -> list[int]:
         """The spawned worker processes (not multiprocessing's resource tracker)."""
         parent = psutil.Process(self.process.pid)
-        return sorted(
-            child.pid for child in parent.children() if "spawn_main" in " ".join(child.cmdline())
-        )
+        pids = []
+        for child in parent.children():
+            # A worker that exited but is not reaped yet is no worker any more.
+            with contextlib.suppress(psutil.ZombieProcess, psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(
+                    child.cmdline()
+                ):
+                    pids.append(child.pid)
+        return sorted(pids)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
