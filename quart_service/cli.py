@@ -72,7 +72,11 @@ def serve(
 
     settings = _settings_or_exit()
     configure_logging(settings.log_level, settings.log_format)
-    config = Config.from_toml(config_path) if os.path.exists(config_path) else Config()
+    try:
+        config = Config.from_toml(config_path) if os.path.exists(config_path) else Config()
+    except Exception as exc:  # Hypercorn raises whatever TOML parsing or its setters raise
+        click.echo(f"quart_service: bad server config {config_path}: {exc}", err=True)
+        sys.exit(2)
     config.application_path = app
     if bind:
         config.bind = list(bind)

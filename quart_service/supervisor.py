@@ -98,7 +98,11 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
-        sockets = self.config.create_sockets()
+        try:
+            sockets = self.config.create_sockets()
+        except OSError as exc:
+            log.critical("cannot listen on %s: %s", ", ".join(self.config.bind), exc)
+            return 1
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._wake_w)

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,3 +180,29 @@ def test_serve_refuses_bad_settings_before_starting_any_worker(tmp_path: Path) -
     assert result.returncode == 2
     assert "QUART_SERVICE_EXECUTOR_THREADS" in result.stderr
     assert "Running on" not in result.stderr
+
+
+def test_serve_says_why_it_cannot_start_when_the_port_is_taken_or_the_file_is_bad(
+    tmp_path: Path,
+) -> None:
+    env = server_env({"QUART_SERVICE_DATA_DIR": str(tmp_path / "data")})
+    serve = [sys.executable, "-m", "quart_service.cli", "serve"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*serve, "--bind", f"127.0.0.1:{port}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = tmp_path / "hypercorn.toml"
+    bad.write_text("workers = [\n")
+    result = subprocess.run(
+        [*serve, "--config", str(bad)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"bad server config {bad}" in result.stderr
