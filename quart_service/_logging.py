@@ -7,10 +7,11 @@ the lines of one request can be found together; JSON lines have it as a field.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from .observe import current_request_id
+from ._request_id import current_request_id
 
 _TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 _JSON = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s %(request_id)s"
@@ -50,3 +51,17 @@ def configure_logging(level: str, fmt: str = "text") -> None:
         setattr(handler, _MARK, True)
         handler.addFilter(RequestIdFilter())
         logger.addHandler(handler)
+
+
+def service_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
+    """The service's own stderr handler when it alone would write ``logger``'s
+    records (nothing else configured, nobody capturing); else None."""
+    parent = logging.getLogger("quart_service")
+    if logger.handlers or not logger.propagate or len(parent.handlers) != 1:
+        return None
+    handler = parent.handlers[0]
+    if not getattr(handler, _MARK, False):
+        return None
+    if (parent.propagate and logging.getLogger().handlers) or handler.filters[1:]:
+        return None  # something else also receives the records (a capture, a config)
+    return handler  # type: ignore[return-value]

@@ -9,16 +9,16 @@ the moment a view returned. The route label is the matched URL rule
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import request
 
+from ._access import AccessLog
+from ._request_id import REQUEST_ID, current_request_id
 from .errors import send_error
 
 if TYPE_CHECKING:
@@ -26,21 +26,14 @@ if TYPE_CHECKING:
 
 __all__ = ["REQUEST_ID", "ROUTE_KEY", "RequestObserver", "current_request_id", "mark_route"]
 
-REQUEST_ID: ContextVar[str] = ContextVar("quart_service_request_id", default="")
 ROUTE_KEY = "quart_service.route"
 UNMATCHED = "<unmatched>"
-access = logging.getLogger("quart_service.access")
 
 # A client's id is kept when it is short and plain; anything else is replaced, so a
 # header cannot forge log fields or blow up log lines.
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 _HEADER = b"x-request-id"
 _CLOSE = (b"connection", b"close")
-
-
-def current_request_id() -> str:
-    """The id of the request being handled ("" outside a request)."""
-    return REQUEST_ID.get()
 
 
 async def mark_route() -> None:
@@ -56,10 +49,9 @@ class RequestObserver:
     def __init__(self, app: ASGIFramework, service: Service, access_log: bool) -> None:
         self.app = app
         self.service = service
-        self.access_log = access_log
+        self.access_log = AccessLog(service.settings.log_format == "json") if access_log else None
         self.max_url = service.settings.max_url_length
         self.max_headers = service.settings.max_header_size
-        self.json_fields = service.settings.log_format == "json"
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -113,17 +105,9 @@ class RequestObserver:
             service.requests_in_progress -= 1
             if metrics is not None:
                 metrics.observe_request(route, scope["method"], final, elapsed, first_byte)
-            if self.access_log and access.isEnabledFor(logging.INFO):
-                access.info(
-                    "%s %s %d %.1fms %dB id=%s",
-                    scope["method"],
-                    scope["path"],
-                    final,
-                    elapsed * 1000,
-                    sent,
-                    request_id,
-                    # Fields only where a JSON formatter will write them.
-                    extra=_fields(scope, route, final, elapsed, sent) if self.json_fields else None,
+            if self.access_log is not None:
+                self.access_log.write(
+                    scope["method"], scope["path"], route, final, elapsed, sent, request_id
                 )
             REQUEST_ID.reset(token)
 
@@ -139,17 +123,6 @@ class RequestObserver:
         if size > self.max_headers:
             return 431, "headers_too_large", f"The headers are over {self.max_headers} bytes."
         return None
-
-
-def _fields(scope: Any, route: str, status: int, elapsed: float, sent: int) -> dict[str, Any]:
-    return {
-        "method": scope["method"],
-        "path": scope["path"],
-        "route": route,
-        "status": status,
-        "duration_ms": round(elapsed * 1000, 3),
-        "bytes": sent,
-    }
 
 
 def _incoming_id(headers: Any) -> str | None:

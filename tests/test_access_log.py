@@ -1,0 +1,76 @@
+"""The access line written directly matches the one ``logging`` would write."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from quart_service._access import AccessLog, access
+from quart_service._logging import configure_logging, service_handler
+
+
+@contextlib.contextmanager
+def _alone() -> Iterator[io.StringIO]:
+    """The service's own handler writing into a buffer, with no other handler around
+    (pytest's capture handlers on the root logger are set aside meanwhile)."""
+    root = logging.getLogger()
+    parent = logging.getLogger("quart_service")
+    saved_root, saved_parent = root.handlers[:], parent.handlers[:]
+    root.handlers.clear()
+    parent.handlers.clear()
+    stream = io.StringIO()
+    try:
+        yield stream
+    finally:
+        parent.handlers[:] = saved_parent
+        root.handlers[:] = saved_root
+
+
+def _both_ways(fmt: str) -> tuple[str, str]:
+    with _alone() as stream:
+        return _write_both(fmt, stream)
+
+
+def _write_both(fmt: str, stream: io.StringIO) -> tuple[str, str]:
+    configure_logging("INFO", fmt)
+    handler = service_handler(access)
+    assert handler is not None
+    handler.setStream(stream)
+    AccessLog(fmt == "json").write("GET", "/v1/models", "/v1/models", 200, 0.0021, 412, "req-1")
+    direct = stream.getvalue()
+    fields = {"method": "GET", "path": "/v1/models", "route": "/v1/models", "status": 200}
+    fields |= {"duration_ms": 2.1, "bytes": 412, "request_id": "req-1"}
+    access.info("GET /v1/models 200 2.1ms 412B id=req-1", extra=fields if fmt == "json" else None)
+    return direct, stream.getvalue()[len(direct) :]
+
+
+def test_text_line_is_the_logging_line() -> None:
+    direct, logged = _both_ways("text")
+    assert direct.endswith(
+        "] [INFO] quart_service.access: GET /v1/models 200 2.1ms 412B id=req-1\n"
+    )
+    assert direct.split("] ", 2)[1:] == logged.split("] ", 2)[1:]
+
+
+def test_json_line_has_the_logging_fields() -> None:
+    direct, logged = _both_ways("json")
+    ours, theirs = json.loads(direct), json.loads(logged)
+    assert ours.keys() == theirs.keys()
+    for key in ours.keys() - {"time"}:
+        assert ours[key] == theirs[key], key
+
+
+def test_lines_go_through_logging_when_something_else_listens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    configure_logging("INFO", "text")
+    with caplog.at_level(logging.INFO, logger="quart_service.access"):
+        assert logging.getLogger().handlers  # pytest's capture listens on the root
+        assert service_handler(access) is None
+        AccessLog(False).write("POST", "/x", "<unmatched>", 404, 0.001, 10, "abc")
+    assert [r.getMessage() for r in caplog.records] == ["POST /x 404 1.0ms 10B id=abc"]
