@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from quart_service._proc import rss_bytes
+from quart_service.observability.proc import rss_bytes
 from tests.support.server import SHIPPED_CONFIG, Server, running_server
 
 HEARTBEAT = 2.0

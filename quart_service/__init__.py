@@ -1,17 +1,19 @@
 """quart_service: an async streaming web service for AI workloads on Quart and Hypercorn.
 
-The public surface is what ``__all__`` lists; everything in ``_``-prefixed modules is
-private. See docs/ for the tutorial, guides and reference.
+The public surface is what ``__all__`` lists (a test checks it both ways). See docs/
+for the tutorial, guides and reference, and docs/design.md for how the parts fit.
 """
 
 from ._version import __version__
-from .cache import ServiceCache
-from .data import ModelConfig, Snapshot
+from .config import Settings
+from .context import cache, cached, database, resources, settings, snapshot
+from .data import ModelConfig, ServiceCache, Snapshot
 from .errors import (
     Conflict,
     InvalidParameter,
     NotFound,
     Overloaded,
+    PluginError,
     ResourceUnavailable,
     ServiceError,
     SettingsError,
@@ -19,20 +21,9 @@ from .errors import (
 )
 from .executor import BoundedExecutor, ExecutorStats
 from .factory import create_app
-from .observe import current_request_id
-from .plugins import Plugin, PluginError
-from .resources import Resource, ResourceRegistry, ResourceState, ResourceStatus
-from .service import (
-    Service,
-    cache,
-    cached,
-    current_service,
-    database,
-    resources,
-    settings,
-    snapshot,
-)
-from .settings import Settings
+from .observability import current_request_id
+from .plugins import Plugin
+from .singletons import Resource, ResourceRegistry, ResourceState, ResourceStatus
 from .streaming import NDJSON, SSE, ServerSentEvent, ndjson, sse, stream_response
 
 __all__ = [
@@ -53,7 +44,6 @@ __all__ = [
     "ResourceStatus",
     "ResourceUnavailable",
     "ServerSentEvent",
-    "Service",
     "ServiceCache",
     "ServiceError",
     "Settings",
@@ -65,7 +55,6 @@ __all__ = [
     "cached",
     "create_app",
     "current_request_id",
-    "current_service",
     "database",
     "ndjson",
     "resources",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 
-from .errors import ServiceError
+from .errors import ServiceError, SettingsError
 from .factory import create_app
 
 try:
     app = create_app()
 except ServiceError as exc:  # bad settings, a broken or colliding team blueprint
-    kind = "bad settings" if exc.code == "bad_settings" else "cannot start"
+    kind = "bad settings" if isinstance(exc, SettingsError) else "cannot start"
     print(f"quart_service: {kind}: {exc}", file=sys.stderr, flush=True)
     raise SystemExit(2) from None
 

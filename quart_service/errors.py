@@ -1,22 +1,36 @@
-"""The service's exceptions, and the one place that turns them into HTTP answers.
+"""The service's exceptions, and the one place that turns any error into an HTTP answer.
 
-The tree::
+The tree (a test checks it against every subclass in the package)::
 
-    ServiceError                 base: every error this package raises on purpose
-     ├── SettingsError           a setting is unknown or has a bad value (start-up)
-     ├── InvalidParameter        400: a request parameter is missing or malformed
-     ├── Unauthorized            401: no or a wrong bearer token
-     ├── NotFound                404: the named thing does not exist
-     ├── Conflict                409: the named thing exists already
-     ├── Overloaded              503: the thread pool, its queue or a resource's
-     │                           concurrency limit is full; retry after a moment
-     └── ResourceUnavailable     503: a resource could not be created
+    ServiceError                  base: every error this package raises on purpose
+     ├── SettingsError            a setting is unknown or has a bad value (start-up)
+     ├── PluginError              a team blueprint cannot be loaded or mounted (start-up)
+     ├── MigrationError           a migration file is malformed or failed (start-up)
+     ├── InvalidParameter         400: a request parameter is missing or malformed
+     ├── Unauthorized             401: no or a wrong bearer token
+     ├── NotFound                 404: the named thing does not exist
+     │    └── ModelNotFound       404: no such model, or it is disabled
+     ├── Conflict                 409: the named thing exists already
+     ├── EngineError              502: an engine cannot be built or failed generating
+     ├── Overloaded               503: the pool, its queue or a resource's limit is full
+     ├── ResourceUnavailable      503: a resource could not be created
+     ├── DatabaseBusy             503: another writer holds the database's lock
+     └── DatabaseUnavailable      503: the database file cannot be opened
 
-Every error answers with the same JSON body, whatever raised it::
+Every answer has one of two JSON shapes, chosen by the request's path:
 
-    {"error": {"code": "overloaded", "message": "...", "status": 503}}
+* the service's, everywhere but ``/v1``::
 
-``code`` is stable (clients may branch on it); ``message`` says what to do.
+      {"error": {"code": "overloaded", "message": "...", "status": 503}}
+
+* OpenAI's, for everything under ``/v1`` (404, 405, 413, 414, 431 and 503 included),
+  so the official clients raise their usual exceptions::
+
+      {"error": {"message": "...", "type": "server_error", "param": null,
+                 "code": "overloaded"}}
+
+``code`` is stable (clients may branch on it); ``message`` says what to do. A 503
+carries ``Retry-After`` in whole seconds, rounded up (:func:`retry_after_header`).
 Unexpected exceptions answer 500 ``internal_error`` and never leak a traceback.
 """
 
@@ -24,46 +38,82 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from quart import Quart, Response
+from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 __all__ = [
+    "OPENAI_PREFIX",
     "Conflict",
+    "DatabaseBusy",
+    "DatabaseUnavailable",
+    "EngineError",
+    "ErrorAnswer",
     "InvalidParameter",
+    "MigrationError",
+    "ModelNotFound",
     "NotFound",
     "Overloaded",
+    "PluginError",
     "ResourceUnavailable",
     "ServiceError",
     "SettingsError",
     "Unauthorized",
-    "error_response",
-    "register_error_handlers",
-    "send_error",
+    "install_error_handlers",
+    "retry_after_header",
 ]
 
-log = logging.getLogger("quart_service.errors")
+_log = logging.getLogger("quart_service.errors")
+
+OPENAI_PREFIX = "/v1"
 
 
 class ServiceError(Exception):
-    """Base class of the errors this package raises; carries an HTTP status and a code."""
+    """Base class of the errors this package raises; carries an HTTP status and a code.
+
+    ``code`` may be given per instance (a finer code than the class's), ``param`` names
+    the request field at fault, ``retry_after`` (seconds) becomes ``Retry-After``."""
 
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "internal_error"
+    code: str = "internal_error"
+    # Worth a warning in the log when it reaches a client (the operator may act).
+    logged: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.param = param
+        if code is not None:
+            self.code = code
 
 
 class SettingsError(ServiceError):
     """A setting is unknown or its value cannot be used; the message names the key."""
 
     code = "bad_settings"
+
+
+class PluginError(ServiceError):
+    """A team blueprint cannot be loaded or mounted; the message names it."""
+
+    code = "plugin_error"
+
+
+class MigrationError(ServiceError):
+    """A migration file is malformed or failed to apply; the message names it."""
+
+    code = "migration_failed"
 
 
 class InvalidParameter(ServiceError):
@@ -87,11 +137,25 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """No model of that name, or it is disabled."""
+
+    code = "model_not_found"
+
+
 class Conflict(ServiceError):
     """The named thing exists already."""
 
     status = 409
     code = "conflict"
+
+
+class EngineError(ServiceError):
+    """An engine cannot be built or failed while generating."""
+
+    status = 502
+    code = "engine_error"
+    logged = True
 
 
 class Overloaded(ServiceError):
@@ -108,86 +172,118 @@ class ResourceUnavailable(ServiceError):
     code = "resource_unavailable"
 
 
-def error_response(
-    status: int, code: str, message: str, *, retry_after: float | None = None
-) -> Response:
-    """Build the service's JSON error answer."""
-    body = {"error": {"code": code, "message": message, "status": status}}
-    response = Response(_json_dumps(body), status=status, content_type="application/json")
-    if retry_after is not None:
-        # Retry-After takes whole seconds; round up so a client never retries early.
-        response.headers["Retry-After"] = str(max(1, int(-(-retry_after // 1))))
-    return response
+class DatabaseBusy(ServiceError):
+    """Another writer held the database's lock past the busy timeout; retry shortly."""
+
+    status = 503
+    code = "database_busy"
+    logged = True
 
 
-def _json_dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+class DatabaseUnavailable(ServiceError):
+    """The database file cannot be opened (moved, deleted, unreadable); retry later."""
+
+    status = 503
+    code = "database_unavailable"
+    logged = True
 
 
-def _http_code(exc: HTTPException) -> str:
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` takes whole seconds: round up, so a client never retries early."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class ErrorAnswer:
+    """One error as the client receives it: status, headers and JSON body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        path: str,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        if _is_openai(path):
+            kind = "server_error" if status >= 500 else "invalid_request_error"
+            error: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
+        else:
+            error = {"code": code, "message": message, "status": status}
+            if param is not None:
+                error["param"] = param
+        self.body = json.dumps({"error": error}, separators=(",", ":")).encode()
+        self.headers: dict[str, str] = {"Content-Type": "application/json"}
+        if retry_after is not None:
+            self.headers["Retry-After"] = retry_after_header(retry_after)
+
+    @classmethod
+    def of(cls, path: str, exc: ServiceError) -> ErrorAnswer:
+        """The answer to a :class:`ServiceError` raised while serving ``path``."""
+        return cls(
+            path, exc.status, exc.code, exc.message, param=exc.param, retry_after=exc.retry_after
+        )
+
+    def response(self) -> Response:
+        """As a Quart response (inside the app)."""
+        return Response(self.body, status=self.status, headers=self.headers)
+
+    async def send(self, send: Callable[[Any], Awaitable[None]]) -> None:
+        """On a raw ASGI ``send`` (middleware, outside Quart)."""
+        headers = [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
+        headers.append((b"content-length", str(len(self.body)).encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
+def _is_openai(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+# Werkzeug's own texts ("If you entered the URL manually...") speak to a browser user;
+# these say what an API client should do.
+def _http_message(exc: HTTPException, max_body: int | None) -> tuple[str, str]:
+    status = exc.code or 500
+    if status == 404:
+        return "not_found", f"No route for {request.method} {request.path}; see /openapi.json."
+    if status == 405:
+        allowed = ", ".join(sorted(exc.valid_methods or ()))  # type: ignore[attr-defined]
+        return "method_not_allowed", (
+            f"{request.method} is not allowed on {request.path}; allowed: {allowed}."
+        )
+    if status == 413:
+        limit = f" of {max_body} bytes" if max_body else ""
+        return "request_too_large", f"The request body is over the limit{limit}."
     name = (exc.name or "error").lower()
-    return "".join(ch if ch.isalnum() else "_" for ch in name)
+    return "".join(ch if ch.isalnum() else "_" for ch in name), exc.description or exc.name
 
 
-def register_error_handlers(app: Quart) -> None:
-    """Answer every error raised by a view with the service's JSON error body."""
+def install_error_handlers(app: Quart) -> None:
+    """Answer every error raised while handling a request in the shape of its path."""
 
     @app.errorhandler(ServiceError)
     async def _service_error(exc: ServiceError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
+        if exc.logged:
+            _log.warning("%s %s: %s: %s", request.method, request.path, exc.code, exc.message)
+        return ErrorAnswer.of(request.path, exc).response()
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        response = error_response(status, _http_code(exc), exc.description or exc.name)
+        code, message = _http_message(exc, app.config.get("MAX_CONTENT_LENGTH"))
+        response = ErrorAnswer(request.path, exc.code or 500, code, message).response()
         for name, value in exc.get_headers():
             # Keep the Allow header that werkzeug computes for 405 answers.
             if name.lower() == "allow":
                 response.headers["Allow"] = value
         return response
 
-    @app.errorhandler(sqlite3.OperationalError)
-    async def _database_error(exc: sqlite3.OperationalError) -> Response:
-        # Locked by another writer past the busy timeout, or the file is gone: the
-        # request may succeed shortly, so 503 with Retry-After rather than a 500.
-        text = str(exc).lower()
-        if "locked" in text or "busy" in text:
-            log.warning("database busy: %s", exc)
-            return error_response(
-                503,
-                "database_busy",
-                "The database is locked by another writer; retry.",
-                retry_after=1.0,
-            )
-        if "unable to open" in text or "disk i/o" in text or "readonly" in text:
-            log.warning("database unavailable: %s", exc)
-            return error_response(
-                503,
-                "database_unavailable",
-                "The database cannot be reached; retry.",
-                retry_after=5.0,
-            )
-        log.exception("database error in a view")
-        return error_response(500, "internal_error", "The server failed; the error was logged.")
-
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
         # Log the traceback for the operator; the client gets a stable code only.
-        log.exception("unhandled error in a view")
-        return error_response(500, "internal_error", "The server failed; the error was logged.")
-
-
-async def send_error(
-    send: Callable[[Any], Awaitable[None]],
-    status: int,
-    code: str,
-    message: str,
-    retry_after: float | None = None,
-) -> None:
-    """The JSON error body, sent on a raw ASGI ``send`` (outside Quart: middleware)."""
-    body = json.dumps({"error": {"code": code, "message": message, "status": status}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(retry_after))).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+        _log.exception("unhandled error in a view")
+        message = "The server failed; the error was logged."
+        return ErrorAnswer(request.path, 500, "internal_error", message).response()

@@ -1,7 +1,8 @@
 """One bounded thread pool per worker process.
 
 asyncio's default executor has min(32, cores + 4) threads and an unbounded queue, so
-a burst of blocking work waits without limit (DESIGN.md pitfall 4). This pool is
+a burst of blocking work waits without limit (``concurrent.futures.thread`` queues
+work in an unbounded ``SimpleQueue``; docs/design.md, pitfalls). This pool is
 installed as the loop's default executor at start-up, so Quart's sync views,
 ``run_sync``, stream bridges and ``loop.run_in_executor(None, ...)`` all share it, and
 no resource starts a pool of its own.
@@ -15,16 +16,19 @@ which is never refused, so a stream is not cut half-way.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar
 
+from .config import Settings
 from .errors import Overloaded
-from .metrics.families import process_metrics
+from .observability.metrics import Count, Metrics
+from .part import Readiness
 
-__all__ = ["BoundedExecutor", "ExecutorStats"]
+__all__ = ["THREAD_NAME_PREFIX", "BoundedExecutor", "ExecutorStats", "Pool"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,8 +51,11 @@ class ExecutorStats:
 class BoundedExecutor(ThreadPoolExecutor):
     """A ``ThreadPoolExecutor`` whose queue is bounded and whose load is observable."""
 
-    def __init__(self, threads: int, queue: int, *, retry_after: float = 1.0) -> None:
+    def __init__(
+        self, threads: int, queue: int, *, retry_after: float = 1.0, shed: Count | None = None
+    ) -> None:
         super().__init__(max_workers=threads, thread_name_prefix=THREAD_NAME_PREFIX)
+        self._shed = shed if shed is not None else Count()
         self._capacity = threads + queue
         self._queue_limit = queue
         self._retry_after = retry_after
@@ -131,9 +138,61 @@ class BoundedExecutor(ThreadPoolExecutor):
             self._outstanding -= 1
 
     def _overloaded(self) -> Overloaded:
-        process_metrics().shed.labels("executor_full").inc()
+        self._shed.inc()
         return Overloaded(
             f"The worker's thread pool is full ({self._max_workers} threads busy, "
             f"{self._queue_limit} jobs queued); retry after {self._retry_after:g} s.",
             retry_after=self._retry_after,
         )
+
+
+class Pool:
+    """The pool as a part of the worker: created at start-up, shut down at the end."""
+
+    name = "executor"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._executor: BoundedExecutor | None = None
+
+    @property
+    def executor(self) -> BoundedExecutor:
+        """This process's pool (exists while the worker serves)."""
+        if self._executor is None:
+            raise RuntimeError(
+                "the worker has not started: the pool exists only while serving "
+                "(inside requests, or between before_serving and after_serving)"
+            )
+        return self._executor
+
+    async def start(self, metrics: Metrics) -> None:
+        """Create the pool and make it the loop's default executor."""
+        settings = self._settings
+        self._executor = BoundedExecutor(
+            settings.executor_threads,
+            settings.executor_queue,
+            retry_after=settings.retry_after,
+            shed=metrics.count(metrics.shed, "executor_full"),
+        )
+        # Quart's sync views and run_sync call run_in_executor(None, ...): this is it.
+        asyncio.get_running_loop().set_default_executor(self._executor)
+        metrics.on_sample(self._sample)
+
+    async def stop(self) -> None:
+        """Running jobs finish on their own; queued ones are dropped."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def readiness(self) -> Readiness:
+        """A full pool sheds requests; it does not make the worker unready."""
+        return Readiness()
+
+    def identity(self) -> dict[str, Any]:
+        """The pool's load."""
+        return asdict(self.executor.stats())
+
+    def _sample(self, metrics: Metrics) -> None:
+        stats = self.executor.stats()
+        metrics.executor_threads.set(stats.max_threads)
+        metrics.executor_busy.set(stats.active)
+        metrics.executor_queued.set(stats.queued)

@@ -1,8 +1,8 @@
-"""``create_app``: wires the service together and opens nothing.
+"""``create_app``: builds the parts of the service and wires them; opens nothing.
 
 Everything that opens a file, socket, thread or connection happens per worker process
-in the startup hook (:meth:`Service.start`), never here: Hypercorn spawns its workers
-and each one imports the app (DESIGN.md pitfall 8).
+when the parts start (:meth:`Service.start`), never here: Hypercorn spawns its workers
+and each one imports the app (docs/design.md, pitfalls).
 """
 
 from __future__ import annotations
@@ -15,17 +15,20 @@ from quart import Blueprint, Quart
 from .api.admin import admin
 from .api.openai import v1
 from .api.openapi_doc import openapi
-from .api.wiring import ai_resources
-from .blueprints.demo import demo
-from .blueprints.health import health, identity
-from .blueprints.metrics import metrics
-from .errors import register_error_handlers
-from .observe import RequestObserver, mark_route
-from .plugins import import_string, load_plugins
-from .resources import Resource
-from .service import EXTENSION, Service
-from .settings import Settings, split_list, split_pairs
-from .wsgi import WSGIMounts
+from .config import Settings, split_list, split_pairs
+from .data.layer import DataLayer
+from .engines.host import EngineHost
+from .errors import install_error_handlers
+from .executor import Pool
+from .observability.observer import RequestObserver, mark_route
+from .plugins.loader import import_string, load_plugins
+from .plugins.wsgi import WSGIMounts
+from .routes.demo import demo
+from .routes.health import health, identity
+from .routes.scrape import scrape
+from .service import Service
+from .singletons import Resource, ResourceRegistry
+from .streaming.body import StreamHub, StreamPolicy
 
 __all__ = ["create_app"]
 
@@ -50,7 +53,7 @@ def create_app(
     app.before_request(mark_route)
     app.register_blueprint(health)
     if settings.metrics:
-        app.register_blueprint(metrics)
+        app.register_blueprint(scrape)
     app.register_blueprint(v1)
     app.register_blueprint(openapi)
     if settings.admin_token:
@@ -69,13 +72,20 @@ def create_app(
         set(split_list(settings.disabled_blueprints)),
         strict=settings.plugin_failure == "fail",
     )
-    ai = ai_resources(lambda: service.resources, lambda: service.executor)
-    service = Service(settings, [*ai, *plugins.resources, *resources])
-    service.plugins = plugins
-    app.extensions[EXTENSION] = service
-    app.before_serving(service.start)
-    app.after_serving(service.stop)
-    register_error_handlers(app)
+
+    # The parts of each worker, in start order (stopped in reverse).
+    pool = Pool(settings)
+    registry = ResourceRegistry(
+        max_waiting=settings.executor_queue,
+        warm_all=settings.warm_resources,
+        retry_after=settings.retry_after,
+    )
+    streams = StreamHub(StreamPolicy.from_settings(settings), pool, settings.stream_reconnect_after)
+    data = DataLayer(settings, registry)
+    engines = EngineHost(registry, pool)
+    for spec in [*plugins.resources, *resources]:
+        registry.declare(spec)
+    install_error_handlers(app)
 
     if settings.wsgi_mounts:
         mounts = WSGIMounts(app.asgi_app, settings.wsgi_max_body_size)
@@ -84,8 +94,13 @@ def create_app(
         app.asgi_app = mounts  # type: ignore[method-assign]
     if settings.cors_allow_origins:
         _enable_cors(app, split_list(settings.cors_allow_origins))
+
+    service = Service(settings, [pool, registry, streams, data, engines, plugins], streams)
     # Outermost: ids, access log and metrics see what the client sees.
-    app.asgi_app = RequestObserver(app.asgi_app, service, settings.access_log)  # type: ignore[method-assign]
+    observer = RequestObserver(app.asgi_app, settings, lambda: service.drain.draining)
+    service.observer = observer
+    app.asgi_app = observer  # type: ignore[method-assign]
+    service.install(app)
     return app
 
 

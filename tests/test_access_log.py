@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from quart_service._access import AccessLog, access
-from quart_service._logging import configure_logging, service_handler
+from quart_service.observability.access import ACCESS_LOGGER, AccessLog
+from quart_service.observability.logs import configure_logging, service_handler
 
 
 @contextlib.contextmanager
@@ -38,14 +38,16 @@ def _both_ways(fmt: str) -> tuple[str, str]:
 
 def _write_both(fmt: str, stream: io.StringIO) -> tuple[str, str]:
     configure_logging("INFO", fmt)
-    handler = service_handler(access)
+    handler = service_handler(ACCESS_LOGGER)
     assert handler is not None
     handler.setStream(stream)
     AccessLog(fmt == "json").write("GET", "/v1/models", "/v1/models", 200, 0.0021, 412, "req-1")
     direct = stream.getvalue()
     fields = {"method": "GET", "path": "/v1/models", "route": "/v1/models", "status": 200}
     fields |= {"duration_ms": 2.1, "bytes": 412, "request_id": "req-1"}
-    access.info("GET /v1/models 200 2.1ms 412B id=req-1", extra=fields if fmt == "json" else None)
+    ACCESS_LOGGER.info(
+        "GET /v1/models 200 2.1ms 412B id=req-1", extra=fields if fmt == "json" else None
+    )
     return direct, stream.getvalue()[len(direct) :]
 
 
@@ -71,6 +73,6 @@ def test_lines_go_through_logging_when_something_else_listens(
     configure_logging("INFO", "text")
     with caplog.at_level(logging.INFO, logger="quart_service.access"):
         assert logging.getLogger().handlers  # pytest's capture listens on the root
-        assert service_handler(access) is None
+        assert service_handler(ACCESS_LOGGER) is None
         AccessLog(False).write("POST", "/x", "<unmatched>", 404, 0.001, 10, "abc")
     assert [r.getMessage() for r in caplog.records] == ["POST /x 404 1.0ms 10B id=abc"]

@@ -239,6 +239,7 @@ def _stream_text(url: str, model: str, **extra: Any) -> str:
     return "".join(pieces)
 
 
+@pytest.mark.slow
 def test_upstream_engine_proxies_a_second_instance_and_stops_it_on_disconnect(
     tmp_path: Path,
 ) -> None:

@@ -56,7 +56,7 @@ def test_flask_habits_work_in_a_team_blueprint(tmp_path: Path) -> None:
             assert http.get("/team/blocking").json()["thread"].startswith("quart-service-pool")
         assert http.get("/team/stream").text.count("data: ") == 3
         identity = http.get("/debug/identity").json()
-        assert identity["blueprints"]["mounted"] == {"team-example": "/team"}
+        assert identity["plugins"]["mounted"] == {"team-example": "/team"}
 
 
 def test_team_singleton_exists_once_per_worker(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_a_broken_plugin_is_skipped_and_reported(tmp_path: Path) -> None:
            "QUART_SERVICE_IDENTITY_ENDPOINT": "1"}  # fmt: skip
     with running_server(tmp_path, workers=2, env=env) as server:
         ready = httpx.get(server.url + "/readyz", timeout=10).json()
-        skipped = ready["checks"]["skipped_blueprints"]
+        skipped = ready["checks"]["plugins"]["skipped"]
         assert "missing_lib" in skipped["tests.apps.broken_plugin:bp"]
         # The rest of the service, the other team's blueprint included, serves.
         assert httpx.get(server.url + "/team/hello", timeout=10).status_code == 200

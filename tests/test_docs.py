@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from quart_service import Settings
-from quart_service.settings import ENV_PREFIX
+from quart_service.config import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 

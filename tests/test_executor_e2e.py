@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .support.server import peak_threads, running_server
 
@@ -34,6 +35,7 @@ async def _mixed_load(url: str, total: int) -> list[int]:
         return await asyncio.gather(*(one(i) for i in range(total)))
 
 
+@pytest.mark.slow
 def test_threads_per_worker_stay_within_the_pool_bound(tmp_path: Path) -> None:
     env = {
         "QUART_SERVICE_EXECUTOR_THREADS": str(POOL),
@@ -65,6 +67,7 @@ async def _flood(url: str, count: int) -> list[tuple[int, float, httpx.Response]
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
+@pytest.mark.slow
 def test_full_pool_and_queue_shed_with_503_then_recover(tmp_path: Path) -> None:
     env = {"QUART_SERVICE_EXECUTOR_THREADS": "2", "QUART_SERVICE_EXECUTOR_QUEUE": "2"}
     with running_server(tmp_path, workers=2, env=env) as server:

@@ -113,3 +113,32 @@ def test_request_ids_are_kept_or_added_and_each_request_logs_one_json_line(
     assert access["lost-1"]["status"] == 404
     # Every line of the service is JSON, with its level and process.
     assert all({"time", "level", "process", "message"} <= set(line) for line in lines)
+
+
+def test_completion_tokens_counter_equals_the_usage_the_clients_were_told(
+    tmp_path: Path,
+) -> None:
+    with running_server(tmp_path, app=APP, workers=2) as server:
+        before = _samples(httpx.get(server.url + "/metrics").text)
+        close = {"Connection": "close"}  # spread the requests over both workers
+        told = 0
+        for max_tokens in (5, 8, 13):
+            chat = {
+                "model": "local-ngram",
+                "messages": [{"role": "user", "content": "We the People"}],
+                "max_tokens": max_tokens,
+            }
+            answer = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=close)
+            told += answer.json()["usage"]["completion_tokens"]
+            text = {"model": "local-ngram", "prompt": "Four score", "max_tokens": max_tokens}
+            answer = httpx.post(server.url + "/v1/completions", json=text, headers=close)
+            told += answer.json()["usage"]["completion_tokens"]
+            streamed = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+            answer = httpx.post(server.url + "/v1/chat/completions", json=streamed, headers=close)
+            events = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+            usage = json.loads(events[-2])["usage"]  # the last chunk before [DONE]
+            told += usage["completion_tokens"]
+        after = _samples(httpx.get(server.url + "/metrics").text)
+    name = "quart_service_ai_completion_tokens_total"
+    assert told == 3 * (5 + 8 + 13)  # the n-gram model always fills max_tokens
+    assert _value(after, name) - _value(before, name) == told

@@ -160,8 +160,8 @@ async def test_readyz_reflects_required_resources(test_app: RunningApp) -> None:
         await asyncio.sleep(0.01)
     assert response.status_code == 200
     checks = (await response.get_json())["checks"]
-    assert checks["store"] == "ready"
-    assert checks["snapshot"] == "ready"
+    assert checks["resources"]["store"] == "ready"
+    assert checks["resources"]["snapshot"] == "ready"
     assert (await client.get("/livez")).status_code == 200
 
 

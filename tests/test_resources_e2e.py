@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .conftest import read_events
 from .support.server import running_server
@@ -20,6 +21,7 @@ async def _burst(url: str, count: int) -> list[dict[str, object]]:
     return [r.json() for r in responses]
 
 
+@pytest.mark.slow
 def test_slow_resource_is_created_once_per_worker_under_a_burst(tmp_path: Path) -> None:
     events_file = tmp_path / "events.jsonl"
     env = {"TEST_EVENTS_FILE": str(events_file), "TEST_SLOW_CREATE_SECONDS": "1"}

@@ -148,7 +148,8 @@ def test_workers_failing_at_start_up_are_retried_with_backoff_then_given_up(
     started = time.monotonic()
     result = subprocess.run(
         [
-            sys.executable, "-m", "quart_service.cli", "serve", "tests.apps.fails_at_startup:app",
+            sys.executable, "-m", "quart_service.server.cli", "serve",
+            "tests.apps.fails_at_startup:app",
             "--config", str(ROOT / "hypercorn.toml"),
             "--bind", f"127.0.0.1:{port}", "--workers", "2", "--max-start-failures", "3",
         ],
@@ -170,7 +171,7 @@ def test_workers_failing_at_start_up_are_retried_with_backoff_then_given_up(
 
 def test_serve_refuses_bad_settings_before_starting_any_worker(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "quart_service.cli", "serve", "--bind", "127.0.0.1:1"],
+        [sys.executable, "-m", "quart_service.server.cli", "serve", "--bind", "127.0.0.1:1"],
         cwd=ROOT,
         env=server_env({"QUART_SERVICE_EXECUTOR_THREADS": "many"}),
         capture_output=True,
@@ -186,7 +187,7 @@ def test_serve_says_why_it_cannot_start_when_the_port_is_taken_or_the_file_is_ba
     tmp_path: Path,
 ) -> None:
     env = server_env({"QUART_SERVICE_DATA_DIR": str(tmp_path / "data")})
-    serve = [sys.executable, "-m", "quart_service.cli", "serve"]
+    serve = [sys.executable, "-m", "quart_service.server.cli", "serve"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -102,12 +102,15 @@ def test_hypercorn_refuses_to_start_with_bad_settings(
     assert refusals
     assert all(variable in line for line in refusals)
     assert "Traceback" not in log
-    assert code is not None
+    # hypercorn/run.py: 0 when it finds both workers gone at once (the usual case); the
+    # exit code of a worker it saw exit alone otherwise: 2 (the refusal) or -SIGTERM
+    # (exit status 241) for the one it terminated. Never 1 (Hypercorn itself crashed).
+    assert code in (0, 2, 241), code
 
 
 def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "quart_service.cli", "check"],
+        [sys.executable, "-m", "quart_service.server.cli", "check"],
         env=server_env(env),
         capture_output=True,
         text=True,

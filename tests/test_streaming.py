@@ -120,7 +120,7 @@ POLICY = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0, buffer_bytes
 async def _produced_while_nobody_reads(source: Any, produced: list[int]) -> int:
     executor = BoundedExecutor(2, 2)
     try:
-        body = StreamBody(source, SSE, POLICY, StreamHub(), executor, copy_context())
+        body = StreamBody(source, SSE, StreamHub(POLICY), executor, copy_context())
         async with body:
             await asyncio.sleep(0.3)  # the client reads nothing meanwhile
             stalled_at = len(produced)

@@ -1,5 +1,5 @@
 """Streams through a real Hypercorn with worker processes: timeouts, heartbeats,
-disconnects and slow clients (DESIGN.md section 4, pitfalls 1 and 4)."""
+disconnects and slow clients (docs/design.md, pitfalls 1 and 4)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quart_service._proc import rss_bytes
+from quart_service.observability.proc import rss_bytes
 
 from .conftest import read_events
 from .support.server import Server, running_server
@@ -29,6 +29,7 @@ def sse_events(text: str) -> list[str]:
     return events
 
 
+@pytest.mark.slow
 def test_stream_longer_than_response_timeout_arrives_complete(tmp_path: Path) -> None:
     env = {"QUART_SERVICE_RESPONSE_TIMEOUT": "2"}
     with running_server(tmp_path, workers=2, env=env) as server:
@@ -83,6 +84,7 @@ def test_total_limit_ends_a_busy_stream_with_an_error_event(tmp_path: Path) -> N
     assert '"code":"stream_total_timeout"' in events[-1]
 
 
+@pytest.mark.slow
 def test_heartbeats_arrive_while_the_producer_is_quiet(tmp_path: Path) -> None:
     env = {"QUART_SERVICE_STREAM_HEARTBEAT": "0.3"}
     with running_server(tmp_path, workers=2, env=env) as server:
@@ -149,6 +151,7 @@ def test_disconnect_stops_the_producer_within_a_second(
             assert str(event["thread"]).startswith("quart-service-pool")
 
 
+@pytest.mark.slow
 def test_slow_client_keeps_worker_memory_bounded(tmp_path: Path) -> None:
     """A client that stops reading while the producer could go on forever."""
     with running_server(tmp_path, workers=1) as server:
@@ -170,6 +173,7 @@ def test_slow_client_keeps_worker_memory_bounded(tmp_path: Path) -> None:
         assert httpx.get(server.url + "/livez", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_lets_an_open_stream_finish(tmp_path: Path) -> None:
     """The shipped graceful_timeout drains streams; Hypercorn's 3 s default cuts them."""
     with running_server(tmp_path, workers=2) as server, httpx.Client(timeout=30) as client:
@@ -184,6 +188,7 @@ def test_sigterm_lets_an_open_stream_finish(tmp_path: Path) -> None:
         assert server.process.wait(timeout=10) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_drains_it_and_the_server_carries_on(tmp_path: Path) -> None:
     env = {"QUART_SERVICE_STREAM_DRAIN_TIMEOUT": "10"}
     with running_server(tmp_path, workers=2, env=env) as server, httpx.Client(timeout=30) as client:

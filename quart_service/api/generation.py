@@ -7,46 +7,21 @@ a streamed text equals the non-streamed text for the same seed.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 from ..engines.base import Engine, GenerationRequest
+from ..engines.host import AICounts
 
-__all__ = ["AICounters", "Generation"]
-
-
-@dataclass(slots=True)
-class AICounters:
-    """This process's AI workload counts (identity endpoint, later /metrics)."""
-
-    requests: int = 0
-    streams: int = 0
-    tokens: int = 0
-    first_tokens: int = 0
-    time_to_first_token_total: float = 0.0
-    finish_reasons: Counter[str] = field(default_factory=Counter)
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (dataclasses.asdict would mangle the Counter)."""
-        return {
-            "requests": self.requests,
-            "streams": self.streams,
-            "tokens": self.tokens,
-            "first_tokens": self.first_tokens,
-            "time_to_first_token_total": self.time_to_first_token_total,
-            "finish_reasons": dict(self.finish_reasons),
-        }
+__all__ = ["Generation"]
 
 
 class Generation:
     """Runs ``engine`` for ``request``; iterate :meth:`pieces` once."""
 
-    def __init__(self, engine: Engine, request: GenerationRequest, counters: AICounters) -> None:
+    def __init__(self, engine: Engine, request: GenerationRequest, counts: AICounts) -> None:
         self.engine = engine
         self.request = request
-        self.counters = counters
+        self.counts = counts
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.prompt_tokens = engine.count_tokens(request.prompt)
@@ -65,13 +40,13 @@ class Generation:
         stops = self.request.stop
         holdback = max((len(s) for s in stops), default=1) - 1
         pending = ""
-        counters = self.counters
+        counts = self.counts
         async for piece in self.engine.generate(self.request):
             if self.completion_tokens == 0:
-                counters.first_tokens += 1
-                counters.time_to_first_token_total += time.monotonic() - self._started
+                counts.first_tokens.inc()
+                counts.time_to_first_token.inc(time.monotonic() - self._started)
             self.completion_tokens += 1
-            counters.tokens += 1
+            counts.tokens.inc()
             pending += piece
             if stops:
                 cut = _find_stop(pending, stops)
@@ -94,7 +69,7 @@ class Generation:
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
-        self.counters.finish_reasons[reason] += 1
+        self.counts.finish_reasons.inc(reason)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-Errors have OpenAI's shape, so the official clients raise their usual exceptions::
+Every error under ``/v1`` has OpenAI's shape (rendered by :mod:`quart_service.errors`),
+so the official clients raise their usual exceptions::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens",
                "code": "invalid_value"}}
@@ -9,7 +10,6 @@ Errors have OpenAI's shape, so the official clients raise their usual exceptions
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,77 +17,20 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, request
-from werkzeug.exceptions import HTTPException
 
-from ..data.snapshot import ModelConfig
+from ..context import engines, pool, snapshot
+from ..data.models import ModelConfig
 from ..engines.base import Engine, GenerationRequest, Message
-from ..engines.registry import EngineRegistry
-from ..errors import ServiceError
-from ..service import current_service, snapshot
+from ..errors import InvalidParameter, ModelNotFound
 from ..streaming import sse
-from .generation import AICounters, Generation
+from .generation import Generation
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .wiring import ENGINES
 
-__all__ = ["AI_COUNTERS", "OpenAIError", "v1"]
-
-log = logging.getLogger("quart_service.api")
+__all__ = ["DEFAULT_MAX_TOKENS", "v1"]
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
-AI_COUNTERS = AICounters()  # per process: each worker imports its own module
 DEFAULT_MAX_TOKENS = 256
 M = TypeVar("M", bound=BaseModel)
-
-
-class OpenAIError(ServiceError):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.http_status, self.type, self.param, self.error_code = status, type, param, code
-
-
-def _error_response(
-    status: int,
-    message: str,
-    type_: str,
-    param: str | None,
-    code: str | None,
-    retry_after: float | None = None,
-) -> Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    response = Response(json.dumps(body), status=status, content_type="application/json")
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, round(retry_after)))
-    return response
-
-
-@v1.errorhandler(Exception)
-async def _any_error(exc: Exception) -> Response:
-    if isinstance(exc, OpenAIError):
-        return _error_response(exc.http_status, exc.message, exc.type, exc.param, exc.error_code)
-    if isinstance(exc, ServiceError):
-        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        return _error_response(
-            exc.status, exc.message, kind, None, exc.code, retry_after=exc.retry_after
-        )
-    if isinstance(exc, HTTPException):
-        status = exc.code or 500
-        code = "request_too_large" if status == 413 else None
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        return _error_response(status, exc.description or exc.name, kind, None, code)
-    log.exception("unhandled error in the v1 API")
-    return _error_response(
-        500, "The server failed; the error was logged.", "server_error", None, None
-    )
 
 
 async def _body(schema: type[M]) -> M:
@@ -95,45 +38,44 @@ async def _body(schema: type[M]) -> M:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise OpenAIError(
-            400, "The request body is not valid UTF-8.", code="invalid_body"
+        raise InvalidParameter(
+            "The request body is not valid UTF-8.", code="invalid_body"
         ) from None
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise OpenAIError(
-            400, f"The request body is not valid JSON: {exc}.", code="invalid_json"
+        raise InvalidParameter(
+            f"The request body is not valid JSON: {exc}.", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_body")
+        raise InvalidParameter("The request body must be a JSON object.", code="invalid_body")
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         message = f"Invalid value for '{param}': {first['msg']}." if param else first["msg"]
-        raise OpenAIError(400, message, param=param, code="invalid_value") from None
+        raise InvalidParameter(message, param=param, code="invalid_value") from None
 
 
-async def _model(name: str) -> ModelConfig:
+async def _model(name: str, param: str | None = "model") -> ModelConfig:
     model = (await snapshot()).models.get(name)
     if model is None or not model.enabled:
-        raise OpenAIError(
-            404,
-            f"The model '{name}' does not exist or is disabled.",
-            param="model",
-            code="model_not_found",
-        )
+        raise ModelNotFound(f"The model '{name}' does not exist or is disabled.", param=param)
     return model
 
 
 async def _engine(model: ModelConfig) -> Engine:
-    service = current_service()
     # Admission: a generation's pool steps are never refused once it has started,
     # so refuse here (503 + Retry-After) while the pool and its queue are full.
-    service.executor.check_capacity()
-    engines: EngineRegistry = await service.resources.get(ENGINES)
-    return await engines.get(model)
+    pool().check_capacity()
+    registry = await engines().engines()
+    return await registry.get(model)
+
+
+def _model_object(model: ModelConfig) -> dict[str, Any]:
+    """A model in OpenAI's shape."""
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": model.engine}
 
 
 def _request(
@@ -155,14 +97,13 @@ def _request(
 async def list_models() -> dict[str, Any]:
     """The enabled models."""
     models = (await snapshot()).models.values()
-    return {
-        "object": "list",
-        "data": [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": m.engine}
-            for m in models
-            if m.enabled
-        ],
-    }
+    return {"object": "list", "data": [_model_object(m) for m in models if m.enabled]}
+
+
+@v1.get("/models/<path:model_id>")
+async def retrieve_model(model_id: str) -> dict[str, Any]:
+    """One enabled model (``client.models.retrieve(id)``)."""
+    return _model_object(await _model(model_id, param=None))
 
 
 @v1.post("/chat/completions")
@@ -209,16 +150,17 @@ async def _start(
     """Resolve the model and its engine; the answer's common head."""
     model = await _model(body.model)
     engine = await _engine(model)
-    AI_COUNTERS.requests += 1
+    counts = engines().counts
+    counts.requests.inc()
     head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
-    return Generation(engine, request, AI_COUNTERS), head
+    return Generation(engine, request, counts), head
 
 
 def _wants_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-Chunk = Callable[[dict[str, Any], str | None, str | None, bool], dict[str, Any]]
+_Chunk = Callable[[dict[str, Any], str | None, str | None, bool], dict[str, Any]]
 
 
 def _chat_chunk(
@@ -246,8 +188,8 @@ def _text_chunk(
     }
 
 
-def _stream(generation: Generation, head: dict[str, Any], usage: bool, chunk: Chunk) -> Response:
-    AI_COUNTERS.streams += 1
+def _stream(generation: Generation, head: dict[str, Any], usage: bool, chunk: _Chunk) -> Response:
+    engines().counts.streams.inc()
 
     async def events() -> AsyncIterator[Any]:
         yield chunk(head, "" if chunk is _chat_chunk else None, None, True)

@@ -12,7 +12,7 @@ from quart import Blueprint
 from .._version import __version__
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCreate, ModelUpdate
 
-__all__ = ["openapi"]
+__all__ = ["document", "openapi"]
 
 openapi = Blueprint("openapi", __name__)
 

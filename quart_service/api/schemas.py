@@ -10,7 +10,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "ModelCreate", "ModelUpdate"]
+__all__ = [
+    "MAX_TOKENS_LIMIT",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ModelCreate",
+    "ModelUpdate",
+    "Number",
+    "StreamOptions",
+    "TextPart",
+]
 
 MAX_TOKENS_LIMIT = 32_768
 

@@ -1,78 +1,159 @@
-"""This process's one SQLite connection (aiosqlite), with every query counted.
+"""This worker's one SQLite connection (aiosqlite): opened on first use, every statement
+counted, SQLite's lock and file errors turned into the service's 503 errors.
 
-aiosqlite runs one thread per connection (DESIGN.md pitfall 5), so each worker keeps
-exactly one, as a resource of the registry: opened on first use, closed at shutdown.
-Workers that only follow the leader's snapshot never open it at all.
+aiosqlite runs one thread per connection, so each worker keeps exactly one
+(docs/design.md, pitfalls). Workers that only follow the leader's snapshot never open
+it at all. The handle is built once per worker by the data layer and passed to whoever
+queries (the refresh plane, the models repository); nobody fetches it back through
+the resource registry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections import Counter
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-__all__ = ["Database"]
+from ..errors import DatabaseBusy, DatabaseUnavailable, ServiceError
+from ..observability.metrics import Counts
+
+__all__ = ["BUSY_RETRY_AFTER", "UNAVAILABLE_RETRY_AFTER", "Database"]
+
+# Seconds a client is told to wait: a lock passes quickly, a missing file does not.
+BUSY_RETRY_AFTER = 1.0
+UNAVAILABLE_RETRY_AFTER = 5.0
 
 
 class Database:
-    """A thin, counted wrapper over one ``aiosqlite.Connection``."""
+    """A counted, lazily opened ``aiosqlite`` connection to one file."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path, queries: Counter[str]) -> None:
-        self._connection = connection
+    def __init__(self, path: Path, busy_timeout: float, queries: Counts | None = None) -> None:
         self.path = path
-        # Which file this connection reads: a file replaced or deleted under an open
-        # connection is never seen again through it, so the owner compares this.
-        st = os.stat(path)
-        self.identity = (st.st_dev, st.st_ino)
-        # By kind (poll, load, read, write); owned by the caller so the counts survive
-        # a reconnect.
-        self.queries = queries
+        self._busy_timeout = busy_timeout
+        # By kind (poll, load, startup, read, write, admin): owned here, so the counts
+        # survive a reconnect.
+        self.queries = queries if queries is not None else Counts()
+        self._connection: aiosqlite.Connection | None = None
+        self._file: tuple[int, int] | None = None
+        self._opening = asyncio.Lock()
 
-    @classmethod
-    async def open(cls, path: Path, busy_timeout: float, queries: Counter[str]) -> Database:
-        """Open ``path`` in WAL mode with a busy timeout (the file must exist)."""
-        # mode=rw: a missing file is an error, not a new empty database.
-        connection = await aiosqlite.connect(
-            f"file:{path}?mode=rw", uri=True, timeout=busy_timeout, isolation_level=None
-        )
-        try:
-            await connection.execute("PRAGMA journal_mode=WAL")
-            await connection.execute("PRAGMA foreign_keys=ON")
-        except BaseException:
-            await connection.close()
-            raise
-        connection.row_factory = aiosqlite.Row
-        return cls(connection, path, queries)
+    @property
+    def is_open(self) -> bool:
+        """Whether this worker holds a connection now."""
+        return self._connection is not None
 
     async def fetchall(
         self, sql: str, parameters: Iterable[Any] = (), *, kind: str = "read"
     ) -> list[aiosqlite.Row]:
         """Run a query and return all rows; counted under ``kind``."""
-        self.queries[kind] += 1
-        async with self._connection.execute(sql, tuple(parameters)) as cursor:
-            return list(await cursor.fetchall())
+        connection = await self._connect()
+        self.queries.inc(kind)
+        with _service_errors():
+            async with connection.execute(sql, tuple(parameters)) as cursor:
+                return list(await cursor.fetchall())
 
     async def fetchone(
         self, sql: str, parameters: Iterable[Any] = (), *, kind: str = "read"
     ) -> aiosqlite.Row | None:
         """Run a query and return its first row, if any."""
-        self.queries[kind] += 1
-        async with self._connection.execute(sql, tuple(parameters)) as cursor:
-            row: aiosqlite.Row | None = await cursor.fetchone()
-            return row
+        connection = await self._connect()
+        self.queries.inc(kind)
+        with _service_errors():
+            async with connection.execute(sql, tuple(parameters)) as cursor:
+                row: aiosqlite.Row | None = await cursor.fetchone()
+                return row
 
     async def execute(
         self, sql: str, parameters: Iterable[Any] = (), *, kind: str = "write"
     ) -> int:
         """Run a statement in autocommit mode; returns the rows it changed."""
-        self.queries[kind] += 1
-        async with self._connection.execute(sql, tuple(parameters)) as cursor:
-            return cursor.rowcount
+        connection = await self._connect()
+        self.queries.inc(kind)
+        with _service_errors():
+            async with connection.execute(sql, tuple(parameters)) as cursor:
+                return cursor.rowcount
+
+    async def reopen_if_replaced(self) -> None:
+        """Close the connection if its file was replaced or deleted since it was opened
+        (a connection never sees the new file, e.g. after a restore); the next query
+        opens the file that is there now."""
+        if self._connection is None:
+            return
+        try:
+            current: tuple[int, int] | None = _file_identity(self.path)
+        except OSError:
+            current = None
+        if current != self._file:
+            await self.close()
 
     async def close(self) -> None:
-        """Close the connection and stop its thread."""
-        await self._connection.close()
+        """Close the connection (and stop its thread); the next query reopens it."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+    def identity(self) -> dict[str, Any]:
+        """The file, whether it is open here, and the statements this worker ran."""
+        return {"path": str(self.path), "open": self.is_open}
+
+    async def _connect(self) -> aiosqlite.Connection:
+        if self._connection is not None:
+            return self._connection
+        async with self._opening:
+            if self._connection is None:
+                with _service_errors():
+                    self._connection = await self._open()
+            return self._connection
+
+    async def _open(self) -> aiosqlite.Connection:
+        # mode=rw: a missing file is an error, not a new empty database.
+        connection = await aiosqlite.connect(
+            f"file:{self.path}?mode=rw", uri=True, timeout=self._busy_timeout, isolation_level=None
+        )
+        try:
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA foreign_keys=ON")
+            self._file = _file_identity(self.path)
+        except BaseException:
+            await connection.close()
+            raise
+        connection.row_factory = aiosqlite.Row
+        return connection
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of the file; raises if it is gone."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+@contextlib.contextmanager
+def _service_errors() -> Iterator[None]:
+    """Turn SQLite's lock and file errors into the service's 503 errors."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        error = _as_service_error(exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _as_service_error(exc: sqlite3.OperationalError) -> ServiceError | None:
+    """The 503 error a client should see for ``exc``, if it is one of those."""
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return DatabaseBusy(
+            "The database is locked by another writer; retry.", retry_after=BUSY_RETRY_AFTER
+        )
+    if "unable to open" in text or "disk i/o" in text or "readonly" in text:
+        return DatabaseUnavailable(
+            "The database cannot be reached; retry.", retry_after=UNAVAILABLE_RETRY_AFTER
+        )
+    return None

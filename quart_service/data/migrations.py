@@ -1,7 +1,9 @@
 """Schema migrations: numbered SQL files applied in order, once, under a file lock.
 
-Files are named ``NNNN_description.sql`` and ship inside the package
-(``quart_service/migrations/``), so an installed service finds its schema. Each file is
+Files are named ``NNNN_description.sql``. They live in the repository's top-level
+``migrations/`` folder, and ship inside the wheel as ``quart_service/migrations/``
+(in a checkout that path is a link to the top-level folder), so an installed service
+finds its schema. Each file is
 applied in one transaction together with its row in ``schema_migrations``; a file that
 fails leaves the database as it was. When N workers start at the same instant, an
 exclusive ``flock`` on ``<database>.migrate.lock`` lets exactly one apply; the others
@@ -23,28 +25,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ServiceError
+from ..errors import MigrationError
 
 __all__ = [
     "MIGRATIONS_DIR",
     "Migration",
-    "MigrationError",
     "SchemaStatus",
     "apply_migrations",
     "discover",
     "schema_status",
 ]
 
-log = logging.getLogger("quart_service.data")
+_log = logging.getLogger("quart_service.data")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-class MigrationError(ServiceError):
-    """A migration file is malformed or failed to apply; the message names it."""
-
-    code = "migration_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +84,7 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-def connect(database: Path, busy_timeout: float) -> sqlite3.Connection:
+def _connect(database: Path, busy_timeout: float) -> sqlite3.Connection:
     """A stdlib connection in autocommit mode, WAL journal, with a busy timeout."""
     database.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(database, timeout=busy_timeout, isolation_level=None)
@@ -138,7 +133,7 @@ def apply_migrations(
         # Blocks while another process migrates; released by the kernel if it dies.
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            connection = connect(database, busy_timeout)
+            connection = _connect(database, busy_timeout)
             try:
                 return _apply_pending(connection, migrations)
             finally:
@@ -171,7 +166,7 @@ def _apply_pending(connection: sqlite3.Connection, migrations: list[Migration]) 
             raise MigrationError(
                 f"migration {migration.path.name} failed and was rolled back: {exc}"
             ) from exc
-        log.info("applied migration %s", migration.path.name)
+        _log.info("applied migration %s", migration.path.name)
         applied.append(migration)
     return applied
 

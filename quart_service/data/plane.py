@@ -20,28 +20,45 @@ import json
 import logging
 import os
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..coordination.local import LeaderLock, PublishedFile
-from ..metrics.families import ExportedCounts, ServiceMetrics
+from ..observability.metrics import Count
 from .database import Database
+from .models import ModelRepository
 from .snapshot import Snapshot
 
-__all__ = ["DataPlane", "Freshness"]
+__all__ = ["DataPlane", "Freshness", "PlaneCounts"]
 
-log = logging.getLogger("quart_service.data")
+_log = logging.getLogger("quart_service.data")
 
 _MAX_BACKOFF = 30.0
-_MODELS_SQL = "SELECT name, engine, parameters, enabled, updated_at FROM models ORDER BY name"
 
 
-def _file_identity(path: Path) -> tuple[int, int]:
-    """(device, inode) of the database file; raises if it is gone."""
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
+class PlaneCounts:
+    """What the plane counts: refreshes published, failed polls, times it became leader."""
+
+    __slots__ = ("leader_changes", "poll_failures", "refresh_runs")
+
+    def __init__(
+        self,
+        refresh_runs: Count | None = None,
+        poll_failures: Count | None = None,
+        leader_changes: Count | None = None,
+    ) -> None:
+        self.refresh_runs = refresh_runs or Count()
+        self.poll_failures = poll_failures or Count()
+        self.leader_changes = leader_changes or Count()
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The tallies of this worker."""
+        return {
+            "refresh_runs": self.refresh_runs.value,
+            "poll_failures": self.poll_failures.value,
+            "leader_changes": self.leader_changes.value,
+        }
 
 
 class Freshness:
@@ -76,18 +93,19 @@ class DataPlane:
         self,
         data_dir: Path,
         refresh_interval: float,
-        database: Callable[[], Awaitable[Database]],
-        reset_database: Callable[[], Awaitable[None]],
+        database: Database,
+        models: ModelRepository,
+        counts: PlaneCounts | None = None,
     ) -> None:
         self.interval = refresh_interval
         self._database = database
-        self._reset_database = reset_database
+        self._models = models
         self._lock = LeaderLock(data_dir / "leader.lock")
         self._snapshot_file = PublishedFile(data_dir / "snapshot.json")
         self._status_file = PublishedFile(data_dir / "refresh.json")
         self.snapshot: Snapshot | None = None
         self.swapped_at: float | None = None
-        self.counters: Counter[str] = ExportedCounts(_export)  # refresh_runs, ...
+        self.counts = counts or PlaneCounts()
         self._failing_since: float | None = None
         self._listeners: list[Callable[[Snapshot], None]] = []
 
@@ -121,11 +139,10 @@ class DataPlane:
             self._follow()
         if self.snapshot is None:
             # Nothing published yet (first start): load once ourselves, unpublished.
-            database = await self._database()
-            revision = await self._revision(database, kind="startup")
-            rows = await database.fetchall(_MODELS_SQL, kind="startup")
+            revision = await self._revision(kind="startup")
+            models = await self._models.all(kind="startup")
             if self.snapshot is None:  # the leader may have published meanwhile
-                self._swap(Snapshot.from_rows(0, revision, [dict(r) for r in rows]))
+                self._swap(Snapshot.of(0, revision, models))
         assert self.snapshot is not None
         return self.snapshot
 
@@ -140,8 +157,8 @@ class DataPlane:
         try:
             while True:
                 if not self._lock.held and self._lock.try_acquire():
-                    self.counters["leader_changes"] += 1
-                    log.info("worker %d is now the refresh leader", os.getpid())
+                    self.counts.leader_changes.inc()
+                    _log.info("worker %d is now the refresh leader", os.getpid())
                     next_poll = 0.0
                 if self._lock.held and loop.time() >= next_poll:
                     if await self._poll():
@@ -157,31 +174,30 @@ class DataPlane:
     async def _poll(self) -> bool:
         """One leader round: 1 query, plus a load and a publish when data moved."""
         try:
-            database = await self._database()
-            if _file_identity(database.path) != database.identity:
-                # Replaced (a restore) since we opened it: read the new file instead.
-                await self._reset_database()
-                database = await self._database()
-            revision = await self._revision(database, kind="poll")
+            # Replaced (a restore) since it was opened: read the new file instead.
+            await self._database.reopen_if_replaced()
+            revision = await self._revision(kind="poll")
             current = self.snapshot
             if current is None or current.generation == 0 or revision != current.revision:
-                rows = await database.fetchall(_MODELS_SQL, kind="load")
+                models = await self._models.all(kind="load")
                 generation = max(self._published_generation(), self.generation) + 1
-                snapshot = Snapshot.from_rows(generation, revision, [dict(r) for r in rows])
+                snapshot = Snapshot.of(generation, revision, models)
                 self._snapshot_file.publish(snapshot.to_json())
                 self._swap(snapshot)
-                self.counters["refresh_runs"] += 1
-                log.info("published snapshot generation %d (revision %d)", generation, revision)
+                self.counts.refresh_runs.inc()
+                _log.info("published snapshot generation %d (revision %d)", generation, revision)
         except Exception as exc:
             self._failed(exc)
             # A connection to a replaced or deleted file never recovers: reopen it.
-            await self._reset_database()
+            await self._database.close()
             return False
         self._recovered()
         return True
 
-    async def _revision(self, database: Database, *, kind: str) -> int:
-        row = await database.fetchone("SELECT revision FROM change_marker WHERE id = 1", kind=kind)
+    async def _revision(self, *, kind: str) -> int:
+        row = await self._database.fetchone(
+            "SELECT revision FROM change_marker WHERE id = 1", kind=kind
+        )
         if row is None:
             raise LookupError("change_marker has no row; is the schema applied?")
         return int(row[0])
@@ -197,7 +213,7 @@ class DataPlane:
                 return
             snapshot = Snapshot.from_json(text)
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("cannot read the published snapshot: %s", exc)
+            _log.warning("cannot read the published snapshot: %s", exc)
             return
         if self.snapshot is None or snapshot.generation > self.snapshot.generation:
             self._swap(snapshot)
@@ -211,16 +227,16 @@ class DataPlane:
     # -- failure bookkeeping: log once per change of state ------------------------------
 
     def _failed(self, exc: Exception) -> None:
-        self.counters["poll_failures"] += 1
+        self.counts.poll_failures.inc()
         error = f"{type(exc).__name__}: {exc}"
         if self._failing_since is None:
             self._failing_since = time.time()
-            log.warning("refresh failing, serving the last snapshot: %s", error)
+            _log.warning("refresh failing, serving the last snapshot: %s", error)
         self._write_status({"failing_since": self._failing_since, "error": error})
 
     def _recovered(self) -> None:
         if self._failing_since is not None:
-            log.info("refresh recovered after %.1f s", time.time() - self._failing_since)
+            _log.info("refresh recovered after %.1f s", time.time() - self._failing_since)
             self._failing_since = None
         self._write_status({"failing_since": None, "error": None})
 
@@ -236,13 +252,4 @@ class DataPlane:
         try:
             self._status_file.publish(json.dumps(status))
         except OSError as exc:
-            log.warning("cannot write refresh status: %s", exc)
-
-
-def _export(metrics: ServiceMetrics, key: str) -> Any:
-    """The metric each data-plane counter feeds."""
-    return {
-        "refresh_runs": metrics.refresh_runs,
-        "poll_failures": metrics.refresh_failures,
-        "leader_changes": metrics.leader_changes,
-    }.get(key)
+            _log.warning("cannot write refresh status: %s", exc)

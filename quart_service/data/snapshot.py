@@ -9,60 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
-__all__ = ["ModelConfig", "Snapshot"]
+from .models import ModelConfig
 
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    """One row of ``models``: which engine serves a model name, with what parameters."""
-
-    name: str
-    engine: str
-    parameters: Mapping[str, Any]
-    enabled: bool
-    updated_at: str
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """From a published entry or a row whose ``parameters`` is already parsed."""
-        return cls(
-            name=data["name"],
-            engine=data["engine"],
-            parameters=_freeze(data["parameters"]),
-            enabled=bool(data["enabled"]),
-            updated_at=data["updated_at"],
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready view."""
-        return {
-            "name": self.name,
-            "engine": self.engine,
-            "parameters": _thaw(self.parameters),
-            "enabled": self.enabled,
-            "updated_at": self.updated_at,
-        }
+__all__ = ["Snapshot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +28,10 @@ class Snapshot:
     models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def from_rows(
-        cls, generation: int, revision: int, rows: Sequence[Mapping[str, Any]]
-    ) -> Snapshot:
-        """Build from ``models`` rows (``parameters`` as JSON text)."""
-        models = {
-            row["name"]: ModelConfig.from_mapping(
-                {**row, "parameters": json.loads(row["parameters"])}
-            )
-            for row in rows
-        }
-        return cls(generation, revision, time.time(), MappingProxyType(models))
+    def of(cls, generation: int, revision: int, models: Iterable[ModelConfig]) -> Snapshot:
+        """A snapshot loaded now."""
+        by_name = MappingProxyType({model.name: model for model in models})
+        return cls(generation, revision, time.time(), by_name)
 
     def to_json(self) -> str:
         """The published form."""

@@ -1,6 +1,8 @@
 """Engines: what turns a prompt into text. Built in: ``local`` and ``upstream``."""
 
-from .base import Engine, EngineContext, EngineError, EngineFactory, GenerationRequest, Message
+from ..errors import EngineError
+from .base import Engine, EngineContext, EngineFactory, GenerationRequest, Message
+from .host import EngineHost
 from .registry import ENTRY_POINT_GROUP, EngineRegistry
 
 __all__ = [
@@ -9,6 +11,7 @@ __all__ = [
     "EngineContext",
     "EngineError",
     "EngineFactory",
+    "EngineHost",
     "EngineRegistry",
     "GenerationRequest",
     "Message",

@@ -20,24 +20,15 @@ from typing import Any, Protocol
 
 import httpx
 
-from ..data.snapshot import ModelConfig
-from ..errors import ServiceError
+from ..data.models import ModelConfig
 
 __all__ = [
     "Engine",
     "EngineContext",
-    "EngineError",
     "EngineFactory",
     "GenerationRequest",
     "Message",
 ]
-
-
-class EngineError(ServiceError):
-    """An engine cannot be built or failed while generating."""
-
-    status = 502
-    code = "engine_error"
 
 
 @dataclass(frozen=True, slots=True)

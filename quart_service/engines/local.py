@@ -22,10 +22,11 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data.snapshot import ModelConfig
-from .base import Engine, EngineContext, EngineError, GenerationRequest
+from ..data.models import ModelConfig
+from ..errors import EngineError
+from .base import Engine, EngineContext, GenerationRequest
 
-__all__ = ["NGramModel", "create"]
+__all__ = ["CORPUS", "LocalEngine", "NGramModel", "create"]
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 _TOKEN = re.compile(r"[A-Za-z0-9'-]+|[.,;:!?]")

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..data.snapshot import ModelConfig
-from .base import Engine, EngineContext, EngineError, EngineFactory
+from ..data.models import ModelConfig
+from ..errors import EngineError
+from .base import Engine, EngineContext, EngineFactory
 
 __all__ = ["ENTRY_POINT_GROUP", "EngineRegistry", "discover_factories"]
 
-log = logging.getLogger("quart_service.engines")
+_log = logging.getLogger("quart_service.engines")
 
 ENTRY_POINT_GROUP = "quart_service.engines"
 _BUILTIN = {
@@ -43,12 +44,12 @@ def discover_factories() -> dict[str, EngineFactory]:
     factories = {name: _load(target) for name, target in _BUILTIN.items()}
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name in factories:
-            log.warning("engine plugin %r ignored: the name is taken", point.name)
+            _log.warning("engine plugin %r ignored: the name is taken", point.name)
             continue
         try:
             factories[point.name] = point.load()
         except Exception:
-            log.exception("engine plugin %r failed to load; skipped", point.name)
+            _log.exception("engine plugin %r failed to load; skipped", point.name)
     return factories
 
 
@@ -95,7 +96,7 @@ class EngineRegistry:
             self._built[model.name] = _Built(
                 fingerprint, engine, uuid.uuid4().hex[:12], time.time()
             )
-            log.info("engine for model %r built (%s)", model.name, model.engine)
+            _log.info("engine for model %r built (%s)", model.name, model.engine)
             if built is not None:
                 await built.engine.aclose()
             return engine

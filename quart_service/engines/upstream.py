@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 
-from ..data.snapshot import ModelConfig
-from .base import Engine, EngineContext, EngineError, GenerationRequest
+from ..data.models import ModelConfig
+from ..errors import EngineError
+from .base import Engine, EngineContext, GenerationRequest
 
-__all__ = ["create"]
+__all__ = ["UpstreamEngine", "create"]
 
 
 class UpstreamEngine:

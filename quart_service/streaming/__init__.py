@@ -1,6 +1,6 @@
 """Streaming responses (SSE, NDJSON) from async generators and sync iterators."""
 
-from .body import StreamCounters, StreamHub, StreamPolicy
+from .body import StreamCounts, StreamHub, StreamPolicy
 from .events import NDJSON, SSE, Encoder, ServerSentEvent
 from .responses import ndjson, sse, stream_response
 
@@ -9,7 +9,7 @@ __all__ = [
     "SSE",
     "Encoder",
     "ServerSentEvent",
-    "StreamCounters",
+    "StreamCounts",
     "StreamHub",
     "StreamPolicy",
     "ndjson",

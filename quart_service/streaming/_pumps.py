@@ -1,7 +1,7 @@
 """Producers that feed a :class:`Channel`: an async generator, or a sync iterator.
 
 The sync bridge does not hop to a thread for every item, as Quart's
-``run_sync_iterable`` does (DESIGN.md pitfall 4): one pool job runs the iterator
+``run_sync_iterable`` does (docs/design.md, pitfalls): one pool job runs the iterator
 until the channel is full, then *parks* and gives its thread back; the consumer
 resumes it once the slow client took the data. A thread is therefore held only
 while the iterator is actually producing, never while a client is slow.
@@ -22,7 +22,7 @@ from typing import Any
 from ..executor import BoundedExecutor
 from ._channel import Channel
 
-log = logging.getLogger("quart_service.streaming")
+_log = logging.getLogger("quart_service.streaming")
 
 FAILED = ("stream_failed", "The stream's producer failed; the error was logged.")
 
@@ -39,7 +39,7 @@ async def pump_async(
                 if channel.closed:
                     break
     except Exception:
-        log.exception("stream producer failed")
+        _log.exception("stream producer failed")
         channel.finish(FAILED)
     else:
         channel.finish(None)
@@ -105,7 +105,7 @@ class ThreadPump:
                     parked = True
                     return
         except Exception:
-            log.exception("stream producer failed")
+            _log.exception("stream producer failed")
             channel.finish_threadsafe(FAILED)
         finally:
             if not parked:
@@ -121,4 +121,4 @@ class ThreadPump:
             try:
                 close()
             except Exception:
-                log.exception("closing a stream's iterator failed")
+                _log.exception("closing a stream's iterator failed")

@@ -7,7 +7,7 @@ producer: memory stays bounded end to end.
 
 Each step takes *everything* the producer has buffered and returns it as one chunk, so
 events produced together cost one ``send`` (Hypercorn's per-send cost dominates SSE,
-DESIGN.md section 9) while an event produced alone is sent at once.
+docs/benchmarks.md) while an event produced alone is sent at once.
 """
 
 from __future__ import annotations
@@ -22,18 +22,22 @@ from typing import Any
 
 from quart.wrappers.response import ResponseBody
 
-from ..executor import BoundedExecutor
-from ..metrics.families import ServiceMetrics, process_metrics
+from ..config import Settings
+from ..executor import BoundedExecutor, Pool
+from ..observability.metrics import Count, Counts, Metrics
+from ..part import Readiness
 from ._channel import Channel
 from ._pumps import ThreadPump, pump_async
 from .events import Encoder
 
-__all__ = ["StreamBody", "StreamCounters", "StreamHub", "StreamPolicy"]
+__all__ = ["END_REASONS", "StreamBody", "StreamCounts", "StreamHub", "StreamPolicy"]
 
-log = logging.getLogger("quart_service.streaming")
+_log = logging.getLogger("quart_service.streaming")
 
 # Bound on how long a stopped producer may take to run its finally blocks.
 _STOP_GRACE = 5.0
+# Why a stream ended (the label of quart_service_stream_ends_total).
+END_REASONS = ("completed", "disconnected", "idle_timeout", "total_timeout", "error", "shutdown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,41 +49,85 @@ class StreamPolicy:
     heartbeat: float
     buffer_bytes: int
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StreamPolicy:
+        """The ``stream_*`` settings."""
+        return cls(
+            idle_timeout=settings.stream_idle_timeout,
+            total_timeout=settings.stream_total_timeout,
+            heartbeat=settings.stream_heartbeat,
+            buffer_bytes=settings.stream_buffer_bytes,
+        )
 
-@dataclass(slots=True)
-class StreamCounters:
-    """This process's stream counts (on /debug/identity; /metrics sums all workers)."""
 
-    opened: int = 0
-    active: int = 0
-    completed: int = 0
-    disconnected: int = 0
-    idle_timeouts: int = 0
-    total_timeouts: int = 0
-    failed: int = 0
-    events: int = 0
-    writes: int = 0
-    heartbeats: int = 0
-    shutdowns: int = 0
+class StreamCounts:
+    """This process's stream counts; each also moves its metric (summed on /metrics)."""
+
+    __slots__ = ("_active_gauge", "active", "ends", "events", "heartbeats", "opened", "writes")
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.active = 0
+        if metrics is None:
+            self.opened, self.events, self.writes, self.heartbeats = (Count() for _ in range(4))
+            self.ends = Counts()
+            self._active_gauge: Any = None
+            return
+        self.opened = metrics.count(metrics.streams_opened)
+        self.events = metrics.count(metrics.stream_events)
+        self.writes = metrics.count(metrics.stream_writes)
+        self.heartbeats = metrics.count(metrics.stream_heartbeats)
+        self.ends = metrics.counts(metrics.stream_ends)
+        self._active_gauge = metrics.streams_active
+
+    def began(self) -> None:
+        """A stream started."""
+        self.opened.inc()
+        self.active += 1
+        if self._active_gauge is not None:
+            self._active_gauge.inc()
+
+    def ended(self, reason: str) -> None:
+        """A stream ended, for ``reason`` (one of :data:`END_REASONS`)."""
+        self.active -= 1
+        self.ends.inc(reason)
+        if self._active_gauge is not None:
+            self._active_gauge.dec()
+
+    def as_dict(self) -> dict[str, int | float]:
+        """A JSON-ready view: every count, every end reason (0 included)."""
+        ends = self.ends.as_dict()
+        return {
+            "opened": self.opened.value,
+            "active": self.active,
+            "events": self.events.value,
+            "writes": self.writes.value,
+            "heartbeats": self.heartbeats.value,
+            **{reason: ends.get(reason, 0) for reason in END_REASONS},
+        }
 
 
 class StreamHub:
-    """This process's open streams: their counts, their metrics, and the shutdown
-    that ends all of them at the drain deadline."""
+    """This process's streams as a part of the worker: their policy and counts, the
+    open ones, and the shutdown that ends all of them at the drain deadline."""
 
-    def __init__(self, reconnect_after: int = 1000) -> None:
-        self.counters = StreamCounters()
+    name = "streams"
+
+    def __init__(
+        self, policy: StreamPolicy, pool: Pool | None = None, reconnect_after: int = 1000
+    ) -> None:
+        self.policy = policy
+        self.counts = StreamCounts()
         self.reconnect_after = reconnect_after  # ms, sent as SSE retry: at shutdown
         self.shutting_down = False
         self.open: set[StreamBody] = set()
-        self._metrics: ServiceMetrics | None = None
+        self._pool = pool
 
     @property
-    def metrics(self) -> ServiceMetrics:
-        """The process's metrics (looked up on the first stream, after start-up)."""
-        if self._metrics is None:
-            self._metrics = process_metrics()
-        return self._metrics
+    def executor(self) -> BoundedExecutor:
+        """The pool that runs bridged sync iterators."""
+        if self._pool is None:
+            raise RuntimeError("this StreamHub has no pool: give it one to bridge sync iterators")
+        return self._pool.executor
 
     def shut_down(self) -> int:
         """End every open stream (and any opened later) with a shutdown event that
@@ -90,6 +138,21 @@ class StreamHub:
             body.shut_down()
         return len(bodies)
 
+    async def start(self, metrics: Metrics) -> None:
+        """Count streams into ``metrics``."""
+        self.counts = StreamCounts(metrics)
+
+    async def stop(self) -> None:
+        """Nothing to release: open streams end with their connections."""
+
+    async def readiness(self) -> Readiness:
+        """Streams never make a worker unready (the drain does)."""
+        return Readiness()
+
+    def identity(self) -> dict[str, int | float]:
+        """This worker's stream counts."""
+        return self.counts.as_dict()
+
 
 class StreamBody(ResponseBody):
     """Streams what one producer yields, encoded, under a :class:`StreamPolicy`."""
@@ -98,17 +161,15 @@ class StreamBody(ResponseBody):
         self,
         source: AsyncIterable[Any] | Iterable[Any],
         encoder: Encoder,
-        policy: StreamPolicy,
         hub: StreamHub,
         executor: BoundedExecutor,
         context: Context,
     ) -> None:
         self._source = source
         self._encoder = encoder
-        self._policy = policy
+        self._policy = hub.policy
         self._hub = hub
-        self._counters = hub.counters
-        self._metrics = hub.metrics
+        self._counts = hub.counts
         self._executor = executor
         self._context = context
         self._channel: Channel | None = None
@@ -134,10 +195,7 @@ class StreamBody(ResponseBody):
                 iter(source), self._encoder.encode, channel, self._executor, self._context, loop
             )
             self._pump.start()
-        self._counters.opened += 1
-        self._counters.active += 1
-        self._metrics.streams_opened.inc()
-        self._metrics.streams_active.inc()
+        self._counts.began()
         self._hub.open.add(self)
         if self._hub.shutting_down:
             self._shutdown = True
@@ -149,18 +207,11 @@ class StreamBody(ResponseBody):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        counters = self._counters
-        counters.active -= 1
         self._hub.open.discard(self)
         if exc_type is not None:
             # The send failed or our task was cancelled: the client went away.
-            counters.disconnected += 1
             self._ended_as = "disconnected"
-        elif self._channel is not None and self._channel.end_reason is None and not self._final:
-            counters.completed += 1
-        metrics = self._metrics
-        metrics.streams_active.dec()
-        metrics.stream_ends.labels(self._ended_as).inc()
+        self._counts.ended(self._ended_as)
         await self._stop_producer()
 
     def __aiter__(self) -> StreamBody:
@@ -188,11 +239,9 @@ class StreamBody(ResponseBody):
 
     def _sent(self, taken: tuple[bytes, int]) -> bytes:
         data, count = taken
-        counters = self._counters
-        counters.events += count
-        counters.writes += 1
-        self._metrics.stream_events.inc(count)
-        self._metrics.stream_writes.inc()
+        counts = self._counts
+        counts.events.inc(count)
+        counts.writes.inc()
         assert self._loop is not None
         self._last_data = self._last_write = self._loop.time()
         return data
@@ -234,8 +283,7 @@ class StreamBody(ResponseBody):
                 beat_at = self._last_write + policy.heartbeat
                 if now >= beat_at:
                     self._last_write = now
-                    self._counters.heartbeats += 1
-                    self._metrics.stream_heartbeats.inc()
+                    self._counts.heartbeats.inc()
                     return heartbeat
                 deadline = beat_at if deadline is None else min(deadline, beat_at)
             await channel.wait(deadline)
@@ -245,22 +293,15 @@ class StreamBody(ResponseBody):
         reason = channel.end_reason
         if reason is None:
             raise StopAsyncIteration
-        self._counters.failed += 1
         self._ended_as = "error"
         self._final = self._encoder.error(*reason)
         return self._final
 
     async def _end_early(self, code: str, message: str) -> bytes:
-        if code == "stream_idle_timeout":
-            self._counters.idle_timeouts += 1
-            self._ended_as = "idle_timeout"
-        else:
-            self._counters.total_timeouts += 1
-            self._ended_as = "total_timeout"
+        self._ended_as = "idle_timeout" if code == "stream_idle_timeout" else "total_timeout"
         return await self._finish(self._encoder.error(code, message))
 
     async def _end_for_shutdown(self) -> bytes:
-        self._counters.shutdowns += 1
         self._ended_as = "shutdown"
         retry = self._hub.reconnect_after
         message = f"The server is shutting down; reconnect in {retry} ms."
@@ -284,4 +325,4 @@ class StreamBody(ResponseBody):
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=_STOP_GRACE)
             if not done:
-                log.warning("a stream producer ignored cancellation for %s s", _STOP_GRACE)
+                _log.warning("a stream producer ignored cancellation for %s s", _STOP_GRACE)

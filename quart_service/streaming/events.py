@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-__all__ = ["NDJSON", "SSE", "Encoder", "ServerSentEvent"]
+__all__ = ["NDJSON", "SSE", "Encoder", "ServerSentEvent", "error_payload"]
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

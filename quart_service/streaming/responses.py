@@ -11,7 +11,7 @@
 
 A sync iterator (a plain generator from blocking code) runs on the shared pool. The
 response is exempt from Quart's ``RESPONSE_TIMEOUT``, which would silently cut a long
-stream (DESIGN.md pitfall 1); the stream's own idle and total limits apply instead.
+stream (docs/design.md, pitfalls); the stream's own idle and total limits apply instead.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 from quart import Response
 
-from .. import service as _service  # a module: service.py imports streaming too
-from .body import StreamBody
+from ..part import current_part
+from .body import StreamBody, StreamHub
 from .events import NDJSON, SSE, Encoder
 
 __all__ = ["ndjson", "sse", "stream_response"]
@@ -70,19 +70,13 @@ def stream_response(
             f"a stream needs an async generator or an iterator of events, "
             f"not {type(source).__name__}"
         )
-    service = _service.current_service()
+    hub: StreamHub = current_part(StreamHub.name)
+    executor = hub.executor
     if not isinstance(source, AsyncIterable):
         # Refuse now, while a 503 can still be sent, rather than mid-stream.
-        service.executor.check_capacity()
-    body = StreamBody(
-        source,
-        encoder,
-        service.stream_policy,
-        service.stream_hub,
-        service.executor,
-        # The producer runs in another task or thread: give it this request's context.
-        copy_context(),
-    )
+        executor.check_capacity()
+    # The producer runs in another task or thread: give it this request's context.
+    body = StreamBody(source, encoder, hub, executor, copy_context())
     response = Response(body, status=status, content_type=encoder.media_type)
     response.headers.update(_STREAM_HEADERS)
     if headers:

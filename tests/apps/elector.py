@@ -13,11 +13,11 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from quart_service.data.database import Database
 from quart_service.data.migrations import apply_migrations
+from quart_service.data.models import ModelRepository
 from quart_service.data.plane import DataPlane
 
 
@@ -29,22 +29,8 @@ async def main(data_dir: Path, interval: float, events: Path) -> None:
 
     database_file = data_dir / "quart_service.db"
     apply_migrations(database_file)
-    queries: Counter[str] = Counter()
-    connection: Database | None = None
-
-    async def database() -> Database:
-        nonlocal connection
-        if connection is None:
-            connection = await Database.open(database_file, 5.0, queries)
-        return connection
-
-    async def reset() -> None:
-        nonlocal connection
-        if connection is not None:
-            await connection.close()
-            connection = None
-
-    plane = DataPlane(data_dir, interval, database, reset)
+    database = Database(database_file, 5.0)
+    plane = DataPlane(data_dir, interval, database, ModelRepository(database))
     plane.on_swap(lambda s: record("swap", generation=s.generation, revision=s.revision))
     runner = asyncio.create_task(plane.run())
     record("started")

@@ -38,5 +38,8 @@ def wait_all(
                 reached[pid] = time.monotonic() - started
         time.sleep(0.005)
     if len(reached) < len(clients):
-        raise AssertionError(f"only {sorted(reached)} of {sorted(clients)} within {timeout} s")
+        raise AssertionError(
+            f"{path}: only workers {sorted(reached)} of {sorted(clients)} met the condition "
+            f"within {timeout} s"
+        )
     return reached

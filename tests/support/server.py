@@ -97,7 +97,7 @@ def spawn_hypercorn(
     with the same arguments."""
     config_args = ["--config", str(config)] if config is not None else []
     if command == "serve":
-        program = [sys.executable, "-m", "quart_service.cli", "serve"]
+        program = [sys.executable, "-m", "quart_service.server.cli", "serve"]
         if config is None:
             config_args = ["--config", "/nonexistent/hypercorn.toml"]
     else:
@@ -203,7 +203,7 @@ def pinned_workers(server: Server, count: int) -> Iterator[dict[int, httpx.Clien
 def peak_threads(pids: list[int], every: float = 0.01) -> Iterator[dict[int, int]]:
     """Sample /proc/PID/status of ``pids`` in a thread while the block runs; the dict
     holds each process's peak thread count (filled in as it goes)."""
-    from quart_service._proc import thread_count
+    from quart_service.observability.proc import thread_count
 
     peak = dict.fromkeys(pids, 0)
     stop = threading.Event()

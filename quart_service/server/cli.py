@@ -1,7 +1,7 @@
 """The ``quart-service`` command: operator tools around the service.
 
 ``quart-service serve`` runs the service on Hypercorn's workers under a supervisor
-(see :mod:`quart_service.supervisor`). ``quart-service check`` validates the settings
+(see :mod:`quart_service.server.supervisor`). ``quart-service check`` validates the settings
 (environment and TOML file) and prints them; it exits 2 with the offending key named
 when they are bad. Run it before ``hypercorn``: Hypercorn 0.18 can exit 0 when all
 of its workers fail at start-up.
@@ -13,9 +13,9 @@ import sys
 
 import click
 
-from ._logging import configure_logging
-from .errors import SettingsError
-from .settings import ENV_PREFIX, Settings
+from ..config import ENV_PREFIX, Settings
+from ..errors import SettingsError
+from ..observability.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -67,7 +67,7 @@ def serve(
 
     from hypercorn.config import Config
 
-    from .metrics import enable_multiprocess
+    from ..observability.metrics import enable_multiprocess
     from .supervisor import Supervisor
 
     settings = _settings_or_exit()
@@ -100,7 +100,7 @@ def serve(
 @main.command()
 def migrate() -> None:
     """Apply pending database migrations (safe while workers run or start)."""
-    from .data.migrations import apply_migrations, schema_status
+    from ..data.migrations import apply_migrations, schema_status
 
     settings = _settings_or_exit()
     database = settings.database_file

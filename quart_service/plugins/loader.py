@@ -23,27 +23,22 @@ from typing import Any
 
 from quart import Blueprint, Quart
 
-from .errors import ServiceError
-from .resources import Resource
+from ..errors import PluginError
+from ..observability.metrics import Metrics
+from ..part import Readiness
+from ..singletons import Resource
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "LoadedPlugins",
     "Plugin",
-    "PluginError",
     "import_string",
     "load_plugins",
 ]
 
-log = logging.getLogger("quart_service.plugins")
+_log = logging.getLogger("quart_service.plugins")
 
 ENTRY_POINT_GROUP = "quart_service.blueprints"
-
-
-class PluginError(ServiceError):
-    """A team blueprint cannot be loaded or mounted; the message names it."""
-
-    code = "plugin_error"
 
 
 @dataclass(frozen=True)
@@ -56,11 +51,27 @@ class Plugin:
 
 @dataclass
 class LoadedPlugins:
-    """What loading found: the mounted plugins, and the skipped ones with their error."""
+    """What loading found (the mounted plugins, the skipped ones with their error), as
+    a part of the worker: skipped plugins are named on ``/readyz``."""
 
     mounted: dict[str, str] = field(default_factory=dict)  # name -> URL prefix
     skipped: dict[str, str] = field(default_factory=dict)  # name -> error
     resources: list[Resource[Any]] = field(default_factory=list)
+    name: str = "plugins"
+
+    async def start(self, metrics: Metrics) -> None:
+        """Plugins were mounted when the app was built; nothing to start."""
+
+    async def stop(self) -> None:
+        """Their resources are closed by the registry."""
+
+    async def readiness(self) -> Readiness:
+        """A skipped plugin does not make the worker unready; it is named."""
+        return Readiness(checks={"skipped": dict(self.skipped)})
+
+    def identity(self) -> dict[str, Any]:
+        """The mounted and the skipped plugins."""
+        return {"mounted": dict(self.mounted), "skipped": dict(self.skipped)}
 
 
 def import_string(target: str) -> Any:
@@ -97,7 +108,7 @@ def load_plugins(
     }
     for name, load in _candidates(import_strings):
         if name in disabled:
-            log.info("team blueprint %r is disabled by setting", name)
+            _log.info("team blueprint %r is disabled by setting", name)
             continue
         try:
             plugin = _as_plugin(name, load())
@@ -112,7 +123,7 @@ def load_plugins(
                     f"team blueprint {name!r} failed to load: {error} "
                     "(set QUART_SERVICE_PLUGIN_FAILURE=skip to start without it)"
                 ) from exc
-            log.error("team blueprint %r skipped: %s", name, error)
+            _log.error("team blueprint %r skipped: %s", name, error)
             loaded.skipped[name] = error
             continue
         loaded.mounted[name] = prefix or "/"

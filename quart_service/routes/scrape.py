@@ -15,23 +15,25 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import GaugeMetricFamily, Metric
 from quart import Blueprint, Response
 
+from ..context import data
+from ..data.plane import Freshness
 from ..errors import ResourceUnavailable
-from ..metrics import metrics_directory, render
-from ..service import Service, current_service
+from ..observability.metrics import metrics_directory, render
+from ..part import current_metrics
 
-__all__ = ["metrics"]
+__all__ = ["scrape"]
 
-metrics = Blueprint("metrics", __name__)
+scrape = Blueprint("scrape", __name__)
 
 
 class _HostCollector:
     """Snapshot freshness as the leader last recorded it (refresh.json)."""
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, freshness: Freshness) -> None:
+        self.freshness = freshness
 
     def collect(self) -> Iterator[Metric]:
-        freshness = self.service.data.plane.freshness()
+        freshness = self.freshness
         published = GaugeMetricFamily(
             "quart_service_snapshot_published_generation",
             "Generation of the snapshot the leader published last.",
@@ -54,13 +56,13 @@ class _HostCollector:
         yield failing
 
 
-@metrics.get("/metrics")
-async def scrape() -> Response:
+@scrape.get("/metrics")
+async def metrics_text() -> Response:
     """Every worker's metrics, summed; this worker's gauges sampled just now."""
-    service = current_service()
     directory = metrics_directory()
-    if directory is None:
+    metrics = current_metrics()
+    if directory is None or metrics is None:
         raise ResourceUnavailable("metrics are not enabled in this process")
-    service.sample_metrics()
-    body = render(directory, [_HostCollector(service)])
+    metrics.sample()
+    body = render(directory, [_HostCollector(data().freshness())])
     return Response(body, content_type=CONTENT_TYPE_LATEST)

@@ -11,7 +11,9 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from ._request_id import current_request_id
+from .request_id import current_request_id
+
+__all__ = ["RequestIdFilter", "configure_logging", "service_handler"]
 
 _TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 _JSON = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s %(request_id)s"

@@ -35,7 +35,7 @@ __all__ = [
     "server_identity",
 ]
 
-log = logging.getLogger("quart_service")
+_log = logging.getLogger("quart_service")
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _SERVER_DIR = re.compile(r"^(\d+)-(\d+)$")
@@ -95,7 +95,7 @@ def _remove_dead_servers(root: Path, keep: str) -> None:
         pid, started = int(match[1]), int(match[2])
         if _start_time(pid) != started:  # gone, or the pid was reused since
             shutil.rmtree(entry, ignore_errors=True)
-            log.info("removed the metric files of a stopped server: %s", entry)
+            _log.info("removed the metric files of a stopped server: %s", entry)
 
 
 def forget_process(pid: int) -> None:

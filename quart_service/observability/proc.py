@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["rss_bytes", "thread_count"]
+
 
 def _status_field(field: str, pid: int | None) -> int:
     try:

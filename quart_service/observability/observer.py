@@ -12,19 +12,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import request
 
-from ._access import AccessLog
-from ._request_id import REQUEST_ID, current_request_id
-from .errors import send_error
+from ..config import Settings
+from ..errors import ErrorAnswer
+from .access import AccessLog
+from .metrics import Metrics
+from .request_id import REQUEST_ID
 
-if TYPE_CHECKING:
-    from .service import Service
-
-__all__ = ["REQUEST_ID", "ROUTE_KEY", "RequestObserver", "current_request_id", "mark_route"]
+__all__ = ["ROUTE_KEY", "UNMATCHED", "RequestObserver", "mark_route"]
 
 ROUTE_KEY = "quart_service.route"
 UNMATCHED = "<unmatched>"
@@ -46,12 +46,25 @@ async def mark_route() -> None:
 class RequestObserver:
     """Wraps an ASGI app: ids, access log and metrics for each HTTP request."""
 
-    def __init__(self, app: ASGIFramework, service: Service, access_log: bool) -> None:
+    def __init__(
+        self, app: ASGIFramework, settings: Settings, draining: Callable[[], bool]
+    ) -> None:
         self.app = app
-        self.service = service
-        self.access_log = AccessLog(service.settings.log_format == "json") if access_log else None
-        self.max_url = service.settings.max_url_length
-        self.max_headers = service.settings.max_header_size
+        self.draining = draining
+        json_lines = settings.log_format == "json"
+        self.access_log = AccessLog(json_lines) if settings.access_log else None
+        self.max_url = settings.max_url_length
+        self.max_headers = settings.max_header_size
+        self.in_progress = 0  # a plain int, copied to the gauge when sampled
+        self.metrics: Metrics | None = None  # set when the worker starts serving
+
+    def bind(self, metrics: Metrics) -> None:
+        """Record requests into ``metrics`` from now on (at worker start-up)."""
+        self.metrics = metrics
+        metrics.on_sample(self._sample)
+
+    def _sample(self, metrics: Metrics) -> None:
+        metrics.in_progress.set(self.in_progress)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -66,10 +79,9 @@ class RequestObserver:
         status = 0
         sent = 0
         first_byte: float | None = None
-        service = self.service
-        metrics = service.metrics  # None until the worker has started
-        # A plain int, copied to the gauge when sampled: no shared-file write here.
-        service.requests_in_progress += 1
+        metrics = self.metrics  # None until the worker has started
+        # No shared-file write per request: the gauge is sampled.
+        self.in_progress += 1
 
         async def observed_send(message: Any) -> None:
             nonlocal status, sent, first_byte
@@ -85,7 +97,7 @@ class RequestObserver:
             elif kind == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), id_header]
-                if service.draining:
+                if self.draining():
                     # Keep-alive clients leave this worker after this response.
                     headers.append(_CLOSE)
                 message["headers"] = headers
@@ -96,13 +108,13 @@ class RequestObserver:
             if refusal is None:
                 await self.app(scope, receive, observed_send)
             else:
-                await send_error(observed_send, *refusal)
+                await ErrorAnswer(scope["path"], *refusal).send(observed_send)
         finally:
             elapsed = time.perf_counter() - started
             route = str(scope.get(ROUTE_KEY, UNMATCHED))
             # No response started: the client left first (or the app failed hard).
             final = status or 499
-            service.requests_in_progress -= 1
+            self.in_progress -= 1
             if metrics is not None:
                 metrics.observe_request(route, scope["method"], final, elapsed, first_byte)
             if self.access_log is not None:

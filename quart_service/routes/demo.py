@@ -22,8 +22,8 @@ __all__ = ["demo"]
 
 demo = Blueprint("demo", __name__)
 
-MAX_COUNT = 100_000
-MAX_INTERVAL = 60.0
+_MAX_COUNT = 100_000
+_MAX_INTERVAL = 60.0
 
 
 def _number(name: str, default: float, low: float, high: float) -> float:
@@ -49,8 +49,8 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
 @demo.get("/demo/stream")
 async def stream() -> Response:
     """Count upwards, one event per interval."""
-    count = int(_number("count", 10, 0, MAX_COUNT))
-    interval = _number("interval", 0.5, 0, MAX_INTERVAL)
+    count = int(_number("count", 10, 0, _MAX_COUNT))
+    interval = _number("interval", 0.5, 0, _MAX_INTERVAL)
     fmt = _choice("format", "sse", ("sse", "ndjson"))
     source = _choice("source", "async", ("async", "sync"))
     pid = os.getpid()

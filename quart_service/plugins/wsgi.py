@@ -2,8 +2,8 @@
 
 Hypercorn's ``AsyncioWSGIMiddleware`` runs the WSGI app with
 ``loop.run_in_executor(None, ...)``: the worker's one bounded pool. What it lacks is
-added here: the body limit is a setting (its default is 64 KiB, DESIGN.md pitfall
-7) and a body over it answers 413 before it is read; a full pool answers 503 with
+added here: the body limit is a setting (its default is 64 KiB; docs/design.md,
+pitfalls) and a body over it answers 413 before it is read; a full pool answers 503 with
 ``Retry-After``; the mounted app's own errors stay inside it (Flask answers 500 for
 that request alone).
 """
@@ -15,8 +15,8 @@ from typing import Any, cast
 from hypercorn.middleware import AsyncioWSGIMiddleware
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
-from .errors import Overloaded, send_error
-from .observe import ROUTE_KEY
+from ..errors import ErrorAnswer, Overloaded
+from ..observability.observer import ROUTE_KEY
 
 __all__ = ["WSGIMounts"]
 
@@ -56,9 +56,8 @@ class WSGIMounts:
     ) -> None:
         length = _content_length(scope)
         if length is not None and length > self.max_body_size:
-            await send_error(
-                send, 413, "request_too_large", f"The body is over {self.max_body_size} bytes."
-            )
+            message = f"The request body is over the limit of {self.max_body_size} bytes."
+            await ErrorAnswer(scope["path"], 413, "request_too_large", message).send(send)
             return
         scope[ROUTE_KEY] = prefix + "/*"  # one metric series per mounted app
         mounted = cast(Scope, {**scope, "root_path": scope.get("root_path", "") + prefix})
@@ -66,7 +65,7 @@ class WSGIMounts:
             await middleware(mounted, receive, send)
         except Overloaded as exc:
             # Refused before the WSGI app ran: nothing was sent yet.
-            await send_error(send, 503, exc.code, exc.message, retry_after=exc.retry_after)
+            await ErrorAnswer.of(scope["path"], exc).send(send)
 
 
 def _content_length(scope: Any) -> int | None:

@@ -28,11 +28,13 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 
+from .observability.metrics import Metrics
+from .part import Readiness
 from .streaming.body import StreamHub
 
 __all__ = ["Drain", "on_server_stop"]
 
-log = logging.getLogger("quart_service")
+_log = logging.getLogger("quart_service")
 
 # Keep-alive clients get this long to see "Connection: close" before idle
 # connections are closed under them (closing an idle connection races the client's
@@ -52,7 +54,10 @@ def on_server_stop(stop: Callable[[], None]) -> None:
 
 
 class Drain:
-    """This worker's drain: started by SIGTERM (or :meth:`begin`), once."""
+    """This worker's drain, as a part of it: started by SIGTERM (or :meth:`begin`), once;
+    while it runs, ``/readyz`` says so."""
+
+    name = "drain"
 
     def __init__(
         self,
@@ -68,20 +73,31 @@ class Drain:
         self._shutdown = shutdown
         self._task: asyncio.Task[None] | None = None
 
-    def install(self) -> bool:
+    async def start(self, metrics: Metrics) -> None:
         """Handle SIGTERM in this worker unless the server already does
         (single-process Hypercorn installs its own; spawned workers have none)."""
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return False
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.begin)
-        return True
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.begin)
+
+    async def stop(self) -> None:
+        """Nothing to release: the drain ends with the process."""
+
+    async def readiness(self) -> Readiness:
+        """Not ready while draining: load balancers stop sending here."""
+        if self.draining:
+            return Readiness(problems=["draining: the worker is shutting down"])
+        return Readiness()
+
+    def identity(self) -> dict[str, bool]:
+        """Whether this worker is draining."""
+        return {"draining": self.draining}
 
     def begin(self) -> None:
         """Start draining (idempotent)."""
         if self._task is not None:
             return
         self.draining = True
-        log.info(
+        _log.info(
             "worker %d: SIGTERM, draining %d open streams for up to %g s",
             os.getpid(),
             len(self.streams.open),
@@ -99,13 +115,13 @@ class Drain:
             await asyncio.sleep(_POLL)
         ended = self.streams.shut_down()
         if ended:
-            log.info("worker %d: drain deadline, ended %d streams", os.getpid(), ended)
+            _log.info("worker %d: drain deadline, ended %d streams", os.getpid(), ended)
         handover = loop.time() + _HANDOVER
         while not self._stopping() and loop.time() < handover:
             await asyncio.sleep(_POLL)
         if self._stopping():
             return  # the server is shutting this worker down properly
-        log.warning("worker %d: drained; nobody stopped the server, exiting", os.getpid())
+        _log.warning("worker %d: drained; nobody stopped the server, exiting", os.getpid())
         # Close what it holds (the database connection's thread would keep the
         # process alive), then exit 0. SystemExit leaves the event loop from this task.
         await self._shutdown()

@@ -1,7 +1,7 @@
 """``quart-service serve``: Hypercorn's workers, supervised.
 
-Plain ``hypercorn`` stops the whole server when one worker crashes (DESIGN.md
-pitfall 2), and its SIGHUP stops every worker at once. The supervisor runs the same
+Plain ``hypercorn`` stops the whole server when one worker crashes (docs/design.md,
+pitfalls), and its SIGHUP stops every worker at once. The supervisor runs the same
 Hypercorn worker code on the same shared sockets and adds:
 
 * a worker that dies, however (a crash, ``kill -9``, the OOM killer), is replaced at
@@ -9,7 +9,7 @@ Hypercorn worker code on the same shared sockets and adds:
 * a worker that dies before it serves is retried with backoff (0.5 s, 1 s, 2 s, ...),
   and after ``max_start_failures`` in a row the supervisor gives up with one clear
   message and exit code 1, instead of restarting in a tight loop;
-* SIGTERM (or Ctrl-C) drains every worker (see :mod:`quart_service._drain`) and exits
+* SIGTERM (or Ctrl-C) drains every worker (see :mod:`quart_service.drain`) and exits
   0; a second one kills at once;
 * SIGHUP replaces the workers one at a time: a new worker is serving before an old
   one starts to drain, so no request fails and code or settings changes go live.
@@ -31,12 +31,12 @@ from types import FrameType
 from hypercorn.config import Config, Sockets
 from prometheus_client import Counter
 
-from ._worker import run_worker
-from .metrics.store import forget_process
+from ..observability.metrics import forget_process
+from .worker import run_worker
 
 __all__ = ["Supervisor"]
 
-log = logging.getLogger("quart_service.serve")
+_log = logging.getLogger("quart_service.serve")
 
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
@@ -101,7 +101,7 @@ class Supervisor:
         try:
             sockets = self.config.create_sockets()
         except OSError as exc:
-            log.critical("cannot listen on %s: %s", ", ".join(self.config.bind), exc)
+            _log.critical("cannot listen on %s: %s", ", ".join(self.config.bind), exc)
             return 1
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -109,7 +109,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
-        log.info(
+        _log.info(
             "supervisor %d: serving %s with %d workers on %s",
             os.getpid(),
             self.config.application_path,
@@ -147,9 +147,9 @@ class Supervisor:
             code = worker.process.exitcode
             forget_process(worker.pid)  # its live gauges no longer count
             if worker.retiring:
-                log.info("worker %d retired (%s)", worker.pid, _describe(code))
+                _log.info("worker %d retired (%s)", worker.pid, _describe(code))
             elif worker.ready:
-                log.error(
+                _log.error(
                     "worker %d died (%s); starting a replacement", worker.pid, _describe(code)
                 )
                 self._count_restart("crashed")
@@ -160,10 +160,10 @@ class Supervisor:
         self._failures += 1
         self._count_restart("startup_failed")
         if worker.replaces is not None:
-            log.error("reload stopped: a new worker failed to start; the old ones keep serving")
+            _log.error("reload stopped: a new worker failed to start; the old ones keep serving")
             self._reload_queue.clear()
         if self._failures >= self.max_start_failures:
-            log.critical(
+            _log.critical(
                 "giving up: %d workers in a row exited before serving (the last: %s). "
                 "Their own log lines above say why; 'quart-service check' validates "
                 "the settings.",
@@ -175,7 +175,7 @@ class Supervisor:
             return
         delay = min(_BACKOFF_FIRST * 2 ** (self._failures - 1), _BACKOFF_MAX)
         self._next_spawn = time.monotonic() + delay
-        log.error(
+        _log.error(
             "worker %d exited before serving (%s); %d in a row, next try in %.1f s",
             worker.pid,
             _describe(code),
@@ -193,7 +193,7 @@ class Supervisor:
                 continue  # died before serving: _reap sees it
             worker.ready = True
             self._failures = 0
-            log.info(
+            _log.info(
                 "worker %d serving (started in %.2f s)",
                 worker.pid,
                 time.monotonic() - worker.spawned_at,
@@ -230,7 +230,7 @@ class Supervisor:
 
     def _begin_reload(self) -> None:
         self._reload_queue = [w for w in self.workers if not w.retiring]
-        log.info("SIGHUP: replacing %d workers one at a time", len(self._reload_queue))
+        _log.info("SIGHUP: replacing %d workers one at a time", len(self._reload_queue))
 
     def _advance_reload(self, sockets: Sockets) -> None:
         if any(w.replaces is not None and not w.ready for w in self.workers):
@@ -255,7 +255,7 @@ class Supervisor:
         now = time.monotonic()
         for worker in self.workers:
             if worker.kill_at is not None and now >= worker.kill_at:
-                log.warning("worker %d did not finish draining; killing it", worker.pid)
+                _log.warning("worker %d did not finish draining; killing it", worker.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGKILL)
                 worker.kill_at = None
@@ -274,7 +274,7 @@ class Supervisor:
             os.read(self._wake_r, 4096)
 
     def _shut_down(self) -> int:
-        log.info(
+        _log.info(
             "stopping %d workers (open streams get up to %g s)",
             len(self.workers),
             self.drain_timeout,
@@ -289,12 +289,12 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(worker.pid, signal.SIGKILL)
                 killed = True
-                log.warning("killed %d workers that were still draining", len(self.workers))
+                _log.warning("killed %d workers that were still draining", len(self.workers))
                 self._kill = False
                 deadline = float("inf")
             self._wait()
             self._reap()
-        log.info("supervisor %d: stopped", os.getpid())
+        _log.info("supervisor %d: stopped", os.getpid())
         return self.exit_code or (1 if killed else 0)
 
     def _drain_limit(self) -> float:

@@ -16,6 +16,8 @@ opens nothing and can live at module level. Each worker process has one
 
 A burst of first requests waits on one asyncio lock per resource, so the factory runs
 once. A factory that raises leaves the resource ``failed``; the next use tries again.
+The registry is a part of the worker (:class:`~quart_service.part.Part`): ``/readyz``
+asks it whether every required resource is ready, and retries the failed ones.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from functools import partial
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from .errors import Overloaded, ResourceUnavailable
-from .metrics.families import process_metrics
+from .observability.metrics import Count, Metrics
+from .part import Readiness
 
 __all__ = ["Resource", "ResourceRegistry", "ResourceState", "ResourceStatus"]
 
@@ -42,7 +45,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
 
-log = logging.getLogger("quart_service.resources")
+_log = logging.getLogger("quart_service.resources")
 
 
 class ResourceState(enum.StrEnum):
@@ -101,8 +104,8 @@ class ResourceStatus:
 
 
 @dataclass(slots=True, eq=False)
-class _Slot:
-    """The per-process state of one resource."""
+class _Holder:
+    """The per-process state of one resource: its instance and its concurrency places."""
 
     spec: Resource[Any]
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -120,76 +123,91 @@ class _Slot:
 
 
 class ResourceRegistry:
-    """Holds this process's resource instances; one per worker, made at start-up."""
+    """Holds this process's resource instances; one per worker, declared in create_app."""
 
-    def __init__(self, specs: Iterable[Resource[Any]] = (), *, max_waiting: int = 64) -> None:
-        self._slots: dict[str, _Slot] = {}
-        self._order: list[_Slot] = []  # creation order, closed in reverse
+    name = "resources"
+
+    def __init__(
+        self,
+        specs: Iterable[Resource[Any]] = (),
+        *,
+        max_waiting: int = 64,
+        warm_all: bool = False,
+        retry_after: float = 1.0,
+    ) -> None:
+        self._holders: dict[str, _Holder] = {}
+        self._order: list[_Holder] = []  # creation order, closed in reverse
         self._max_waiting = max_waiting
+        self._warm_all = warm_all
+        self._retry_after = retry_after
+        self._busy = Count()
+        self._background: set[asyncio.Task[None]] = set()
         for spec in specs:
             self.declare(spec)
 
     def declare(self, spec: Resource[T]) -> Resource[T]:
         """Add a declaration; a second one under the same name is refused."""
-        if spec.name in self._slots:
+        if spec.name in self._holders:
             raise ValueError(f"resource {spec.name!r} is declared twice")
         if spec.limit is not None and spec.limit < 1:
             raise ValueError(f"resource {spec.name!r}: limit must be >= 1, got {spec.limit}")
-        slot = _Slot(spec)
+        holder = _Holder(spec)
         if spec.limit is not None:
-            slot.semaphore = asyncio.Semaphore(spec.limit)
-        self._slots[spec.name] = slot
+            holder.semaphore = asyncio.Semaphore(spec.limit)
+        self._holders[spec.name] = holder
         return spec
 
     def __contains__(self, name: object) -> bool:
-        return name in self._slots
+        return name in self._holders
 
     def names(self) -> list[str]:
         """The declared names, in declaration order."""
-        return list(self._slots)
+        return list(self._holders)
 
     async def get(self, spec: Resource[T] | str) -> T:
         """This process's instance, created on first use (once, even under a burst)."""
-        slot = self._slot(spec)
-        if slot.state is ResourceState.READY:  # the fast path takes no lock
-            return cast(T, slot.value)
-        async with slot.lock:
+        holder = self._holder(spec)
+        if holder.state is ResourceState.READY:  # the fast path takes no lock
+            return cast(T, holder.value)
+        async with holder.lock:
             # Another task may have created it while this one waited for the lock.
-            if slot.is_ready():
-                return cast(T, slot.value)
-            if slot.state is ResourceState.CLOSED:
-                raise ResourceUnavailable(f"resource {slot.spec.name!r} is closed (shutting down)")
-            slot.state = ResourceState.CREATING
-            try:
-                value = await slot.spec.factory()
-            except Exception as exc:
-                slot.state = ResourceState.FAILED
-                slot.error = f"{type(exc).__name__}: {exc}"
-                log.warning("resource %r failed to initialise: %s", slot.spec.name, slot.error)
+            if holder.is_ready():
+                return cast(T, holder.value)
+            if holder.state is ResourceState.CLOSED:
                 raise ResourceUnavailable(
-                    f"resource {slot.spec.name!r} could not be created ({slot.error}); "
+                    f"resource {holder.spec.name!r} is closed (shutting down)"
+                )
+            holder.state = ResourceState.CREATING
+            try:
+                value = await holder.spec.factory()
+            except Exception as exc:
+                holder.state = ResourceState.FAILED
+                holder.error = f"{type(exc).__name__}: {exc}"
+                _log.warning("resource %r failed to initialise: %s", holder.spec.name, holder.error)
+                raise ResourceUnavailable(
+                    f"resource {holder.spec.name!r} could not be created ({holder.error}); "
                     "it is retried on the next request"
                 ) from exc
             except BaseException:
                 # Cancelled while creating: nothing was made; the next use retries.
-                slot.state = ResourceState.NOT_CREATED
+                holder.state = ResourceState.NOT_CREATED
                 raise
-            slot.value = value
-            slot.instance_id = uuid.uuid4().hex[:12]
-            slot.created_at = time.time()
-            slot.error = None
-            slot.state = ResourceState.READY
-            self._order.append(slot)
-            log.info("resource %r ready (instance %s)", slot.spec.name, slot.instance_id)
+            holder.value = value
+            holder.instance_id = uuid.uuid4().hex[:12]
+            holder.created_at = time.time()
+            holder.error = None
+            holder.state = ResourceState.READY
+            self._order.append(holder)
+            _log.info("resource %r ready (instance %s)", holder.spec.name, holder.instance_id)
             return cast(T, value)
 
     async def warm(self, *, only_marked: bool = True) -> None:
         """Create resources now: those declared ``warm=True``, or all of them."""
-        for slot in list(self._slots.values()):
-            if slot.spec.warm or not only_marked:
+        for holder in list(self._holders.values()):
+            if holder.spec.warm or not only_marked:
                 # A failure is reported by state and /readyz and retried on next use.
                 with contextlib.suppress(ResourceUnavailable):
-                    await self.get(slot.spec)
+                    await self.get(holder.spec)
 
     @asynccontextmanager
     async def slot(self, spec: Resource[Any] | str) -> AsyncIterator[None]:
@@ -198,32 +216,32 @@ class ResourceRegistry:
         When ``max_waiting`` callers already wait, the next is refused with
         :class:`Overloaded` instead of waiting without bound.
         """
-        slot = self._slot(spec)
-        semaphore = slot.semaphore
+        holder = self._holder(spec)
+        semaphore = holder.semaphore
         if semaphore is None:
-            slot.in_use += 1
+            holder.in_use += 1
             try:
                 yield
             finally:
-                slot.in_use -= 1
+                holder.in_use -= 1
             return
-        if semaphore.locked() and slot.waiting >= self._max_waiting:
-            process_metrics().shed.labels("resource_busy").inc()
+        if semaphore.locked() and holder.waiting >= self._max_waiting:
+            self._busy.inc()
             raise Overloaded(
-                f"resource {slot.spec.name!r} is at its limit of {slot.spec.limit} "
-                f"concurrent uses with {slot.waiting} waiting; retry shortly.",
-                retry_after=1.0,
+                f"resource {holder.spec.name!r} is at its limit of {holder.spec.limit} "
+                f"concurrent uses with {holder.waiting} waiting; retry shortly.",
+                retry_after=self._retry_after,
             )
-        slot.waiting += 1
+        holder.waiting += 1
         try:
             await semaphore.acquire()
         finally:
-            slot.waiting -= 1
-        slot.in_use += 1
+            holder.waiting -= 1
+        holder.in_use += 1
         try:
             yield
         finally:
-            slot.in_use -= 1
+            holder.in_use -= 1
             semaphore.release()
 
     async def run_sync(
@@ -239,18 +257,18 @@ class ResourceRegistry:
         """Close this process's instance (if any); the next use creates a new one.
 
         For a resource found broken (a connection to a file that was replaced)."""
-        slot = self._slot(spec)
-        async with slot.lock:
-            if slot.state is not ResourceState.READY:
+        holder = self._holder(spec)
+        async with holder.lock:
+            if holder.state is not ResourceState.READY:
                 return
-            value, slot.value = slot.value, None
-            slot.state, slot.instance_id = ResourceState.NOT_CREATED, None
-            self._order.remove(slot)
-            if slot.spec.close is not None:
+            value, holder.value = holder.value, None
+            holder.state, holder.instance_id = ResourceState.NOT_CREATED, None
+            self._order.remove(holder)
+            if holder.spec.close is not None:
                 try:
-                    await slot.spec.close(value)
+                    await holder.spec.close(value)
                 except Exception:
-                    log.exception("closing resource %r failed", slot.spec.name)
+                    _log.exception("closing resource %r failed", holder.spec.name)
 
     def status(self) -> list[ResourceStatus]:
         """Every resource's state, in declaration order."""
@@ -265,28 +283,91 @@ class ResourceRegistry:
                 in_use=s.in_use,
                 limit=s.spec.limit,
             )
-            for s in self._slots.values()
+            for s in self._holders.values()
         ]
 
     async def aclose(self) -> None:
         """Close every created instance in reverse creation order; errors are logged."""
         while self._order:
-            slot = self._order.pop()
-            async with slot.lock:
-                value, slot.value = slot.value, None
-                slot.state = ResourceState.CLOSED
-                if slot.spec.close is not None:
+            holder = self._order.pop()
+            async with holder.lock:
+                value, holder.value = holder.value, None
+                holder.state = ResourceState.CLOSED
+                if holder.spec.close is not None:
                     try:
-                        await slot.spec.close(value)
+                        await holder.spec.close(value)
                     except Exception:
-                        log.exception("closing resource %r failed", slot.spec.name)
-        for slot in self._slots.values():
-            slot.state = ResourceState.CLOSED
+                        _log.exception("closing resource %r failed", holder.spec.name)
+        for holder in self._holders.values():
+            holder.state = ResourceState.CLOSED
 
-    def _slot(self, spec: Resource[Any] | str) -> _Slot:
+    # -- the registry as a part of the worker -------------------------------------------
+
+    async def start(self, metrics: Metrics) -> None:
+        """Count refusals into ``metrics``; create the resources marked ``warm`` (or
+        all of them), then start the required ones in the background."""
+        self._busy = metrics.count(metrics.shed, "resource_busy")
+        metrics.on_sample(self._sample)
+        await self.warm(only_marked=not self._warm_all)
+        # Readiness depends on required resources: start them now, without holding
+        # up start-up, so /readyz turns green without waiting for a first request.
+        self.ensure_required()
+
+    async def stop(self) -> None:
+        """Close every instance in reverse creation order."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.aclose()
+
+    async def readiness(self) -> Readiness:
+        """Ready when every required resource is; a failed one is retried now."""
+        ready = Readiness()
+        for status in self.status():
+            if not status.required:
+                continue
+            ready.checks[status.name] = status.state.value
+            if status.state is not ResourceState.READY:
+                detail = f": {status.error}" if status.error else ""
+                ready.problems.append(f"resource {status.name!r} is {status.state.value}{detail}")
+        if ready.problems:
+            self.ensure_required()  # so readiness recovers by itself
+        return ready
+
+    def identity(self) -> list[dict[str, Any]]:
+        """Every resource's state and instance id in this process."""
+        return [status.as_dict() for status in self.status()]
+
+    def state_of(self, name: str) -> ResourceState:
+        """The state of the resource called ``name`` in this process."""
+        return self._holder(name).state
+
+    def ensure_required(self) -> None:
+        """Start creating each required resource that is not ready, in the background."""
+        for holder in self._holders.values():
+            if holder.spec.required and holder.state in (
+                ResourceState.NOT_CREATED,
+                ResourceState.FAILED,
+            ):
+                task = asyncio.get_running_loop().create_task(self._create(holder.spec))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _create(self, spec: Resource[Any]) -> None:
+        # A failure is logged and recorded in the state; retried on the next use.
+        with contextlib.suppress(Exception):
+            await self.get(spec)
+
+    def _sample(self, metrics: Metrics) -> None:
+        for status in self.status():
+            for state in ResourceState:
+                value = 1 if status.state is state else 0
+                metrics.resource_state.labels(status.name, state.value).set(value)
+
+    def _holder(self, spec: Resource[Any] | str) -> _Holder:
         name = spec if isinstance(spec, str) else spec.name
         try:
-            return self._slots[name]
+            return self._holders[name]
         except KeyError:
             raise LookupError(
                 f"no resource named {name!r} is declared; declare it with "

@@ -17,11 +17,11 @@ import os
 import time
 from typing import Any
 
-from ._logging import service_handler
+from .logs import service_handler
 
-__all__ = ["AccessLog"]
+__all__ = ["ACCESS_LOGGER", "AccessLog"]
 
-access = logging.getLogger("quart_service.access")
+ACCESS_LOGGER = logging.getLogger("quart_service.access")
 
 
 class AccessLog:
@@ -43,14 +43,14 @@ class AccessLog:
         request_id: str,
     ) -> None:
         """Write the line for one answered request (if INFO is enabled)."""
-        if not access.isEnabledFor(logging.INFO):
+        if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
             return
         ms = elapsed * 1000
         message = f"{method} {path} {status} {ms:.1f}ms {sent}B id={request_id}"
-        handler = service_handler(access)
+        handler = service_handler(ACCESS_LOGGER)
         if handler is None:
             fields = self._fields(method, path, route, status, ms, sent)
-            access.info("%s", message, extra=fields if self.json_format else None)
+            ACCESS_LOGGER.info("%s", message, extra=fields if self.json_format else None)
             return
         stamp = self._time()
         if self.json_format:
@@ -59,14 +59,14 @@ class AccessLog:
                     "time": stamp,
                     "process": os.getpid(),
                     "level": "INFO",
-                    "logger": access.name,
+                    "logger": ACCESS_LOGGER.name,
                     "message": message,
                     "request_id": request_id,
                     **self._fields(method, path, route, status, ms, sent),
                 }
             )
         else:
-            line = f"[{stamp}] [{os.getpid()}] [INFO] {access.name}: {message}"
+            line = f"[{stamp}] [{os.getpid()}] [INFO] {ACCESS_LOGGER.name}: {message}"
         with handler.lock or _NO_LOCK:
             handler.stream.write(line + "\n")
             handler.flush()

@@ -3,7 +3,7 @@
 It is Hypercorn's own worker (``worker_serve``: the same protocol, timeouts and
 lifespan handling as the ``hypercorn`` command) with two additions the supervisor
 needs: the worker says when it is serving (one byte on a pipe), and its drain can
-make the server stop accepting (see :mod:`quart_service._drain`).
+make the server stop accepting (see :mod:`quart_service.drain`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import load_application
 
-from ._drain import on_server_stop
+from ..drain import on_server_stop
 
-__all__ = ["run_worker"]
+__all__ = ["READY", "run_worker"]
 
 READY = b"ready"
 

@@ -1,10 +1,15 @@
 """Every metric the service exports, defined in one place.
 
-One :class:`ServiceMetrics` exists per process (:func:`process_metrics`), created on
-first use, after :func:`~quart_service.metrics.store.enable_multiprocess` chose where
-the values live. Each value is written through to this process's memory-mapped file
-(prometheus-client's multiprocess mode), so any worker can sum every worker's values
-when ``/metrics`` is scraped.
+One :class:`Metrics` is built per worker process when it starts serving (after
+:func:`~quart_service.observability.metrics.store.enable_multiprocess` chose where
+the values live), and each part of the service receives it when the part starts:
+nothing reaches a process-global metrics object. Each value is written through to
+this process's memory-mapped file (prometheus-client's multiprocess mode), so any
+worker can sum every worker's values when ``/metrics`` is scraped.
+
+Event counts go through :class:`~quart_service.observability.metrics.counts.Count`:
+one call moves the Prometheus child and the per-process tally that
+``/debug/identity`` shows, so the two cannot disagree.
 
 Gauges state how they combine across workers: ``livesum`` adds the values of the
 workers alive now (active streams, busy threads), ``liveall`` keeps one series per
@@ -13,21 +18,22 @@ worker (``pid`` label), ``max`` keeps the highest.
 
 from __future__ import annotations
 
-import threading
-from collections import Counter as _Counter
 from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["ExportedCounts", "ServiceMetrics", "process_metrics"]
+from .counts import Count, Counts
+
+__all__ = ["Metrics"]
 
 # Seconds: from a fast JSON answer to a long generation.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _DURATION_BUCKETS = (*_LATENCY_BUCKETS, 120, 300, 600, 1800)
 
 
-class ServiceMetrics:
-    """The metric families of one process (see docs/operations.md for each meaning)."""
+class Metrics:
+    """The metric families of one process (see docs/operations.md for each meaning),
+    and the samplers that set its gauges."""
 
     def __init__(self) -> None:
         # registry=None: these are collected from the files of every worker, never
@@ -184,6 +190,26 @@ class ServiceMetrics:
             registry=r,
         )
         self._http: dict[tuple[str, str, int], Callable[[float, float | None], None]] = {}
+        self._samplers: list[Callable[[Metrics], None]] = []
+
+    # -- handles for the parts of the service ----------------------------------------
+
+    def count(self, family: Counter, *labels: str) -> Count:
+        """A :class:`Count` feeding ``family`` (its child for ``labels``)."""
+        return Count(family.labels(*labels) if labels else family)
+
+    def counts(self, family: Counter) -> Counts:
+        """A :class:`Counts` feeding ``family``'s children, one per label value."""
+        return Counts(family)
+
+    def on_sample(self, sampler: Callable[[Metrics], None]) -> None:
+        """Have ``sampler`` set its gauges at every :meth:`sample`."""
+        self._samplers.append(sampler)
+
+    def sample(self) -> None:
+        """Set every sampled gauge now (every second, and before a scrape)."""
+        for sampler in self._samplers:
+            sampler(self)
 
     def observe_request(
         self, route: str, method: str, status: int, duration: float, first_byte: float | None
@@ -209,42 +235,3 @@ class ServiceMetrics:
                 ttfb(first_byte)
 
         return record
-
-
-_lock = threading.Lock()
-_metrics: ServiceMetrics | None = None
-
-
-def process_metrics() -> ServiceMetrics:
-    """This process's metrics, created on first use."""
-    global _metrics
-    if _metrics is None:
-        with _lock:
-            if _metrics is None:
-                _metrics = ServiceMetrics()
-    return _metrics
-
-
-class ExportedCounts(_Counter[str]):
-    """A ``Counter`` of named events whose increments are also exported as metrics.
-
-    Components keep their plain ``counts["x"] += 1`` (shown per worker on
-    ``/debug/identity``); each increase is written through to the metric child that
-    ``export(metrics, key)`` names, or to none when it returns None.
-    """
-
-    def __init__(self, export: Callable[[ServiceMetrics, str], Counter | None]) -> None:
-        super().__init__()
-        self._export = export
-        self._children: dict[str, Counter | None] = {}
-
-    def __setitem__(self, key: str, value: int) -> None:
-        delta = value - self.get(key, 0)
-        super().__setitem__(key, value)
-        if delta > 0:
-            if key in self._children:
-                child = self._children[key]
-            else:
-                child = self._children[key] = self._export(process_metrics(), key)
-            if child is not None:
-                child.inc(delta)

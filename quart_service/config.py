@@ -21,13 +21,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, get_type_hints
 
-from ._units import KIB, MIB, SECONDS
 from .errors import SettingsError
 
-__all__ = ["ENV_PREFIX", "Settings", "SettingsError"]
+__all__ = [
+    "BYTES",
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "KIB",
+    "MIB",
+    "MILLISECONDS",
+    "SECONDS",
+    "Settings",
+    "split_list",
+    "split_pairs",
+]
 
 ENV_PREFIX: Final = "QUART_SERVICE_"
 CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
+
+# Units, so that defaults read as what they mean (``30 * SECONDS``).
+SECONDS: Final = 1.0
+MILLISECONDS: Final = SECONDS / 1000
+BYTES: Final = 1
+KIB: Final = 1024 * BYTES
+MIB: Final = 1024 * KIB
 _SECRETS = frozenset({"admin_token"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

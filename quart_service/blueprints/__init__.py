@@ -1,1 +1,0 @@
-"""The service's built-in blueprints: health, identity, demo."""

@@ -1,0 +1,58 @@
+"""Event counts moved by one call: the Prometheus child and this process's tally.
+
+A part of the service counts an event once (``count.inc()``); the Prometheus child is
+what ``/metrics`` sums over every worker, the tally is what ``/debug/identity`` shows
+for this worker. Built without a family (``Count()``, ``Counts()``), they only tally:
+that is how a part built outside a serving worker (a unit test) counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Count", "Counts"]
+
+
+class Count:
+    """One event count."""
+
+    __slots__ = ("_child", "value")
+
+    def __init__(self, child: Any = None) -> None:
+        self.value: int | float = 0
+        self._child = child
+
+    def inc(self, amount: int | float = 1) -> None:
+        """Count ``amount`` more events."""
+        self.value += amount
+        if self._child is not None:
+            self._child.inc(amount)
+
+
+class Counts:
+    """A family of counts with one label (a reason, a kind, an outcome)."""
+
+    __slots__ = ("_counts", "_family")
+
+    def __init__(self, family: Any = None) -> None:
+        self._family = family
+        self._counts: dict[str, Count] = {}
+
+    def __getitem__(self, label: str) -> Count:
+        count = self._counts.get(label)
+        if count is None:
+            child = self._family.labels(label) if self._family is not None else None
+            count = self._counts[label] = Count(child)
+        return count
+
+    def inc(self, label: str, amount: int | float = 1) -> None:
+        """Count ``amount`` more events under ``label``."""
+        self[label].inc(amount)
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The tallies by label."""
+        return {label: count.value for label, count in self._counts.items()}
+
+    def total(self) -> int | float:
+        """The sum over every label."""
+        return sum(count.value for count in self._counts.values())

@@ -1,0 +1,1 @@
+"""The service's own routes: health, identity, /metrics and the demo stream."""

@@ -1,0 +1,1 @@
+"""Running the service: the ``quart-service`` command, the supervisor, its workers."""

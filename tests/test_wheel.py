@@ -1,0 +1,73 @@
+"""The wheel carries the migrations: an installed service finds its schema.
+
+The SQL lives in the repository's top-level ``migrations/`` folder; the package sees it
+as ``quart_service/migrations`` (a link in the checkout, real files in the wheel).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .support.server import ROOT
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
+    tmp_path: Path,
+) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+         "-w", str(wheels), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = wheels.glob("quart_service-*.whl")
+    sql = sorted(p.name for p in (ROOT / "migrations").glob("*.sql"))
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = sorted(
+            Path(name).name
+            for name in archive.namelist()
+            if name.startswith("quart_service/migrations/") and name.endswith(".sql")
+        )
+    assert shipped == sql
+
+    # A fresh environment; the dependencies come from this interpreter's site-packages,
+    # the service itself only from the wheel.
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+        check=True, timeout=120,
+    )  # fmt: skip
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("QUART_SERVICE_") and key != "PYTHONPATH"
+    }
+    env["QUART_SERVICE_DATA_DIR"] = str(elsewhere / "data")
+    where = subprocess.run(
+        [str(python), "-c", "import quart_service; print(quart_service.__file__)"],
+        cwd=elsewhere, env=env, check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert where.stdout.strip().startswith(str(venv))
+    migrate = subprocess.run(
+        [str(venv / "bin" / "quart-service"), "migrate"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert migrate.returncode == 0, migrate.stderr
+    latest = len(sql)
+    assert f"applied {sql[0]}" in migrate.stdout
+    assert f"schema at version {latest} (latest {latest})" in migrate.stdout
+    assert (elsewhere / "data" / "quart_service.db").exists()
