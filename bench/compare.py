@@ -1,6 +1,6 @@
 """Throughput and CPU cost of quart_service against a bare Quart app, in one run.
 
-    python -m bench.compare [--seconds 5] [--rounds 2] [--connections 64]
+    python -m bench.compare [--seconds 5] [--rounds 2] [--connections 64] [--before DIR]
 
 Stacks (2 worker processes each, on loopback, wrk as the client):
 
@@ -10,7 +10,9 @@ Stacks (2 worker processes each, on loopback, wrk as the client):
 
 Routes: JSON hello; SSE of 100 small events from an async generator; the same 100
 events from a sync generator (the service's pool bridge vs Quart's run_sync_iterable).
-Rounds are interleaved because requests/s move by up to 2x between runs on a shared
+``--before DIR`` adds ``service-before``: the same service app from another checkout
+(``git worktree add DIR <commit>``), so a change is compared with the code before it
+in the same run. Rounds are interleaved because requests/s move by up to 2x between runs on a shared
 machine; worker CPU time per request (utime+stime from /proc) is the steadier number.
 """
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from tests.support.server import SHIPPED_CONFIG, Server, peak_threads, running_server
+from tests.support.server import ROOT, SHIPPED_CONFIG, Server, peak_threads, running_server
 
 EVENTS_PER_STREAM = 100
 ROUTES = {"json": "/hello", "sse": "/sse", "sync": "/sync"}
@@ -39,6 +41,7 @@ class Stack:
     app: str
     config: Path | None
     env: dict[str, str] = field(default_factory=dict)
+    root: Path | None = None  # another checkout to run (None: this one)
 
 
 STACKS = [
@@ -112,15 +115,20 @@ def measure(server: Server, route: str, seconds: float, connections: int) -> Sam
     return Sample(completed / elapsed, sum(cpu) / completed * 1e6, max(peak.values()), share)
 
 
-def run(seconds: float, rounds: int, connections: int) -> Results:
+def run(seconds: float, rounds: int, connections: int, stacks: list[Stack]) -> Results:
     results = Results()
     with tempfile.TemporaryDirectory() as tmp:
         for round_no in range(1, rounds + 1):
             # Rotate the order each round, so no stack always runs first (or last).
-            shift = (round_no - 1) % len(STACKS)
-            for stack in STACKS[shift:] + STACKS[:shift]:
+            shift = (round_no - 1) % len(stacks)
+            for stack in stacks[shift:] + stacks[:shift]:
                 with running_server(
-                    Path(tmp), app=stack.app, workers=2, config=stack.config, env=stack.env
+                    Path(tmp),
+                    app=stack.app,
+                    workers=2,
+                    config=stack.config,
+                    env=stack.env,
+                    root=stack.root or ROOT,
                 ) as server:
                     for kind, route in ROUTES.items():
                         sample = measure(server, route, seconds, connections)
@@ -136,11 +144,11 @@ def run(seconds: float, rounds: int, connections: int) -> Results:
     return results
 
 
-def report(results: Results) -> None:
+def report(results: Results, stacks: list[Stack]) -> None:
     print("\nmedians over rounds (2 workers each; SSE and sync: 100 events per request)")
     print(f"{'stack':13} {'JSON req/s':>11} {'SSE ev/s':>11} {'sync ev/s':>11} "
           f"{'us/JSON':>8} {'us/SSE ev':>10} {'threads':>8}")  # fmt: skip
-    for stack in STACKS:
+    for stack in stacks:
         name = stack.name
         print(
             f"{name:13} {results.rps(name, 'json'):11.0f} "
@@ -151,13 +159,19 @@ def report(results: Results) -> None:
             f"{max(results.threads(name, r) for r in ROUTES):8d}"
         )
     print("\nratios (target)")
-    for label, ours, route, other, target in [
+    pairs = [
         ("service / bare-tuned, JSON req/s", "service", "json", "bare-tuned", 0.9),
         ("service-nolog / bare-tuned, JSON req/s", "service-nolog", "json", "bare-tuned", 0.9),
         ("service / bare-tuned, SSE events/s", "service", "sse", "bare-tuned", 0.9),
         ("service / bare-default, JSON req/s", "service", "json", "bare-default", 2.0),
         ("service / bare-tuned, sync-bridge events/s", "service", "sync", "bare-tuned", 5.0),
-    ]:
+    ]
+    if any(stack.name == "service-before" for stack in stacks):
+        pairs += [
+            ("service / service-before, JSON req/s", "service", "json", "service-before", 0.95),
+            ("service / service-before, SSE events/s", "service", "sse", "service-before", 0.95),
+        ]
+    for label, ours, route, other, target in pairs:
         ratio = results.rps(ours, route) / results.rps(other, route)
         cpu_ratio = results.cpu(other, route) / results.cpu(ours, route)
         verdict = "ok" if ratio >= target else "BELOW"
@@ -170,10 +184,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--before", type=Path, help="another checkout to compare with")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench needs wrk: apt-get install wrk")
-    report(run(args.seconds, args.rounds, args.connections))
+    stacks = list(STACKS)
+    if args.before is not None:
+        stacks.insert(
+            1, Stack("service-before", "bench.apps:service", SHIPPED_CONFIG, root=args.before)
+        )
+    report(run(args.seconds, args.rounds, args.connections, stacks), stacks)
 
 
 if __name__ == "__main__":

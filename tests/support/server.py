@@ -71,10 +71,10 @@ class Server:
         return self.process.returncode
 
 
-def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(extra: Mapping[str, str] | None = None, root: Path = ROOT) -> dict[str, str]:
     """The environment for a server: ours without QUART_SERVICE_*, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUART_SERVICE_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 
@@ -91,10 +91,12 @@ def spawn_hypercorn(
     log_path: Path,
     config: Path | None = SHIPPED_CONFIG,
     command: str = "hypercorn",
+    root: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
     """``hypercorn --config hypercorn.toml`` (the shipped file; None: Hypercorn's own
     defaults) with bind and workers set; ``command="serve"``: ``quart-service serve``
-    with the same arguments."""
+    with the same arguments. ``root``: the checkout whose code runs (a bench compares
+    another one)."""
     config_args = ["--config", str(config)] if config is not None else []
     if command == "serve":
         program = [sys.executable, "-m", "quart_service.server.cli", "serve"]
@@ -111,8 +113,8 @@ def spawn_hypercorn(
                 "--workers", str(workers),
                 app,
             ],
-            cwd=ROOT,
-            env=server_env(env),
+            cwd=root,
+            env=server_env(env, root),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -128,6 +130,7 @@ def running_server(
     start_timeout: float = 30.0,
     config: Path | None = SHIPPED_CONFIG,
     command: str = "hypercorn",
+    root: Path = ROOT,
 ) -> Iterator[Server]:
     """Run a real Hypercorn (``command="serve"``: ``quart-service serve``) with
     ``workers`` processes; stop it by PID afterwards."""
@@ -136,7 +139,14 @@ def running_server(
     # Each server gets its own data folder unless the test shares one on purpose.
     env = {"QUART_SERVICE_DATA_DIR": str(tmp_path / f"data-{port}"), **(env or {})}
     process = spawn_hypercorn(
-        app, port=port, workers=workers, env=env, log_path=log_path, config=config, command=command
+        app,
+        port=port,
+        workers=workers,
+        env=env,
+        log_path=log_path,
+        config=config,
+        command=command,
+        root=root,
     )
     server = Server(process, port, log_path)
     try:
