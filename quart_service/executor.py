@@ -2,7 +2,8 @@
 
 asyncio's default executor has min(32, cores + 4) threads and an unbounded queue, so
 a burst of blocking work waits without limit (``concurrent.futures.thread`` queues
-work in an unbounded ``SimpleQueue``; docs/design.md, pitfalls). This pool is
+work in an unbounded ``SimpleQueue``; https://github.com/python/cpython/issues/73781
+asks for a bound). This pool is
 installed as the loop's default executor at start-up, so Quart's sync views,
 ``run_sync``, stream bridges and ``loop.run_in_executor(None, ...)`` all share it, and
 no resource starts a pool of its own.

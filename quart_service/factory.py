@@ -2,7 +2,7 @@
 
 Everything that opens a file, socket, thread or connection happens per worker process
 when the parts start (:meth:`Service.start`), never here: Hypercorn spawns its workers
-and each one imports the app (docs/design.md, pitfalls).
+and each one imports the app (docs/design.md, pitfall 8).
 """
 
 from __future__ import annotations

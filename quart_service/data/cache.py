@@ -4,7 +4,7 @@
 key per process even when many requests miss together (single flight). Every key is
 prefixed with the snapshot generation this worker serves, so when the leader
 publishes a new generation each worker's old entries become unreachable the moment it
-swaps: no invalidation broadcast is needed (aiocache has none; docs/design.md, pitfalls).
+swaps: no invalidation broadcast is needed (aiocache has none; docs/design.md, pitfall 6).
 """
 
 from __future__ import annotations

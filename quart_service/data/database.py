@@ -1,8 +1,8 @@
 """This worker's one SQLite connection (aiosqlite): opened on first use, every statement
 counted, SQLite's lock and file errors turned into the service's 503 errors.
 
-aiosqlite runs one thread per connection, so each worker keeps exactly one
-(docs/design.md, pitfalls). Workers that only follow the leader's snapshot never open
+aiosqlite runs one thread per connection (https://github.com/omnilib/aiosqlite/issues/2),
+so each worker keeps exactly one. Workers that only follow the leader's snapshot never open
 it at all. The handle is built once per worker by the data layer and passed to whoever
 queries (the refresh plane, the models repository); nobody fetches it back through
 the resource registry.

@@ -125,7 +125,8 @@ class RequestObserver:
 
     def _over_limit(self, scope: Any) -> tuple[int, str, str] | None:
         # Hypercorn's h11_max_incomplete_size only bounds a head that arrives in
-        # pieces; a whole 60 KiB head in one packet passes. So check here, cheaply.
+        # pieces; a whole 60 KiB head in one packet passes
+        # (https://github.com/python-hyper/h11/issues/182). So check here, cheaply.
         raw: bytes = scope.get("raw_path") or scope["path"].encode()
         if len(raw) + len(scope.get("query_string", b"")) > self.max_url:
             return 414, "url_too_long", f"The URL is over {self.max_url} bytes."

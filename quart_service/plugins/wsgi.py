@@ -2,8 +2,9 @@
 
 Hypercorn's ``AsyncioWSGIMiddleware`` runs the WSGI app with
 ``loop.run_in_executor(None, ...)``: the worker's one bounded pool. What it lacks is
-added here: the body limit is a setting (its default is 64 KiB; docs/design.md,
-pitfalls) and a body over it answers 413 before it is read; a full pool answers 503 with
+added here: the body limit is a setting (its default is 64 KiB, hypercorn
+``middleware/wsgi.py``; docs/design.md, pitfall 7) and a body over it answers 413
+before it is read; a full pool answers 503 with
 ``Retry-After``; the mounted app's own errors stay inside it (Flask answers 500 for
 that request alone).
 """

@@ -4,7 +4,7 @@
 (see :mod:`quart_service.server.supervisor`). ``quart-service check`` validates the settings
 (environment and TOML file) and prints them; it exits 2 with the offending key named
 when they are bad. Run it before ``hypercorn``: Hypercorn 0.18 can exit 0 when all
-of its workers fail at start-up.
+of its workers fail at start-up (https://github.com/pgjones/hypercorn/issues/269).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``quart-service serve``: Hypercorn's workers, supervised.
 
-Plain ``hypercorn`` stops the whole server when one worker crashes (docs/design.md,
-pitfalls), and its SIGHUP stops every worker at once. The supervisor runs the same
+Plain ``hypercorn`` stops the whole server when one worker crashes (``run()`` in
+hypercorn/run.py, 0.18; docs/design.md, pitfall 2), and its SIGHUP stops every worker
+at once. The supervisor runs the same
 Hypercorn worker code on the same shared sockets and adds:
 
 * a worker that dies, however (a crash, ``kill -9``, the OOM killer), is replaced at

@@ -1,8 +1,8 @@
 """Producers that feed a :class:`Channel`: an async generator, or a sync iterator.
 
 The sync bridge does not hop to a thread for every item, as Quart's
-``run_sync_iterable`` does (docs/design.md, pitfalls): one pool job runs the iterator
-until the channel is full, then *parks* and gives its thread back; the consumer
+``run_sync_iterable`` does (quart/utils.py; docs/design.md, pitfall 4): one pool job
+runs the iterator until the channel is full, then *parks* and gives its thread back; the consumer
 resumes it once the slow client took the data. A thread is therefore held only
 while the iterator is actually producing, never while a client is slow.
 

@@ -11,7 +11,8 @@
 
 A sync iterator (a plain generator from blocking code) runs on the shared pool. The
 response is exempt from Quart's ``RESPONSE_TIMEOUT``, which would silently cut a long
-stream (docs/design.md, pitfalls); the stream's own idle and total limits apply instead.
+stream (``handle_request`` in quart/asgi.py wraps the whole response in ``wait_for``;
+docs/design.md, pitfall 1); the stream's own idle and total limits apply instead.
 """
 
 from __future__ import annotations
