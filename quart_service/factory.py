@@ -95,7 +95,9 @@ def create_app(
     if settings.cors_allow_origins:
         _enable_cors(app, split_list(settings.cors_allow_origins))
 
-    service = Service(settings, [pool, registry, streams, data, engines, plugins], streams)
+    # The registry starts after the parts its resources need (the snapshot needs the
+    # data layer), so warming and the required resources find them ready.
+    service = Service(settings, [pool, streams, data, engines, plugins, registry], streams)
     # Outermost: ids, access log and metrics see what the client sees.
     observer = RequestObserver(app.asgi_app, settings, lambda: service.drain.draining)
     service.observer = observer

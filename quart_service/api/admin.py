@@ -68,7 +68,7 @@ def _found(model: ModelConfig | None, name: str) -> dict[str, Any]:
 @admin.get("/models")
 async def list_models() -> dict[str, Any]:
     """Every model, enabled or not, as the database has it now."""
-    return {"models": [model.as_dict() for model in await data().models.all(kind="admin")]}
+    return {"models": [model.as_dict() for model in await data().models.all()]}
 
 
 @admin.post("/models")

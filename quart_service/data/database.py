@@ -36,7 +36,7 @@ class Database:
     def __init__(self, path: Path, busy_timeout: float, queries: Counts | None = None) -> None:
         self.path = path
         self._busy_timeout = busy_timeout
-        # By kind (poll, load, startup, read, write, admin): owned here, so the counts
+        # By kind (poll, load, startup, read, write): owned here, so the counts
         # survive a reconnect.
         self.queries = queries if queries is not None else Counts()
         self._connection: aiosqlite.Connection | None = None

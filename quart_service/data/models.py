@@ -93,7 +93,7 @@ class ModelRepository:
     async def get(self, name: str) -> ModelConfig | None:
         """The model called ``name``, if there is one."""
         row = await self._database.fetchone(
-            f"SELECT {_COLUMNS} FROM models WHERE name = ?", (name,), kind="admin"
+            f"SELECT {_COLUMNS} FROM models WHERE name = ?", (name,), kind="read"
         )
         return None if row is None else ModelConfig.from_row(row)
 
@@ -106,7 +106,7 @@ class ModelRepository:
         await self._database.execute(
             "INSERT INTO models (name, engine, parameters, enabled) VALUES (?, ?, ?, ?)",
             (name, engine, json.dumps(parameters), int(enabled)),
-            kind="admin",
+            kind="write",
         )
         created = await self.get(name)
         assert created is not None
@@ -134,7 +134,7 @@ class ModelRepository:
             updated = await self._database.execute(
                 f"UPDATE models SET {assignments}, updated_at = {_NOW} WHERE name = ?",
                 (*changes.values(), name),
-                kind="admin",
+                kind="write",
             )
             if updated == 0:
                 return None

@@ -181,3 +181,29 @@ async def cached_value(name: str) -> dict[str, Any]:
 
 
 app = create_app(resources=[SLOW, *MODELS], blueprints=[bp])
+
+
+# Routes for tests/test_metrics_families_e2e.py, added on the app itself: the blueprint
+# above is registered already (a blueprint takes no routes after that).
+
+
+@app.get("/failing-stream")
+async def failing_stream() -> Response:
+    """One event, then the producer raises: the stream ends with an error event."""
+
+    async def produce() -> AsyncIterator[str]:
+        yield "before"
+        raise RuntimeError("the producer failed on purpose")
+
+    return sse(produce())
+
+
+@app.get("/cached-error/<name>")
+async def cached_error(name: str) -> dict[str, Any]:
+    """A cache miss whose loader raises: nothing is cached, the request fails (500)."""
+
+    async def load() -> Any:
+        raise RuntimeError(f"loading {name!r} failed on purpose")
+
+    value = await cached(f"error:{name}", load)
+    return {"pid": os.getpid(), "value": value}

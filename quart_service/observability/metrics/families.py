@@ -134,7 +134,7 @@ class Metrics:
         )
         self.database_queries = Counter(
             "quart_service_database_queries",
-            "Database queries by purpose (poll, load, startup, admin, ...).",
+            "Database queries by purpose (poll, load, startup, read, write).",
             ["kind"],
             registry=r,
         )
