@@ -28,6 +28,7 @@ from .support.server import (
     running_server,
     server_env,
     sqlite3_shell,
+    wait_for,
 )
 
 INTERVAL = 0.5
@@ -44,19 +45,6 @@ def _env(data_dir: Path, events: Path | None = None, **extra: str) -> dict[str, 
     if events is not None:
         env["TEST_EVENTS_FILE"] = str(events)
     return env
-
-
-def _wait_for(check: Any, what: str, timeout: float) -> Any:
-    """Call ``check()`` every 0.05 s until it returns something truthy, and return that;
-    fail naming ``what`` (and the last result) once ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout} s: {what} (last check: {result!r})")
-        time.sleep(0.05)
 
 
 def _identities(clients: dict[int, httpx.Client]) -> dict[int, dict[str, Any]]:
@@ -290,12 +278,12 @@ def test_leader_failover_after_kill_9(tmp_path: Path) -> None:
             current = leaders()
             return current if len(current) == 1 else []
 
-        (first,) = _wait_for(one_leader, "exactly one of the 3 electors is leader", 15)
+        (first,) = wait_for(one_leader, "exactly one of the 3 electors is leader", 15)
         os.kill(first, signal.SIGKILL)
         killed_at = time.time()
         next(p for p in processes if p.pid == first).wait(timeout=5)
         # The take-over time is measured from the events' timestamps, not by this poll.
-        (second,) = _wait_for(leaders, f"a new leader after kill -9 of {first}", 5)
+        (second,) = wait_for(leaders, f"a new leader after kill -9 of {first}", 5)
         assert second != first
         took_over = next(
             e["t"]
@@ -313,7 +301,7 @@ def test_leader_failover_after_kill_9(tmp_path: Path) -> None:
             snapshot = json.loads((data_dir / "snapshot.json").read_text())
             return any(m["name"] == "after-failover" for m in snapshot["models"])
 
-        revision_seen = _wait_for(
+        revision_seen = wait_for(
             published, "the new leader published the change to snapshot.json", 5
         )
         assert revision_seen

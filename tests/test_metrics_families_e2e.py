@@ -33,7 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.data import put_model, wait_all
-from tests.support.server import Server, pinned_workers, running_server
+from tests.support.server import Server, pinned_workers, running_server, wait_for
 
 T = TypeVar("T")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -116,18 +116,6 @@ def _until(
             return samples
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: expected {expected!r}, last saw {seen!r}")
-        time.sleep(0.05)
-
-
-def _wait_for(check: Callable[[], T], what: str, timeout: float = 15.0) -> T:
-    """Call ``check()`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout} s: {what} (last check: {result!r})")
         time.sleep(0.05)
 
 
@@ -595,7 +583,7 @@ def test_serve_counts_restarts_keeps_dead_workers_counters_and_drops_their_gauge
             serving = all(f"worker {pid} serving (started in" in log for pid in pids)
             return pids if len(pids) == 2 and victim not in pids and serving else []
 
-        live = _wait_for(replaced, "a replacement for the killed worker serves")
+        live = wait_for(replaced, "a replacement for the killed worker serves")
         for _ in range(10):
             assert httpx.get(server.url + "/livez", headers=CLOSE).status_code == 200
             answered += 1
@@ -623,7 +611,7 @@ def test_serve_counts_restarts_keeps_dead_workers_counters_and_drops_their_gauge
             pids = server.worker_pids()
             return pids if len(pids) == 2 and not set(pids) & set(live) else []
 
-        fresh = _wait_for(reloaded, "both workers replaced after SIGHUP", timeout=30)
+        fresh = wait_for(reloaded, "both workers replaced after SIGHUP", timeout=30)
         after = _until(
             server,
             lambda s: (

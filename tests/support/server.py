@@ -10,14 +10,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 15.0) -> T:
+    """Call ``check()`` every 0.05 s until it returns something truthy, and return that;
+    fail naming ``what`` (and the last result) once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what} (last check: {result!r})")
+        time.sleep(0.05)
 
 
 def free_port() -> int:
