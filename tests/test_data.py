@@ -67,7 +67,11 @@ def test_shipped_migrations_create_the_change_marker_triggers(tmp_path: Path) ->
     with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as db:
 
         def revision() -> int:
-            return int(db.execute("SELECT revision FROM change_marker").fetchone()[0])
+            return int(
+                db.execute(
+                    "SELECT revision FROM table_revisions WHERE table_name = 'models'"
+                ).fetchone()[0]
+            )
 
         start = revision()
         db.execute("INSERT INTO models (name, engine) VALUES ('a', 'local')")

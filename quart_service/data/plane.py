@@ -196,10 +196,10 @@ class DataPlane:
 
     async def _revision(self, *, kind: str) -> int:
         row = await self._database.fetchone(
-            "SELECT revision FROM change_marker WHERE id = 1", kind=kind
+            "SELECT sum(revision) FROM table_revisions", kind=kind
         )
-        if row is None:
-            raise LookupError("change_marker has no row; is the schema applied?")
+        if row is None or row[0] is None:
+            raise LookupError("table_revisions has no row; is the schema applied?")
         return int(row[0])
 
     def _published_generation(self) -> int:
