@@ -6,10 +6,11 @@ for the tutorial, guides and reference, and docs/design.md for how the parts fit
 
 from ._version import __version__
 from .config import Settings
-from .context import cache, cached, database, resources, settings, snapshot
-from .data import ModelConfig, ServiceCache, Snapshot
+from .context import cache, cached, database, dataset, resources, settings, snapshot
+from .data import Database, Dataset, DatasetView, ModelConfig, ServiceCache, Snapshot
 from .errors import (
     Conflict,
+    DatasetUnavailable,
     InvalidParameter,
     NotFound,
     Overloaded,
@@ -31,6 +32,10 @@ __all__ = [
     "SSE",
     "BoundedExecutor",
     "Conflict",
+    "Database",
+    "Dataset",
+    "DatasetUnavailable",
+    "DatasetView",
     "ExecutorStats",
     "InvalidParameter",
     "ModelConfig",
@@ -56,6 +61,7 @@ __all__ = [
     "create_app",
     "current_request_id",
     "database",
+    "dataset",
     "ndjson",
     "resources",
     "settings",

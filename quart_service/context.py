@@ -6,22 +6,28 @@ object::
     @bp.get("/score")
     async def score() -> dict[str, float]:
         model = await resources().get(MODEL)      # this worker's singleton
-        snap = await snapshot()                    # the data, fixed for this request
-        value = await cached("k", load)            # scoped to that snapshot's generation
-        return {"score": model.predict(value), "threads": settings().executor_threads}
+        flags = await dataset(FLAGS)               # this request's version of a dataset
+        value = await cached("k", load, datasets=[FLAGS])  # dropped when FLAGS changes
+        return {"score": model.predict(value), "on": flags.get("beta") is not None}
+
+Inside a request, :func:`snapshot` and :func:`dataset` return the same version from
+start to end of it. Outside one (a resource's factory, a background task) they return
+the version this worker serves now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from quart import current_app, g
+from quart import current_app, g, has_request_context, has_websocket_context
 
 from .config import Settings
 from .data.cache import ServiceCache
 from .data.database import Database
+from .data.datasets import Dataset
 from .data.layer import SNAPSHOT, DataLayer
+from .data.published import DatasetView
 from .data.snapshot import Snapshot
 from .engines.host import EngineHost
 from .executor import BoundedExecutor, Pool
@@ -34,6 +40,7 @@ __all__ = [
     "cached",
     "data",
     "database",
+    "dataset",
     "engines",
     "pool",
     "resources",
@@ -88,16 +95,41 @@ def database() -> Database:
 
 async def snapshot() -> Snapshot:
     """The data snapshot for this request: the same object from start to end of it."""
-    held: Snapshot | None = g.get(_SNAPSHOT_KEY)
+    in_request = has_request_context() or has_websocket_context()
+    held: Snapshot | None = g.get(_SNAPSHOT_KEY) if in_request else None
     if held is None:
-        await resources().get(SNAPSHOT)  # loads it on first use
+        await resources().get(SNAPSHOT)  # waits for the first one
         held = data().snapshot
         assert held is not None
-        setattr(g, _SNAPSHOT_KEY, held)
+        if in_request:
+            setattr(g, _SNAPSHOT_KEY, held)
     return held
 
 
-async def cached(key: str, loader: Callable[[], Awaitable[T]], ttl: float | None = None) -> T:
-    """``cache().get_or_load`` scoped to this request's snapshot generation."""
+async def dataset(spec: Dataset[T] | str) -> DatasetView[T]:
+    """This request's version of a dataset (503 ``dataset_unavailable`` if it has
+    never loaded)."""
+    return (await snapshot()).dataset(spec)
+
+
+async def cached(
+    key: str,
+    loader: Callable[[], Awaitable[T]],
+    ttl: float | None = None,
+    *,
+    datasets: Sequence[Dataset[Any] | str] | None = None,
+) -> T:
+    """``cache().get_or_load`` scoped to the data ``loader`` reads, in this request's
+    snapshot: the versions of ``datasets`` when given (the value survives changes to
+    other datasets), else the whole snapshot's generation."""
     current = await snapshot()
-    return await cache().get_or_load(key, loader, ttl, generation=current.generation)
+    store = cache()
+    if datasets is None:
+        scope = store.generation_scope(current.generation)
+    else:
+        versions = {
+            name: current.dataset(name).version
+            for name in (d if isinstance(d, str) else d.name for d in datasets)
+        }
+        scope = store.dataset_scope(versions)
+    return await store.get_or_load(key, loader, ttl, scope=scope)

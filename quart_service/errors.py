@@ -14,6 +14,7 @@ The tree (a test checks it against every subclass in the package)::
      ├── EngineError              502: an engine cannot be built or failed generating
      ├── Overloaded               503: the pool, its queue or a resource's limit is full
      ├── ResourceUnavailable      503: a resource could not be created
+     ├── DatasetUnavailable       503: a dataset has never loaded in this worker
      ├── DatabaseBusy             503: another writer holds the database's lock
      └── DatabaseUnavailable      503: the database file cannot be opened
 
@@ -50,6 +51,7 @@ __all__ = [
     "Conflict",
     "DatabaseBusy",
     "DatabaseUnavailable",
+    "DatasetUnavailable",
     "EngineError",
     "ErrorAnswer",
     "InvalidParameter",
@@ -170,6 +172,13 @@ class ResourceUnavailable(ServiceError):
 
     status = 503
     code = "resource_unavailable"
+
+
+class DatasetUnavailable(ServiceError):
+    """A dataset this request reads has no loaded version yet (its loader fails)."""
+
+    status = 503
+    code = "dataset_unavailable"
 
 
 class DatabaseBusy(ServiceError):

@@ -16,6 +16,7 @@ from .api.admin import admin
 from .api.openai import v1
 from .api.openapi_doc import openapi
 from .config import Settings, split_list, split_pairs
+from .data.datasets import Dataset
 from .data.layer import DataLayer
 from .engines.host import EngineHost
 from .errors import install_error_handlers
@@ -38,9 +39,11 @@ def create_app(
     *,
     resources: Sequence[Resource[Any]] = (),
     blueprints: Iterable[Blueprint] = (),
+    datasets: Sequence[Dataset[Any]] = (),
 ) -> Quart:
     """Build the Quart app: settings (from the environment by default), the built-in
-    routes, ``blueprints``, and this process's ``resources`` declared (not created)."""
+    routes, ``blueprints``, this process's ``resources`` and the ``datasets`` they
+    read, declared (nothing is created or loaded here)."""
     settings = Settings.from_env() if settings is None else settings
     app = Quart("quart_service", static_folder=None)
     app.config.update(
@@ -81,7 +84,7 @@ def create_app(
         retry_after=settings.retry_after,
     )
     streams = StreamHub(StreamPolicy.from_settings(settings), pool, settings.stream_reconnect_after)
-    data = DataLayer(settings, registry)
+    data = DataLayer(settings, registry, [*plugins.datasets, *datasets])
     engines = EngineHost(registry, pool)
     for spec in [*plugins.resources, *resources]:
         registry.declare(spec)

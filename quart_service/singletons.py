@@ -14,6 +14,11 @@ opens nothing and can live at module level. Each worker process has one
         score = await resources().run_sync(MODEL, model.predict, 1.0)  # at most 2 at once
         return {"score": score}
 
+A resource may depend on datasets (``datasets=["flags"]``): when a new version of one
+of them is swapped in, each worker rebuilds its instance once, in the background,
+while requests go on using the old one; the old one is closed ``retire_after``
+seconds later, so requests that hold it finish with it.
+
 A burst of first requests waits on one asyncio lock per resource, so the factory runs
 once. A factory that raises leaves the resource ``failed``; the next use tries again.
 The registry is a part of the worker (:class:`~quart_service.part.Part`): ``/readyz``
@@ -28,12 +33,12 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import copy_context
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Generic, ParamSpec, TypeVar, cast
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from .errors import Overloaded, ResourceUnavailable
 from .observability.metrics import Count, Metrics
@@ -46,6 +51,11 @@ R = TypeVar("R")
 P = ParamSpec("P")
 
 _log = logging.getLogger("quart_service.resources")
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
 class ResourceState(enum.StrEnum):
@@ -65,7 +75,10 @@ class Resource(Generic[T]):
     ``factory`` is awaited once per process on first use (or at start-up when warmed).
     ``close`` is awaited at shutdown, in reverse creation order. ``required`` makes
     ``/readyz`` depend on it. ``limit`` caps how many calls may use it at once through
-    :meth:`ResourceRegistry.run_sync` / :meth:`ResourceRegistry.slot`.
+    :meth:`ResourceRegistry.run_sync` / :meth:`ResourceRegistry.slot`. ``datasets``
+    (names or :class:`~quart_service.data.datasets.Dataset` declarations) make it
+    rebuilt when one of them changes; the replaced instance is closed
+    ``retire_after`` seconds later.
     """
 
     name: str
@@ -74,6 +87,13 @@ class Resource(Generic[T]):
     required: bool = False
     limit: int | None = None
     warm: bool = False
+    datasets: Sequence[str | _Named] = ()
+    retire_after: float = 30.0
+
+    @property
+    def dataset_names(self) -> frozenset[str]:
+        """The names of the datasets it is built from."""
+        return frozenset(d if isinstance(d, str) else d.name for d in self.datasets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +108,7 @@ class ResourceStatus:
     error: str | None
     in_use: int
     limit: int | None
+    builds: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
@@ -100,6 +121,7 @@ class ResourceStatus:
             "error": self.error,
             "in_use": self.in_use,
             "limit": self.limit,
+            "builds": self.builds,
         }
 
 
@@ -117,6 +139,9 @@ class _Holder:
     semaphore: asyncio.Semaphore | None = None
     in_use: int = 0
     waiting: int = 0
+    builds: int = 0
+    rebuild_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    rebuild_pending: bool = False
 
     def is_ready(self) -> bool:
         return self.state is ResourceState.READY
@@ -197,6 +222,7 @@ class ResourceRegistry:
             holder.created_at = time.time()
             holder.error = None
             holder.state = ResourceState.READY
+            holder.builds += 1
             self._order.append(holder)
             _log.info("resource %r ready (instance %s)", holder.spec.name, holder.instance_id)
             return cast(T, value)
@@ -270,6 +296,56 @@ class ResourceRegistry:
                 except Exception:
                     _log.exception("closing resource %r failed", holder.spec.name)
 
+    def rebuild_dependents(self, datasets: Iterable[str]) -> list[str]:
+        """Rebuild, in the background, every created resource built from one of
+        ``datasets``; returns their names."""
+        changed = set(datasets)
+        started: list[str] = []
+        for holder in self._holders.values():
+            if holder.state is not ResourceState.READY or holder.rebuild_pending:
+                continue  # not created (it will read the new data) or already queued
+            if changed & holder.spec.dataset_names:
+                holder.rebuild_pending = True
+                self._spawn(self._rebuild(holder))
+                started.append(holder.spec.name)
+        return started
+
+    async def _rebuild(self, holder: _Holder) -> None:
+        async with holder.rebuild_lock:
+            holder.rebuild_pending = False  # a change from now on queues another rebuild
+            if holder.state is not ResourceState.READY:
+                return
+            try:
+                value = await holder.spec.factory()
+            except Exception as exc:
+                # Requests keep the instance they have; the next change tries again.
+                holder.error = f"rebuild failed, serving the previous instance: {exc!r}"
+                _log.warning("resource %r: %s", holder.spec.name, holder.error)
+                return
+            old, holder.value = holder.value, value
+            holder.instance_id = uuid.uuid4().hex[:12]
+            holder.created_at = time.time()
+            holder.error = None
+            holder.builds += 1
+            _log.info("resource %r rebuilt (instance %s)", holder.spec.name, holder.instance_id)
+            if holder.spec.close is not None:
+                self._spawn(self._retire(holder.spec, old))
+
+    async def _retire(self, spec: Resource[Any], value: Any) -> None:
+        try:
+            await asyncio.sleep(spec.retire_after)
+        finally:  # at shutdown, close it now
+            assert spec.close is not None
+            try:
+                await spec.close(value)
+            except Exception:
+                _log.exception("closing a replaced instance of %r failed", spec.name)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def status(self) -> list[ResourceStatus]:
         """Every resource's state, in declaration order."""
         return [
@@ -282,6 +358,7 @@ class ResourceRegistry:
                 error=s.error,
                 in_use=s.in_use,
                 limit=s.spec.limit,
+                builds=s.builds,
             )
             for s in self._holders.values()
         ]
@@ -349,9 +426,7 @@ class ResourceRegistry:
                 ResourceState.NOT_CREATED,
                 ResourceState.FAILED,
             ):
-                task = asyncio.get_running_loop().create_task(self._create(holder.spec))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._spawn(self._create(holder.spec))
 
     async def _create(self, spec: Resource[Any]) -> None:
         # A failure is logged and recorded in the state; retried on the next use.

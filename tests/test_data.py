@@ -1,4 +1,4 @@
-"""The data plane's parts in process: migrations, snapshot, files, lock, cache."""
+"""The data plane's parts in process: migrations, files, lock, cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from quart_service import ModelConfig, ServiceCache, Snapshot
+from quart_service import ServiceCache
 from quart_service.coordination import LeaderLock, PublishedFile
 from quart_service.data import MigrationError, apply_migrations, schema_status
 from quart_service.data.migrations import discover
@@ -80,22 +80,6 @@ def test_shipped_migrations_create_the_change_marker_triggers(tmp_path: Path) ->
         assert revision() == start + 3
         with pytest.raises(sqlite3.IntegrityError):
             db.execute("INSERT INTO models (name, engine, parameters) VALUES ('b', 'x', 'nope')")
-
-
-def test_snapshot_round_trips_and_is_immutable() -> None:
-    row = {
-        "name": "m",
-        "engine": "local",
-        "parameters": {"seed": 1, "stop": ["a"]},
-        "enabled": 1,
-        "updated_at": "2026-11-24T00:00:00.000Z",
-    }
-    snapshot = Snapshot.of(3, 7, [ModelConfig.from_mapping(row)])
-    again = Snapshot.from_json(snapshot.to_json())
-    assert again == snapshot
-    assert again.models["m"].parameters["stop"] == ("a",)
-    with pytest.raises(TypeError):
-        snapshot.models["m"].parameters["seed"] = 2  # type: ignore[index]
 
 
 def test_published_file_is_noticed_once_per_change(tmp_path: Path) -> None:

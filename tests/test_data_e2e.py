@@ -298,13 +298,15 @@ def test_leader_failover_after_kill_9(tmp_path: Path) -> None:
         )
 
         def published() -> bool:
-            snapshot = json.loads((data_dir / "snapshot.json").read_text())
-            return any(m["name"] == "after-failover" for m in snapshot["models"])
+            manifest = json.loads((data_dir / "snapshot.json").read_text())
+            models = data_dir / manifest["datasets"]["models"]["file"]
+            with contextlib.closing(sqlite3.connect(models)) as db:
+                return (
+                    db.execute("SELECT 1 FROM dataset WHERE name = 'after-failover'").fetchone()
+                    is not None
+                )
 
-        revision_seen = wait_for(
-            published, "the new leader published the change to snapshot.json", 5
-        )
-        assert revision_seen
+        assert wait_for(published, "the new leader published the change to the models file", 5)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -101,6 +101,10 @@ class PublishedFile:
             return None
         return self.read()
 
+    def forget(self) -> None:
+        """Forget what was read, so the next :meth:`read_if_changed` reads again."""
+        self._seen = None
+
     def _stamp(self) -> tuple[int, int, int]:
         # os.replace gives a new inode, so the stamp changes even within one mtime tick.
         st = os.stat(self.path)

@@ -1,16 +1,21 @@
-"""The data plane: SQLite, migrations, the leader's refresh, snapshots and the cache."""
+"""The data plane: SQLite, migrations, datasets and their refresh, snapshots, the cache."""
 
 from ..errors import MigrationError
 from .cache import ServiceCache
 from .database import Database
+from .datasets import Dataset
 from .layer import DataLayer
 from .migrations import apply_migrations, schema_status
-from .models import ModelConfig, ModelRepository
+from .models import MODELS, ModelConfig, ModelRepository
+from .published import DatasetView
 from .snapshot import Snapshot
 
 __all__ = [
+    "MODELS",
     "DataLayer",
     "Database",
+    "Dataset",
+    "DatasetView",
     "MigrationError",
     "ModelConfig",
     "ModelRepository",

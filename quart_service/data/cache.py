@@ -2,15 +2,21 @@
 
 ``get_or_load(key, loader)`` returns the cached value or calls ``loader`` — once per
 key per process even when many requests miss together (single flight). Every key is
-prefixed with the snapshot generation this worker serves, so when the leader
-publishes a new generation each worker's old entries become unreachable the moment it
-swaps: no invalidation broadcast is needed (aiocache has none; docs/design.md, pitfall 6).
+prefixed with a *scope* naming the data the value was built from:
+
+* ``d:flags@12,models@9:`` — built from those versions of those datasets;
+* ``g17:`` — built from the whole snapshot of generation 17 (the default).
+
+When the leader publishes, each worker swaps and its old scopes become unreachable at
+once: no invalidation broadcast is needed (aiocache has none; docs/design.md,
+pitfall 6). A change to one dataset retires only the scopes that name it (and the
+generation scopes); values built from the other datasets stay cached.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiocache import SimpleMemoryCache
@@ -37,13 +43,23 @@ class ServiceCache:
         self._backend = SimpleMemoryCache(timeout=0)
         self._default_ttl = default_ttl
         self._generation = generation
+        self._scopes: set[str] = set()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self.lookups = lookups if lookups is not None else Counts()  # hit, miss
         self.loads = loads if loads is not None else Counts()  # ok, error
 
-    def key(self, key: str, generation: int | None = None) -> str:
-        """The backend key: ``g<generation>:<key>`` (this worker's generation by default)."""
-        return f"g{self._generation() if generation is None else generation}:{key}"
+    def key(self, key: str, scope: str | None = None) -> str:
+        """The backend key: ``<scope>:<key>`` (this worker's generation by default)."""
+        return f"{scope or self.generation_scope()}:{key}"
+
+    def generation_scope(self, generation: int | None = None) -> str:
+        """The scope of values built from a whole snapshot."""
+        return f"g{self._generation() if generation is None else generation}"
+
+    @staticmethod
+    def dataset_scope(versions: Mapping[str, int]) -> str:
+        """The scope of values built from these versions of these datasets."""
+        return "d:" + ",".join(f"{name}@{version}" for name, version in sorted(versions.items()))
 
     async def get_or_load(
         self,
@@ -51,14 +67,16 @@ class ServiceCache:
         loader: Callable[[], Awaitable[T]],
         ttl: float | None = None,
         *,
-        generation: int | None = None,
+        scope: str | None = None,
     ) -> T:
-        """The value for ``key`` in a generation, loading it once on a miss.
+        """The value for ``key`` in a scope, loading it once on a miss.
 
-        Pass the ``generation`` of the snapshot that ``loader`` reads from, so a value
-        loaded from an older snapshot can never be stored under a newer generation
+        Pass the ``scope`` of the data that ``loader`` reads, so a value loaded from an
+        older snapshot can never be stored where a newer one is looked up
         (``quart_service.cached()`` does this with the request's snapshot)."""
-        full = self.key(key, generation)
+        scope = scope or self.generation_scope()
+        self._scopes.add(scope)
+        full = self.key(key, scope)
         # Values are stored wrapped in a 1-tuple so that a cached None is a hit.
         cached = await self._backend.get(full)
         if cached is not None:
@@ -99,6 +117,21 @@ class ServiceCache:
             "load_errors": loads.get("error", 0),
         }
 
+    async def retire(self, generation: int, versions: Mapping[str, int]) -> int:
+        """Drop the entries of every scope that is not current: other generations, and
+        dataset scopes naming a version that is not in ``versions``. Returns how many
+        scopes went. (Old scopes are unreachable already; this frees their memory.)"""
+        current = self.generation_scope(generation)
+        gone = [
+            scope
+            for scope in self._scopes
+            if scope != current and not _scope_is_current(scope, versions)
+        ]
+        for scope in gone:
+            self._scopes.discard(scope)
+            await self._backend.clear(namespace=f"{scope}:")
+        return len(gone)
+
     async def clear(self) -> None:
         """Drop every entry (of every generation)."""
         await self._backend.clear()
@@ -106,3 +139,13 @@ class ServiceCache:
     async def close(self) -> None:
         """Release the backend."""
         await self._backend.close()
+
+
+def _scope_is_current(scope: str, versions: Mapping[str, int]) -> bool:
+    if not scope.startswith("d:"):
+        return False
+    for part in scope[2:].split(","):
+        name, _, version = part.rpartition("@")
+        if versions.get(name) != int(version):
+            return False
+    return True

@@ -22,6 +22,7 @@ import aiosqlite
 
 from ..errors import DatabaseBusy, DatabaseUnavailable, ServiceError
 from ..observability.metrics import Counts
+from .published import Published, copy_query
 
 __all__ = ["BUSY_RETRY_AFTER", "UNAVAILABLE_RETRY_AFTER", "Database"]
 
@@ -78,6 +79,17 @@ class Database:
         with _service_errors():
             async with connection.execute(sql, tuple(parameters)) as cursor:
                 return cursor.rowcount
+
+    async def copy_query(self, sql: str, path: Path, key: str | None = None) -> Published:
+        """Run ``sql`` and write its result to a new published dataset file, inside
+        SQLite and on the pool (a big result never becomes Python objects); counted
+        as a ``load``."""
+        self.queries.inc("load")
+        loop = asyncio.get_running_loop()
+        with _service_errors():
+            return await loop.run_in_executor(
+                None, copy_query, self.path, self._busy_timeout, sql, path, key
+            )
 
     async def reopen_if_replaced(self) -> None:
         """Close the connection if its file was replaced or deleted since it was opened

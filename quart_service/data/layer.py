@@ -1,12 +1,16 @@
-"""The data layer as a part of the worker: migrations, the database handle, the refresh
-plane, the models repository and the cache, and what ``/readyz`` and
-``/debug/identity`` say about them."""
+"""The data layer as a part of the worker: migrations, the database handle, the
+datasets and their refresh, the cache, and what ``/readyz`` and ``/debug/identity``
+say about them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,8 +20,10 @@ from ..part import Readiness
 from ..singletons import Resource, ResourceRegistry
 from .cache import ServiceCache
 from .database import Database
+from .datasets import Dataset
+from .markers import install_markers, missing_markers
 from .migrations import SchemaStatus, apply_migrations, schema_status
-from .models import ModelRepository
+from .models import MODELS, ModelRepository
 from .plane import DataPlane, Freshness, PlaneCounts
 from .snapshot import Snapshot
 
@@ -36,18 +42,35 @@ class DataLayer:
 
     name = "data"
 
-    def __init__(self, settings: Settings, registry: ResourceRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ResourceRegistry,
+        datasets: Sequence[Dataset[Any]] = (),
+    ) -> None:
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
+        self.datasets: dict[str, Dataset[Any]] = {}
+        for dataset in [MODELS, *datasets]:
+            self.declare(dataset)
         self.migrations_applied = 0
         self.schema: SchemaStatus | None = None
+        self.unwatched: dict[str, str] = {}  # table -> why it has no revision marker
+        self._registry = registry
         self._database: Database | None = None
         self._models: ModelRepository | None = None
         self._plane: DataPlane | None = None
         self._cache: ServiceCache | None = None
         self._task: asyncio.Task[None] | None = None
-        self._clearing: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[int]] = set()
         registry.declare(Resource(SNAPSHOT, self._first_snapshot, required=True))
+
+    def declare(self, dataset: Dataset[Any]) -> Dataset[Any]:
+        """Add a dataset (before the worker starts); a second one of a name is refused."""
+        if dataset.name in self.datasets:
+            raise ValueError(f"dataset {dataset.name!r} is declared twice")
+        self.datasets[dataset.name] = dataset
+        return dataset
 
     # -- what views use -------------------------------------------------------------------
 
@@ -63,7 +86,7 @@ class DataLayer:
 
     @property
     def cache(self) -> ServiceCache:
-        """This worker's generation-scoped cache."""
+        """This worker's scoped cache."""
         return self._started(self._cache)
 
     @property
@@ -83,7 +106,8 @@ class DataLayer:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, metrics: Metrics) -> None:
-        """Migrate (one worker applies, the others wait), then start the refresh loop."""
+        """Migrate (one worker applies, the others wait), watch the datasets' tables,
+        then start the refresh loop."""
         settings = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._database = Database(
@@ -98,7 +122,11 @@ class DataLayer:
         )
         self._models = ModelRepository(self._database)
         plane = self._plane = DataPlane(
-            self.data_dir, settings.refresh_interval, self._database, self._models, counts
+            self.data_dir,
+            settings.refresh_interval,
+            self._database,
+            list(self.datasets.values()),
+            counts,
         )
         self._cache = ServiceCache(
             settings.cache_ttl,
@@ -113,8 +141,9 @@ class DataLayer:
                 None, apply_migrations, settings.database_file, settings.database_busy_timeout
             )
             self.migrations_applied = len(applied)
+        self.unwatched = await loop.run_in_executor(None, self._watch_tables)
         await self.check_schema()
-        plane.on_swap(self._drop_old_generations)
+        plane.on_swap(self._swapped)
         self._task = loop.create_task(plane.run())
 
     async def stop(self) -> None:
@@ -136,7 +165,7 @@ class DataLayer:
         return self.schema
 
     async def readiness(self) -> Readiness:
-        """Schema current, snapshot loaded, data fresh enough."""
+        """Schema current, snapshot loaded, required datasets loaded and fresh enough."""
         if self.schema is None or self.schema.behind:
             await self.check_schema()  # migrated meanwhile? look again
         ready = Readiness()
@@ -148,20 +177,23 @@ class DataLayer:
                 f"database schema is at version {current}, migrations go to {latest}: "
                 "run quart-service migrate"
             )
-        if plane.snapshot is None:
+        snapshot = plane.snapshot
+        if snapshot is None:
             ready.problems.append("no snapshot loaded yet")
         freshness = plane.freshness()
         now = time.time()
+        limit = self.settings.snapshot_max_staleness
+        stale = sorted(snapshot.trouble) if snapshot else []
         ready.checks.update(
             schema_version=schema.current if schema else None,
             generation=plane.generation,
-            stale=freshness.failing_since is not None,
+            stale=freshness.failing_since is not None or bool(stale),
             stale_since=freshness.failing_since,
+            stale_datasets=stale,
             last_refresh_age=None
             if freshness.checked_at is None
             else round(now - freshness.checked_at, 3),
         )
-        limit = self.settings.snapshot_max_staleness
         if freshness.failing_since is not None:
             age = now - (freshness.checked_at or freshness.failing_since)
             if limit and age > limit:
@@ -170,20 +202,34 @@ class DataLayer:
                     f"{time.strftime('%H:%M:%S', time.localtime(freshness.failing_since))} "
                     f"({freshness.error}); serving a snapshot {age:.0f} s old"
                 )
+        if snapshot is not None:
+            for name, dataset in self.datasets.items():
+                trouble = snapshot.trouble.get(name)
+                if not dataset.required:
+                    continue
+                if name not in snapshot.datasets:
+                    why = trouble.error if trouble else "not loaded yet"
+                    ready.problems.append(f"dataset {name!r} has never loaded: {why}")
+                elif trouble and limit and now - trouble.failing_since > limit:
+                    ready.problems.append(
+                        f"dataset {name!r} is stale: its load has failed for "
+                        f"{now - trouble.failing_since:.0f} s ({trouble.error})"
+                    )
         return ready
 
     def identity(self) -> dict[str, Any]:
-        """This worker's part in the data plane."""
+        """This worker's part in the data plane, and each dataset's served version."""
         plane = self.plane
         snapshot = plane.snapshot
         return {
             "role": plane.role,
             "generation": plane.generation,
-            "revision": snapshot.revision if snapshot else None,
             "snapshot_age": None
             if snapshot is None
             else round(time.time() - snapshot.loaded_at, 3),
-            "models": sorted(snapshot.models) if snapshot else [],
+            "models": sorted(snapshot.models) if snapshot and "models" in snapshot.datasets else [],
+            "datasets": self._datasets_identity(snapshot),
+            "unwatched_tables": dict(self.unwatched),
             "database": self.database.identity(),
             "queries": self.database.queries.as_dict(),
             "migrations_applied": self.migrations_applied,
@@ -193,6 +239,45 @@ class DataLayer:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _datasets_identity(self, snapshot: Snapshot | None) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name in self.datasets:
+            view = snapshot.datasets.get(name) if snapshot else None
+            trouble = snapshot.trouble.get(name) if snapshot else None
+            # "is not None": a view without rows is falsy.
+            found[name] = {
+                "version": view.version if view is not None else None,
+                "rows": len(view) if view is not None else None,
+                "loaded_at": view.loaded_at if view is not None else None,
+                "revisions": dict(self.plane.revisions(name)),
+                "stale": trouble is not None,
+                "error": trouble.error if trouble else None,
+                "failing_since": trouble.failing_since if trouble else None,
+            }
+        return found
+
+    def _watch_tables(self) -> dict[str, str]:
+        """Install the revision markers of every table a dataset names (blocking)."""
+        tables = {table for dataset in self.datasets.values() for table in dataset.tables}
+        database = self.settings.database_file
+        timeout = self.settings.database_busy_timeout
+        with contextlib.closing(
+            sqlite3.connect(database, timeout=timeout, isolation_level=None)
+        ) as c:
+            missing = missing_markers(c, tables)
+            if not missing:
+                return {}  # the usual start: one read, no lock
+            if not self.settings.auto_migrate:
+                why = "no revision triggers: run quart-service migrate (auto_migrate is off)"
+                errors = dict.fromkeys(missing, why)
+            else:
+                with _migration_lock(database):
+                    errors = install_markers(c, missing)
+        for table, error in errors.items():
+            names = [d.name for d in self.datasets.values() if table in d.tables]
+            _log.warning("table %r (datasets %s) cannot be watched: %s", table, names, error)
+        return errors
+
     async def _first_snapshot(self) -> Snapshot:
         return await self.plane.first_snapshot()
 
@@ -201,11 +286,20 @@ class DataLayer:
         metrics.is_leader.set(1 if plane.role == "leader" else 0)
         metrics.snapshot_generation.set(plane.generation)
 
-    def _drop_old_generations(self, _snapshot: Snapshot) -> None:
-        # Old keys are already unreachable; clearing just frees their memory now.
-        task = asyncio.get_running_loop().create_task(self.cache.clear())
-        self._clearing.add(task)
-        task.add_done_callback(self._clearing.discard)
+    def _swapped(self, old: Snapshot | None, new: Snapshot) -> None:
+        if old is None:
+            return
+        changed = [
+            name for name, view in new.datasets.items() if old.datasets.get(name) is not view
+        ]
+        if changed:
+            self._registry.rebuild_dependents(changed)
+        # Old scopes are already unreachable; retiring them frees their memory now.
+        task = asyncio.get_running_loop().create_task(
+            self.cache.retire(new.generation, new.versions())
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     @staticmethod
     def _started(value: T | None) -> T:
@@ -214,3 +308,14 @@ class DataLayer:
                 "the worker has not started: the data layer exists only while serving"
             )
         return value
+
+
+@contextlib.contextmanager
+def _migration_lock(database: Path) -> Iterator[None]:
+    lock_path = database.with_name(database.name + ".migrate.lock")
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -33,9 +33,7 @@ def trigger_names(table: str) -> list[str]:
 
 def _check(table: str) -> str:
     if not _IDENTIFIER.match(table):
-        raise ValueError(
-            f"table name {table!r} is not a plain SQL identifier (letters, digits, _)"
-        )
+        raise ValueError(f"table name {table!r} is not a plain SQL identifier (letters, digits, _)")
     return table
 
 
@@ -57,9 +55,7 @@ def missing_markers(connection: sqlite3.Connection, tables: Iterable[str]) -> li
         else set()
     )
     return sorted(
-        table
-        for table in wanted
-        if table not in rows or not set(trigger_names(table)) <= installed
+        table for table in wanted if table not in rows or not set(trigger_names(table)) <= installed
     )
 
 

@@ -1,13 +1,16 @@
 """The models table: the one place its SQL is written.
 
-The leader's refresh reads every row through :meth:`ModelRepository.all`; the admin
-API reads and writes single rows through the other methods. Both go through the
-worker's one :class:`~quart_service.data.database.Database` handle.
+The ``models`` dataset (:data:`MODELS`) is how every worker reads it: refreshed once
+per host like any other dataset, its value is a read-only mapping of name to
+:class:`ModelConfig`. The admin API reads and writes single rows through
+:class:`ModelRepository`, on the worker's one
+:class:`~quart_service.data.database.Database` handle.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -17,8 +20,10 @@ import aiosqlite
 
 from ..errors import Conflict
 from .database import Database
+from .datasets import Dataset
+from .published import DatasetView
 
-__all__ = ["ModelConfig", "ModelRepository"]
+__all__ = ["MODELS", "ModelConfig", "ModelRepository"]
 
 _COLUMNS = "name, engine, parameters, enabled, updated_at"
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
@@ -62,7 +67,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_row(cls, row: aiosqlite.Row) -> ModelConfig:
+    def from_row(cls, row: aiosqlite.Row | sqlite3.Row) -> ModelConfig:
         """From a database row (``parameters`` stored as JSON text)."""
         return cls.from_mapping({**dict(row), "parameters": json.loads(row["parameters"])})
 
@@ -75,6 +80,21 @@ class ModelConfig:
             "enabled": self.enabled,
             "updated_at": self.updated_at,
         }
+
+
+def _by_name(view: DatasetView[Any]) -> Mapping[str, ModelConfig]:
+    return MappingProxyType({row["name"]: ModelConfig.from_row(row) for row in view})
+
+
+#: Every model row, by name: what the v1 API and the engines read.
+MODELS: Dataset[Mapping[str, ModelConfig]] = Dataset(
+    "models",
+    tables=["models"],
+    query=f"SELECT {_COLUMNS} FROM models ORDER BY name",
+    key="name",
+    build=_by_name,
+    required=True,
+)
 
 
 class ModelRepository:

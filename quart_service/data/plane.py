@@ -1,16 +1,20 @@
-"""The data plane of one worker: leader election, refresh, and the current snapshot.
+"""The data plane of one worker: leader election, refresh of every dataset, swaps.
 
 Every worker runs :meth:`DataPlane.run`. Exactly one per host holds the leader lock::
 
-    leader:    every refresh_interval: SELECT revision FROM change_marker   (1 query)
-               moved?  SELECT ... FROM models  →  publish snapshot.json (generation+1)
-    everyone:  every refresh_interval/5: stat(snapshot.json)   (no database)
-               changed?  read it, swap the in-memory snapshot
+    leader:    every refresh_interval:
+                 SELECT table_name, revision FROM table_revisions     (1 statement)
+               a dataset's tables moved?  load it into its own file (only that one)
+               anything new?  publish snapshot.json (generation + 1)
+    everyone:  every refresh_interval/5: stat(snapshot.json)           (no database)
+               changed?  open the new version of each dataset that changed, swap
 
-So the database sees one small query per interval per host, whatever the number of
-workers. If the database fails, workers keep the last good snapshot; the leader
-retries with backoff, logs once per state change, and records the trouble in
-``refresh.json`` so every worker's ``/readyz`` can report how stale the data is.
+So the database sees one small statement per interval per host, whatever the number
+of workers and datasets. A dataset whose load fails keeps its last good version, is
+reported stale by name, and is retried on the next poll; the others go on. If the
+database itself fails, workers keep the last snapshot; the leader retries with
+backoff, logs once per change of state, and records the trouble in ``refresh.json``
+so every worker's ``/readyz`` can report how stale the data is.
 """
 
 from __future__ import annotations
@@ -19,38 +23,49 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..coordination.local import LeaderLock, PublishedFile
 from ..observability.metrics import Count
 from .database import Database
-from .models import ModelRepository
-from .snapshot import Snapshot
+from .datasets import Dataset
+from .markers import MARKERS_QUERY
+from .published import DatasetView, Published, write_rows
+from .snapshot import DatasetTrouble, Snapshot
 
-__all__ = ["DataPlane", "Freshness", "PlaneCounts"]
+__all__ = ["DataPlane", "Freshness", "PlaneCounts", "SwapListener"]
 
 _log = logging.getLogger("quart_service.data")
 
 _MAX_BACKOFF = 30.0
+_FILES = "datasets"
+
+#: Called with the snapshot served before (None at first) and the new one.
+SwapListener = Callable[[Snapshot | None, Snapshot], None]
 
 
 class PlaneCounts:
     """What the plane counts: refreshes published, failed polls, times it became leader."""
 
-    __slots__ = ("leader_changes", "poll_failures", "refresh_runs")
+    __slots__ = ("dataset_failures", "leader_changes", "poll_failures", "refresh_runs")
 
     def __init__(
         self,
         refresh_runs: Count | None = None,
         poll_failures: Count | None = None,
         leader_changes: Count | None = None,
+        dataset_failures: Count | None = None,
     ) -> None:
         self.refresh_runs = refresh_runs or Count()
         self.poll_failures = poll_failures or Count()
         self.leader_changes = leader_changes or Count()
+        self.dataset_failures = dataset_failures or Count()
 
     def as_dict(self) -> dict[str, int | float]:
         """The tallies of this worker."""
@@ -58,6 +73,7 @@ class PlaneCounts:
             "refresh_runs": self.refresh_runs.value,
             "poll_failures": self.poll_failures.value,
             "leader_changes": self.leader_changes.value,
+            "dataset_failures": self.dataset_failures.value,
         }
 
 
@@ -86,6 +102,50 @@ class Freshness:
         return str(value) if value is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One dataset's published version, as the manifest records it."""
+
+    version: int
+    revisions: dict[str, int | None]
+    file: str  # relative to the data folder
+    columns: list[str]
+    rows: int
+    key: str | None
+    loaded_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Manifest:
+    """What ``snapshot.json`` holds: the generation and each dataset's entry."""
+
+    generation: int
+    published_at: float
+    entries: dict[str, _Entry]
+    trouble: dict[str, DatasetTrouble]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "generation": self.generation,
+                "published_at": self.published_at,
+                "datasets": {name: asdict(entry) for name, entry in self.entries.items()},
+                "trouble": {name: t.as_dict() for name, t in self.trouble.items()},
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> _Manifest:
+        data = json.loads(text)
+        return cls(
+            int(data["generation"]),
+            float(data["published_at"]),
+            {name: _Entry(**entry) for name, entry in data["datasets"].items()},
+            {name: DatasetTrouble(**t) for name, t in data.get("trouble", {}).items()},
+        )
+
+
 class DataPlane:
     """This worker's view of the shared data, and its part in keeping it fresh."""
 
@@ -94,20 +154,22 @@ class DataPlane:
         data_dir: Path,
         refresh_interval: float,
         database: Database,
-        models: ModelRepository,
+        datasets: Sequence[Dataset[Any]],
         counts: PlaneCounts | None = None,
     ) -> None:
         self.interval = refresh_interval
+        self.data_dir = data_dir
+        self.datasets = {dataset.name: dataset for dataset in datasets}
         self._database = database
-        self._models = models
         self._lock = LeaderLock(data_dir / "leader.lock")
-        self._snapshot_file = PublishedFile(data_dir / "snapshot.json")
+        self._manifest_file = PublishedFile(data_dir / "snapshot.json")
         self._status_file = PublishedFile(data_dir / "refresh.json")
+        self._manifest: _Manifest | None = None
         self.snapshot: Snapshot | None = None
         self.swapped_at: float | None = None
         self.counts = counts or PlaneCounts()
         self._failing_since: float | None = None
-        self._listeners: list[Callable[[Snapshot], None]] = []
+        self._listeners: list[SwapListener] = []
 
     # -- what the rest of the service reads ---------------------------------------------
 
@@ -121,8 +183,8 @@ class DataPlane:
         """The generation of the snapshot this worker serves (0 before the first)."""
         return self.snapshot.generation if self.snapshot is not None else 0
 
-    def on_swap(self, listener: Callable[[Snapshot], None]) -> None:
-        """Call ``listener`` with each new snapshot this worker starts serving."""
+    def on_swap(self, listener: SwapListener) -> None:
+        """Call ``listener(old, new)`` with each new snapshot this worker serves."""
         self._listeners.append(listener)
 
     def freshness(self) -> Freshness:
@@ -133,17 +195,27 @@ class DataPlane:
         except ValueError:
             return Freshness(None)
 
+    def revisions(self, name: str) -> Mapping[str, int | None]:
+        """The table revisions the served version of a dataset was loaded at."""
+        entry = self._manifest.entries.get(name) if self._manifest else None
+        return MappingProxyType(dict(entry.revisions) if entry else {})
+
     async def first_snapshot(self) -> Snapshot:
-        """The snapshot to serve now: the published one, or (none yet) one loaded here."""
-        if self.snapshot is None:
+        """The snapshot to serve: the published one, waiting a little for the leader
+        to publish the first (it does so as soon as it is elected)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(5.0, 3 * self.interval)
+        while self.snapshot is None:
             self._follow()
-        if self.snapshot is None:
-            # Nothing published yet (first start): load once ourselves, unpublished.
-            revision = await self._revision(kind="startup")
-            models = await self._models.all(kind="startup")
-            if self.snapshot is None:  # the leader may have published meanwhile
-                self._swap(Snapshot.of(0, revision, models))
-        assert self.snapshot is not None
+            if self.snapshot is not None:
+                break
+            if loop.time() >= deadline:
+                error = self.freshness().error
+                raise LookupError(
+                    "no snapshot published yet"
+                    + (f": the refresh leader fails ({error})" if error else "")
+                )
+            await asyncio.sleep(0.05)
         return self.snapshot
 
     # -- the loop -----------------------------------------------------------------------
@@ -159,6 +231,8 @@ class DataPlane:
                 if not self._lock.held and self._lock.try_acquire():
                     self.counts.leader_changes.inc()
                     _log.info("worker %d is now the refresh leader", os.getpid())
+                    self._follow()  # start from what the last leader published
+                    self._remove_partial_files()
                     next_poll = 0.0
                 if self._lock.held and loop.time() >= next_poll:
                     if await self._poll():
@@ -172,20 +246,14 @@ class DataPlane:
             self._lock.release()
 
     async def _poll(self) -> bool:
-        """One leader round: 1 query, plus a load and a publish when data moved."""
+        """One leader round: 1 statement, plus a load of each dataset that moved."""
         try:
             # Replaced (a restore) since it was opened: read the new file instead.
             await self._database.reopen_if_replaced()
-            revision = await self._revision(kind="poll")
-            current = self.snapshot
-            if current is None or current.generation == 0 or revision != current.revision:
-                models = await self._models.all(kind="load")
-                generation = max(self._published_generation(), self.generation) + 1
-                snapshot = Snapshot.of(generation, revision, models)
-                self._snapshot_file.publish(snapshot.to_json())
-                self._swap(snapshot)
-                self.counts.refresh_runs.inc()
-                _log.info("published snapshot generation %d (revision %d)", generation, revision)
+            rows = await self._database.fetchall(MARKERS_QUERY, kind="poll")
+            # A dataset's own failure is its trouble (inside); this fails the whole poll
+            # only when nothing can be published.
+            await self._refresh({str(row[0]): int(row[1]) for row in rows})
         except Exception as exc:
             self._failed(exc)
             # A connection to a replaced or deleted file never recovers: reopen it.
@@ -194,35 +262,149 @@ class DataPlane:
         self._recovered()
         return True
 
-    async def _revision(self, *, kind: str) -> int:
-        row = await self._database.fetchone(
-            "SELECT sum(revision) FROM table_revisions", kind=kind
-        )
-        if row is None or row[0] is None:
-            raise LookupError("table_revisions has no row; is the schema applied?")
-        return int(row[0])
+    async def _refresh(self, markers: Mapping[str, int | None]) -> None:
+        """Load the datasets whose tables moved (or that failed last time); publish."""
+        previous = self._manifest
+        entries = dict(previous.entries) if previous else {}
+        trouble = dict(previous.trouble) if previous else {}
+        generation = max(self._published_generation(), self.generation) + 1
+        moved: list[str] = []
+        for name, dataset in self.datasets.items():
+            revisions = {table: markers.get(table) for table in dataset.tables}
+            entry = entries.get(name)
+            if entry is not None and entry.revisions == revisions and name not in trouble:
+                continue
+            try:
+                published = await self._load(dataset, generation)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                old = trouble.get(name)
+                if old is None or old.error != error:
+                    self.counts.dataset_failures.inc()
+                    _log.warning(
+                        "dataset %r failed to load, serving its last version: %s", name, error
+                    )
+                    trouble[name] = DatasetTrouble(error, old.failing_since if old else time.time())
+                    moved.append(name)
+                continue
+            if name in trouble:
+                _log.info("dataset %r recovered", name)
+                del trouble[name]
+            entries[name] = _Entry(
+                version=generation,
+                revisions=revisions,
+                file=str(published.path.relative_to(self.data_dir)),
+                columns=list(published.columns),
+                rows=published.rows,
+                key=dataset.key,
+                loaded_at=time.time(),
+            )
+            moved.append(name)
+        if not moved:
+            return
+        manifest = _Manifest(generation, time.time(), entries, trouble)
+        self._manifest_file.publish(manifest.to_json())
+        self._adopt(manifest)
+        self.counts.refresh_runs.inc()
+        _log.info("published snapshot generation %d (%s)", generation, ", ".join(moved))
+        self._remove_old_files(entries)
+
+    async def _load(self, dataset: Dataset[Any], version: int) -> Published:
+        path = self.data_dir / _FILES / dataset.name / f"{version}.sqlite"
+        if dataset.query is not None:
+            return await self._database.copy_query(dataset.query, path, dataset.key)
+        assert dataset.loader is not None
+        rows = list(await dataset.loader(self._database))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, write_rows, path, rows, dataset.key)
 
     def _published_generation(self) -> int:
-        text = self._snapshot_file.read()
-        return int(json.loads(text)["generation"]) if text else 0
+        text = self._manifest_file.read()
+        if not text:
+            return 0
+        try:
+            return int(json.loads(text)["generation"])
+        except (ValueError, KeyError, TypeError):
+            return 0
+
+    # -- following: every worker ------------------------------------------------------
 
     def _follow(self) -> None:
         try:
-            text = self._snapshot_file.read_if_changed()
+            text = self._manifest_file.read_if_changed()
             if text is None:
                 return
-            snapshot = Snapshot.from_json(text)
-        except (OSError, ValueError, KeyError) as exc:
-            _log.warning("cannot read the published snapshot: %s", exc)
+            manifest = _Manifest.from_json(text)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # A manifest from an older version of the service: the leader replaces it.
+            _log.debug("cannot read the published snapshot: %s", exc)
             return
-        if self.snapshot is None or snapshot.generation > self.snapshot.generation:
-            self._swap(snapshot)
+        if self.snapshot is None or manifest.generation > self.snapshot.generation:
+            self._adopt(manifest)
+
+    def _adopt(self, manifest: _Manifest) -> None:
+        """Serve ``manifest``: open the datasets whose version changed, keep the rest."""
+        current = self.snapshot.datasets if self.snapshot else {}
+        views: dict[str, DatasetView[Any]] = {}
+        for name, dataset in self.datasets.items():
+            entry = manifest.entries.get(name)
+            if entry is None:
+                continue
+            view = current.get(name)
+            if view is None or view.version != entry.version:
+                try:
+                    view = DatasetView(
+                        name,
+                        entry.version,
+                        self.data_dir / entry.file,
+                        columns=entry.columns,
+                        rows=entry.rows,
+                        key=entry.key,
+                        loaded_at=entry.loaded_at,
+                        build=dataset.build,
+                    )
+                except (OSError, sqlite3.Error) as exc:
+                    # Already replaced and removed: a newer manifest names its successor.
+                    _log.info("dataset %r version %d is gone (%s)", name, entry.version, exc)
+                    self._manifest_file.forget()
+                    return
+            views[name] = view
+        self._manifest = manifest
+        trouble = {n: t for n, t in manifest.trouble.items() if n in self.datasets}
+        self._swap(
+            Snapshot(
+                manifest.generation,
+                manifest.published_at,
+                MappingProxyType(views),
+                MappingProxyType(trouble),
+            )
+        )
 
     def _swap(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
+        old, self.snapshot = self.snapshot, snapshot
         self.swapped_at = time.time()
         for listener in self._listeners:
-            listener(snapshot)
+            try:
+                listener(old, snapshot)
+            except Exception:
+                _log.exception("a snapshot listener failed")
+
+    # -- files ------------------------------------------------------------------------
+
+    def _remove_old_files(self, entries: Mapping[str, _Entry]) -> None:
+        """Keep each dataset's current and previous version; unlink older ones (a worker
+        still reading one keeps it open: an unlinked file lives until closed)."""
+        for name, entry in entries.items():
+            folder = self.data_dir / _FILES / name
+            versions = [int(p.stem) for p in folder.glob("*.sqlite") if p.stem.isdigit()]
+            older = sorted(v for v in versions if v < entry.version)
+            for version in older[:-1]:
+                (folder / f"{version}.sqlite").unlink(missing_ok=True)
+
+    def _remove_partial_files(self) -> None:
+        """Files a previous leader died writing."""
+        for path in (self.data_dir / _FILES).glob("*/.*.tmp"):
+            path.unlink(missing_ok=True)
 
     # -- failure bookkeeping: log once per change of state ------------------------------
 

@@ -1,58 +1,65 @@
-"""The snapshot: an immutable copy of the refreshable data, with its generation.
+"""The snapshot: every dataset's current version, as one immutable value.
 
 A request takes one snapshot and sees it from start to end, even if a newer one is
-swapped in meanwhile. Snapshots travel between processes as JSON (the leader
-publishes, followers read), so they round-trip through :meth:`Snapshot.to_json`.
+swapped in meanwhile. A snapshot holds a :class:`~quart_service.data.published.DatasetView`
+per dataset that has loaded, and the trouble of those whose last load failed: they keep
+their last good version and are reported stale by name.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any, TypeVar
 
-from .models import ModelConfig
+from ..errors import DatasetUnavailable
+from .datasets import Dataset
+from .models import MODELS, ModelConfig
+from .published import DatasetView
 
-__all__ = ["Snapshot"]
+__all__ = ["DatasetTrouble", "Snapshot"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetTrouble:
+    """Why a dataset is stale: its loader's last error, failing since when."""
+
+    error: str
+    failing_since: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {"error": self.error, "failing_since": self.failing_since}
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The refreshable data at one database revision, published as one generation."""
+    """The datasets as published in one generation."""
 
     generation: int
-    revision: int
     loaded_at: float
-    models: Mapping[str, ModelConfig] = field(default_factory=lambda: MappingProxyType({}))
+    datasets: Mapping[str, DatasetView[Any]] = field(default_factory=lambda: MappingProxyType({}))
+    trouble: Mapping[str, DatasetTrouble] = field(default_factory=lambda: MappingProxyType({}))
 
-    @classmethod
-    def of(cls, generation: int, revision: int, models: Iterable[ModelConfig]) -> Snapshot:
-        """A snapshot loaded now."""
-        by_name = MappingProxyType({model.name: model for model in models})
-        return cls(generation, revision, time.time(), by_name)
+    def dataset(self, spec: Dataset[T] | str) -> DatasetView[T]:
+        """The version of a dataset in this snapshot; :class:`DatasetUnavailable` (503)
+        if it has never loaded."""
+        name = spec if isinstance(spec, str) else spec.name
+        view = self.datasets.get(name)
+        if view is None:
+            trouble = self.trouble.get(name)
+            reason = f": {trouble.error}" if trouble else " (it is not declared or not loaded)"
+            raise DatasetUnavailable(f"dataset {name!r} has no loaded version{reason}")
+        return view
 
-    def to_json(self) -> str:
-        """The published form."""
-        return json.dumps(
-            {
-                "generation": self.generation,
-                "revision": self.revision,
-                "loaded_at": self.loaded_at,
-                "models": [m.as_dict() for m in self.models.values()],
-            },
-            separators=(",", ":"),
-        )
+    @property
+    def models(self) -> Mapping[str, ModelConfig]:
+        """The models table, by name (the ``models`` dataset's value)."""
+        return self.dataset(MODELS).value
 
-    @classmethod
-    def from_json(cls, text: str) -> Snapshot:
-        """Parse the published form."""
-        data = json.loads(text)
-        models = {m["name"]: ModelConfig.from_mapping(m) for m in data["models"]}
-        return cls(
-            int(data["generation"]),
-            int(data["revision"]),
-            float(data["loaded_at"]),
-            MappingProxyType(models),
-        )
+    def versions(self) -> dict[str, int]:
+        """Each loaded dataset's version."""
+        return {name: view.version for name, view in sorted(self.datasets.items())}

@@ -1,6 +1,7 @@
 """Team blueprints: found through entry points or import strings, mounted once.
 
-A team's package declares its blueprint (or a :class:`Plugin`, to bring resources)::
+A team's package declares its blueprint (or a :class:`Plugin`, to bring resources,
+datasets and its own migrations)::
 
     [project.entry-points."quart_service.blueprints"]
     search = "search_team.routes:plugin"
@@ -19,10 +20,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from quart import Blueprint, Quart
 
+from ..data.datasets import Dataset
 from ..errors import PluginError
 from ..observability.metrics import Metrics
 from ..part import Readiness
@@ -43,10 +46,13 @@ ENTRY_POINT_GROUP = "quart_service.blueprints"
 
 @dataclass(frozen=True)
 class Plugin:
-    """A blueprint with the per-process resources it uses."""
+    """A blueprint with what it brings: the per-process resources it uses, the
+    datasets it reads, and the folder of its own migrations (its own history)."""
 
     blueprint: Blueprint
     resources: Sequence[Resource[Any]] = ()
+    datasets: Sequence[Dataset[Any]] = ()
+    migrations: Path | None = None
 
 
 @dataclass
@@ -57,6 +63,9 @@ class LoadedPlugins:
     mounted: dict[str, str] = field(default_factory=dict)  # name -> URL prefix
     skipped: dict[str, str] = field(default_factory=dict)  # name -> error
     resources: list[Resource[Any]] = field(default_factory=list)
+    datasets: list[Dataset[Any]] = field(default_factory=list)
+    migrations: dict[str, Path] = field(default_factory=dict)  # name -> folder
+    blueprints: dict[str, str] = field(default_factory=dict)  # name -> blueprint name
     name: str = "plugins"
 
     async def start(self, metrics: Metrics) -> None:
@@ -127,7 +136,11 @@ def load_plugins(
             loaded.skipped[name] = error
             continue
         loaded.mounted[name] = prefix or "/"
+        loaded.blueprints[name] = plugin.blueprint.name
         loaded.resources.extend(plugin.resources)
+        loaded.datasets.extend(plugin.datasets)
+        if plugin.migrations is not None:
+            loaded.migrations[name] = Path(plugin.migrations)
     return loaded
 
 

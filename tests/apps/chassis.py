@@ -160,7 +160,7 @@ async def data() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "generation": snap.generation,
-        "revision": snap.revision,
+        "versions": snap.versions(),
         "models": {name: dict(m.parameters) for name, m in snap.models.items()},
     }
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from quart_service.data.database import Database
 from quart_service.data.migrations import apply_migrations
-from quart_service.data.models import ModelRepository
+from quart_service.data.models import MODELS
 from quart_service.data.plane import DataPlane
 
 
@@ -30,8 +30,10 @@ async def main(data_dir: Path, interval: float, events: Path) -> None:
     database_file = data_dir / "quart_service.db"
     apply_migrations(database_file)
     database = Database(database_file, 5.0)
-    plane = DataPlane(data_dir, interval, database, ModelRepository(database))
-    plane.on_swap(lambda s: record("swap", generation=s.generation, revision=s.revision))
+    plane = DataPlane(data_dir, interval, database, [MODELS])
+    plane.on_swap(
+        lambda old, new: record("swap", generation=new.generation, versions=new.versions())
+    )
     runner = asyncio.create_task(plane.run())
     record("started")
     role = ""

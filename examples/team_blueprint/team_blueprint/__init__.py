@@ -1,7 +1,14 @@
 """An example team blueprint: written with the Flask API a team already knows.
 
 Installed as its own distribution, it is found through the entry point
-``quart_service.blueprints`` and mounted at ``/team`` (its default prefix).
+``quart_service.blueprints`` and mounted at ``/team`` (its default prefix). It brings:
+
+* its own migrations (``migrations/``: the ``team_prompts`` table), applied once per
+  host after the service's own, with their own version history;
+* a dataset (``PROMPTS``) read from that table, refreshed once per host and shared by
+  every worker;
+* a resource built from the dataset (``RENDERER``), rebuilt once per worker when a
+  prompt changes, while requests in flight keep the one they have.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from string import Template
 from typing import Any
 
 from quart import Blueprint, Response, abort, g, jsonify, request, url_for
 
-from quart_service import Plugin, Resource, resources, sse
+from quart_service import Dataset, DatasetView, Plugin, Resource, dataset, resources, sse
 
 bp = Blueprint("team_example", __name__, url_prefix="/team")
 
@@ -34,6 +43,36 @@ async def build_index() -> Index:
 
 
 INDEX = Resource("team_example.index", build_index)
+
+# The team's data: refreshed once per host when team_prompts changes (any writer).
+PROMPTS: Dataset[None] = Dataset(
+    "team_example.prompts",
+    tables=["team_prompts"],
+    query="SELECT name, template, updated_at FROM team_prompts",
+    key="name",
+)
+
+
+class Renderer:
+    """Every prompt template, compiled once per version of the dataset."""
+
+    def __init__(self, prompts: DatasetView[None]) -> None:
+        self.version = prompts.version
+        self.templates = {row["name"]: Template(row["template"]) for row in prompts}
+        self.built_at = time.time()
+
+    def render(self, name: str, **values: str) -> str | None:
+        template = self.templates.get(name)
+        # safe_substitute: a template from the database never raises on a missing name.
+        return None if template is None else template.safe_substitute(values)
+
+
+async def build_renderer() -> Renderer:
+    # Outside a request, dataset() returns the version this worker serves now.
+    return Renderer(await dataset(PROMPTS))
+
+
+RENDERER = Resource("team_example.renderer", build_renderer, datasets=[PROMPTS])
 
 
 @bp.before_request
@@ -92,6 +131,23 @@ async def index() -> dict[str, Any]:
     return {"pid": os.getpid(), "instance_id": status.instance_id}
 
 
+@bp.get("/prompts/<name>")
+async def prompt(name: str) -> dict[str, Any]:
+    prompts = await dataset(PROMPTS)  # the same version for the whole request
+    row = prompts.get(name)
+    if row is None:
+        abort(404)
+    renderer = await resources().get(RENDERER)
+    return {
+        "name": name,
+        "template": row["template"],
+        "rendered": renderer.render(name, who=request.args.get("who", "world")),
+        "version": prompts.version,
+        "renderer_version": renderer.version,
+        "pid": os.getpid(),
+    }
+
+
 @bp.get("/stream")
 async def stream() -> Response:
     async def numbers() -> AsyncIterator[dict[str, int]]:
@@ -101,4 +157,9 @@ async def stream() -> Response:
     return sse(numbers())
 
 
-plugin = Plugin(bp, resources=[INDEX])
+plugin = Plugin(
+    bp,
+    resources=[INDEX, RENDERER],
+    datasets=[PROMPTS],
+    migrations=Path(__file__).parent / "migrations",
+)
