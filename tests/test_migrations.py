@@ -1,6 +1,6 @@
 """Schema migrations on Alembic, on real SQLite files: the convention, the cheap path,
 rollback of a failing revision, several sources, downgrade, adoption of a database the
-SQL-file migrator left, concurrent appliers."""
+SQL-file migrator left, concurrent appliers, and the ``quart-service migrate`` CLI."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from quart_service.data import MigrationError, apply_migrations, schema_status
 from quart_service.data.migrations import (
@@ -25,6 +26,7 @@ from quart_service.data.migrations import (
     migrate_to,
     migration_lock,
 )
+from quart_service.server.cli import main
 
 from .support.server import ROOT
 
@@ -522,3 +524,47 @@ def test_concurrent_appliers_apply_each_revision_exactly_once(tmp_path: Path) ->
         ("0002",),
         ("0003",),
     ]
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+def test_the_migrate_command_applies_reports_and_moves_a_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUART_SERVICE_DATA_DIR", str(tmp_path / "data"))
+    database = tmp_path / "data" / "quart_service.db"
+    runner = CliRunner()
+
+    status = runner.invoke(main, ["migrate", "--status"])
+    assert status.exit_code == 0, status.output
+    assert status.output == f"{database}: service schema at version 0 (latest 3)\n"
+    assert not database.exists()
+
+    applied = runner.invoke(main, ["migrate"])
+    assert applied.exit_code == 0, applied.output
+    assert applied.output.splitlines() == [
+        "applied 0001_models_and_change_marker.py (service)",
+        "applied 0002_default_model.py (service)",
+        "applied 0003_table_revisions.py (service)",
+        f"{database}: service schema at version 3 (latest 3)",
+    ]
+
+    down = runner.invoke(main, ["migrate", "--to", "1", "--source", "service"])
+    assert down.exit_code == 0, down.output
+    assert down.output.splitlines() == [
+        "reverted 0003_table_revisions.py (service)",
+        "reverted 0002_default_model.py (service)",
+        f"{database}: service schema at version 1 (latest 3)",
+    ]
+    up = runner.invoke(main, ["migrate", "--to", "2"])
+    assert up.output.splitlines()[0] == "applied 0002_default_model.py (service)"
+
+    unknown = runner.invoke(main, ["migrate", "--to", "1", "--source", "team-x"])
+    assert unknown.exit_code == 2
+    assert "no migration source 'team-x' (known: service)" in unknown.output
+    too_far = runner.invoke(main, ["migrate", "--to", "7"])
+    assert too_far.exit_code == 1
+    assert "'service' has versions 0 to 3; cannot go to 7" in too_far.output
+    both = runner.invoke(main, ["migrate", "--status", "--to", "1"])
+    assert both.exit_code == 2

@@ -71,6 +71,6 @@ def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
     )  # fmt: skip
     assert migrate.returncode == 0, migrate.stderr
     latest = len(scripts)
-    assert f"applied {scripts[0]}" in migrate.stdout
-    assert f"schema at version {latest} (latest {latest})" in migrate.stdout
+    assert f"applied {scripts[0]} (service)" in migrate.stdout
+    assert f"service schema at version {latest} (latest {latest})" in migrate.stdout
     assert (elsewhere / "data" / "quart_service.db").exists()
