@@ -68,14 +68,23 @@ def test_four_workers_on_an_empty_database_migrate_once_and_become_ready(
             ready = client.get("/readyz")
             assert ready.status_code == 200, ready.text
         identities = _identities(clients)
-    files = len(discover())
-    applied = sum(i["data"]["migrations_applied"] for i in identities.values())
-    assert applied == files  # each file applied once, by one of the four workers
+    scripts = discover()
+    applied = {pid: i["data"]["migrations_applied"] for pid, i in identities.items()}
+    assert sum(applied.values()) == len(scripts)  # each revision once, by one worker
+    (applier,) = [pid for pid, count in applied.items() if count]
     with contextlib.closing(sqlite3.connect(data_dir / "quart_service.db")) as db:
-        rows = db.execute("SELECT version, applied_by_pid FROM schema_migrations").fetchall()
-    assert len(rows) == files
-    assert len({pid for _, pid in rows}) == 1
-    assert rows[0][1] in identities
+        versions = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert versions == [(f"{len(scripts):04d}",)]
+    # The log names each revision once, from the worker that applied them all.
+    log = server.log()
+    for script in scripts:
+        lines = [
+            line
+            for line in log.splitlines()
+            if f"applied migration {script.path.name} of 'service'" in line
+        ]
+        assert len(lines) == 1, lines
+        assert f"[{applier}]" in lines[0]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """The wheel carries the migrations: an installed service finds its schema.
 
-The SQL lives in the repository's top-level ``migrations/`` folder; the package sees it
-as ``quart_service/migrations`` (a link in the checkout, real files in the wheel).
+The revision scripts live in the repository's top-level ``migrations/`` folder; the
+package sees them as ``quart_service/migrations`` (a link in the checkout, real files in
+the wheel).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     (wheel,) = wheels.glob("quart_service-*.whl")
-    sql = sorted(p.name for p in (ROOT / "migrations").glob("*.sql"))
+    scripts = sorted(p.name for p in (ROOT / "migrations").glob("*.py"))
     with zipfile.ZipFile(wheel) as archive:
         shipped = sorted(
             Path(name).name
             for name in archive.namelist()
-            if name.startswith("quart_service/migrations/") and name.endswith(".sql")
+            if name.startswith("quart_service/migrations/") and name.endswith(".py")
         )
-    assert shipped == sql
+    assert shipped == scripts
 
     # A fresh environment; the dependencies come from this interpreter's site-packages,
     # the service itself only from the wheel.
@@ -45,10 +46,6 @@ def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
         check=True, timeout=120,
     )  # fmt: skip
     python = venv / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {
@@ -56,6 +53,12 @@ def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
         for key, value in os.environ.items()
         if not key.startswith("QUART_SERVICE_") and key != "PYTHONPATH"
     }
+    # Without PYTHONPATH for pip too: a checkout on it, with the egg-info that building
+    # the wheel left there, reads as "already installed" and pip installs nothing.
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
+        env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
     env["QUART_SERVICE_DATA_DIR"] = str(elsewhere / "data")
     where = subprocess.run(
         [str(python), "-c", "import quart_service; print(quart_service.__file__)"],
@@ -67,7 +70,7 @@ def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert migrate.returncode == 0, migrate.stderr
-    latest = len(sql)
-    assert f"applied {sql[0]}" in migrate.stdout
-    assert f"schema at version {latest} (latest {latest})" in migrate.stdout
+    latest = len(scripts)
+    assert f"applied {scripts[0]} (service)" in migrate.stdout
+    assert f"service schema at version {latest} (latest {latest})" in migrate.stdout
     assert (elsewhere / "data" / "quart_service.db").exists()

@@ -1,16 +1,30 @@
-"""Schema migrations: numbered SQL files applied in order, once, under a file lock.
+"""Schema migrations: Alembic revision scripts, applied once, under a file lock.
 
-Files are named ``NNNN_description.sql``. They live in the repository's top-level
-``migrations/`` folder, and ship inside the wheel as ``quart_service/migrations/``
-(in a checkout that path is a link to the top-level folder), so an installed service
-finds its schema. Each file is
-applied in one transaction together with its row in ``schema_migrations``; a file that
-fails leaves the database as it was. When N workers start at the same instant, an
-exclusive ``flock`` on ``<database>.migrate.lock`` lets exactly one apply; the others
-wait on the lock and then find nothing left to do.
+A *source* of migrations is a folder of Alembic revision scripts with its own linear
+history and its own version table: the service's (``SERVICE``, the repository's
+top-level ``migrations/`` folder, shipped in the wheel as ``quart_service/migrations/``;
+in a checkout that path is a link) records its version in ``alembic_version``; a
+team plugin's source named ``team-x`` in ``alembic_version_team_x``.
 
-These functions block (they use the stdlib ``sqlite3``): call them from the pool or a
-CLI, not on the event loop.
+The convention, checked by :func:`discover` before anything runs: each script is
+named ``NNNN_slug.py`` and says ``revision = "NNNN"`` and ``down_revision =
+"NNNN-1"`` (``None`` for ``0001``); the numbers run 1, 2, 3... without a gap. So the
+version of a source is a plain number, which the cheap path compares.
+
+Importing Alembic and SQLAlchemy costs a worker about 0.24 s and 36 MB. So
+:func:`schema_status` reads the version tables with the stdlib ``sqlite3``, and
+:func:`apply_migrations` takes the lock, looks the same way, and imports Alembic
+(``_alembic_run``) only when a source has something to apply. When N workers start
+at the same instant, the exclusive ``flock`` on ``<database>.migrate.lock`` lets
+exactly one apply; the others wait on it and then find nothing left to do.
+
+Each revision runs in its own transaction together with its version-table update; a
+revision that fails is rolled back and leaves the database as the previous one left
+it. A database that the SQL-file migrator of earlier releases migrated (rows in
+``schema_migrations``, no ``alembic_version``) is adopted: stamped at its last
+version, then upgraded; ``schema_migrations`` stays as it was.
+
+These functions block: call them from the pool or a CLI, not on the event loop.
 """
 
 from __future__ import annotations
@@ -18,170 +32,380 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import re
 import sqlite3
-import time
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MigrationError
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "SERVICE",
+    "FailureHandler",
     "Migration",
+    "MigrationSource",
     "SchemaStatus",
     "apply_migrations",
     "discover",
+    "downgrade",
+    "migrate_to",
+    "migration_lock",
     "schema_status",
 ]
 
 _log = logging.getLogger("quart_service.data")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.py$")
+# A module-level assignment, annotated or not: ``revision: str = "0002"  # note``.
+_ASSIGNMENT = re.compile(
+    r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(.*?)\s*(?:#.*)?$", re.MULTILINE
+)
+_VALUE = re.compile(r"""^(?:None|"(\d{4})"|'(\d{4})')$""")
+_SLUG = re.compile(r"[^a-z0-9]")
+_LEGACY_TABLE = "schema_migrations"
+
+FailureHandler = Callable[["MigrationSource", MigrationError], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSource:
+    """A folder of revision scripts with its own history (the service, or a team's)."""
+
+    name: str
+    directory: Path
+
+    @property
+    def version_table(self) -> str:
+        """``alembic_version`` for the service, ``alembic_version_<slug>`` otherwise."""
+        if self.name == "service":
+            return "alembic_version"
+        return "alembic_version_" + _SLUG.sub("_", self.name.lower())
+
+
+SERVICE = MigrationSource("service", MIGRATIONS_DIR)
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
-    """One SQL file."""
+    """One revision script of a source."""
 
     version: int
     name: str
     path: Path
+    source: str = SERVICE.name
 
 
 @dataclass(frozen=True, slots=True)
 class SchemaStatus:
-    """Where the database's schema stands against the files."""
+    """Where the database stands against the scripts.
+
+    ``current`` and ``latest`` are the service's (the first source asked about, when
+    the service is not among them); ``sources`` has ``(current, latest)`` per source.
+    """
 
     current: int
     latest: int
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def behind(self) -> bool:
-        """Files exist that the database has not applied."""
+        """The service has scripts that the database has not applied."""
         return self.current < self.latest
 
+    @property
+    def pending(self) -> list[str]:
+        """The sources, of those asked about, with scripts not applied yet."""
+        return [name for name, (current, latest) in self.sources.items() if current < latest]
 
-def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """The migration files, in version order; a stray or duplicate name is an error."""
+
+def discover(directory: Path = MIGRATIONS_DIR, source: str = SERVICE.name) -> list[Migration]:
+    """The revision scripts of a folder, in order; the convention is checked here
+    (no Alembic import): a stray name, a duplicate number, a gap or a revision id
+    that does not match the file's number is a :class:`MigrationError` naming it."""
+    where = f"migration folder {str(directory)!r} of {source!r}"
+    if not directory.is_dir():
+        raise MigrationError(f"{where} does not exist")
     found: dict[int, Migration] = {}
-    for path in sorted(directory.glob("*.sql")):
-        match = _NAME.match(path.name)
+    for path in sorted(directory.iterdir()):
+        if path.is_dir() or path.name == "__init__.py" or path.suffix != ".py":
+            if path.suffix == ".sql":
+                raise MigrationError(
+                    f"{where}: SQL files are no longer applied; rewrite {path.name} as an "
+                    "Alembic revision script NNNN_slug.py"
+                )
+            continue
+        match = _FILE.match(path.name)
         if match is None:
             raise MigrationError(
-                f"migration file {path.name!r} must be named NNNN_description.sql "
-                "(4 digits, lower-case words)"
+                f"{where}: {path.name!r} must be named NNNN_slug.py (4 digits, lower-case words)"
             )
         version = int(match.group(1))
         if version in found:
             raise MigrationError(
-                f"two migration files have version {version}: "
+                f"{where}: two migration files have number {version}: "
                 f"{found[version].path.name} and {path.name}"
             )
-        found[version] = Migration(version, match.group(2), path)
-    return [found[v] for v in sorted(found)]
+        found[version] = Migration(version, match.group(2), path, source)
+    migrations = [found[v] for v in sorted(found)]
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise MigrationError(
+                f"{where}: numbers must run 1, 2, 3... without a gap: "
+                f"{migration.path.name} where {expected:04d} was expected"
+            )
+        _check_ids(migration, where)
+    return migrations
 
 
-def _connect(database: Path, busy_timeout: float) -> sqlite3.Connection:
-    """A stdlib connection in autocommit mode, WAL journal, with a busy timeout."""
+def _check_ids(migration: Migration, where: str) -> None:
+    """``revision = "NNNN"`` and ``down_revision = "NNNN-1"`` (None for 0001)."""
+    text = migration.path.read_text(encoding="utf-8")
+    values: dict[str, list[str]] = {"revision": [], "down_revision": []}
+    for match in _ASSIGNMENT.finditer(text):
+        values[match.group(1)].append(match.group(2))
+    wanted = {
+        "revision": f'"{migration.version:04d}"',
+        "down_revision": f'"{migration.version - 1:04d}"' if migration.version > 1 else "None",
+    }
+    for key, found in values.items():
+        if len(found) != 1:
+            raise MigrationError(
+                f"{where}: {migration.path.name} must assign {key} exactly once at the top "
+                f"level (found {len(found)}); expected {key} = {wanted[key]}"
+            )
+        value = _VALUE.match(found[0])
+        number = value and (value.group(1) or value.group(2))
+        expected = None if wanted[key] == "None" else f"{wanted[key][1:-1]}"
+        if value is None or number != expected:
+            raise MigrationError(
+                f"{where}: {migration.path.name} says {key} = {found[0]}; "
+                f"expected {key} = {wanted[key]}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """One source, its scripts, and where the database stands."""
+
+    source: MigrationSource
+    migrations: list[Migration]
+    current: int
+    adopt: int | None = None  # the service's version in the old schema_migrations
+
+    @property
+    def latest(self) -> int:
+        return len(self.migrations)
+
+    @property
+    def pending(self) -> bool:
+        return self.current < self.latest or self.adopt is not None
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def migration_lock(database: Path) -> Iterator[None]:
+    """Hold the exclusive ``flock`` on ``<database>.migrate.lock`` (blocking).
+
+    The kernel releases it if the holder dies. It is not re-entrant (a second
+    ``open()`` of the file is another lock), so taking it twice in one thread is an
+    error rather than a deadlock; :func:`apply_migrations` releases it before it
+    returns."""
     database.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(database, timeout=busy_timeout, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    return connection
-
-
-def _ensure_table(connection: sqlite3.Connection) -> None:
-    connection.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-        " applied_at REAL NOT NULL, applied_by_pid INTEGER NOT NULL)"
-    )
-
-
-def _current(connection: sqlite3.Connection) -> int:
-    row = connection.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-    return int(row[0])
-
-
-def schema_status(
-    database: Path, busy_timeout: float = 5.0, directory: Path = MIGRATIONS_DIR
-) -> SchemaStatus:
-    """Compare the database with the files (a missing database is at version 0)."""
-    latest = max((m.version for m in discover(directory)), default=0)
-    if not database.exists():
-        return SchemaStatus(0, latest)
-    uri = f"file:{database}?mode=ro"
-    # closing(): sqlite3's own context manager commits but leaves the connection open.
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout)) as connection:
-        exists = connection.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-        ).fetchone()
-        current = _current(connection) if exists else 0
-    return SchemaStatus(current, latest)
-
-
-def apply_migrations(
-    database: Path, busy_timeout: float = 5.0, directory: Path = MIGRATIONS_DIR
-) -> list[Migration]:
-    """Apply the pending files in order; returns those this call applied."""
-    migrations = discover(directory)
-    database.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = database.with_name(database.name + ".migrate.lock")
+    lock_path = database.with_name(database.name + ".migrate.lock").resolve()
+    held: set[Path] = _held.__dict__.setdefault("paths", set())
+    if lock_path in held:
+        raise MigrationError(f"{lock_path} is already held by this thread (not re-entrant)")
     with open(lock_path, "a+b") as lock:
         # Blocks while another process migrates; released by the kernel if it dies.
         fcntl.flock(lock, fcntl.LOCK_EX)
+        held.add(lock_path)
         try:
-            connection = _connect(database, busy_timeout)
-            try:
-                return _apply_pending(connection, migrations)
-            finally:
-                connection.close()
+            yield
         finally:
+            held.discard(lock_path)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _apply_pending(connection: sqlite3.Connection, migrations: list[Migration]) -> list[Migration]:
-    _ensure_table(connection)
-    current = _current(connection)
+def _check_sources(sources: Sequence[MigrationSource]) -> None:
+    names = [s.name for s in sources]
+    tables = [s.version_table for s in sources]
+    if len(set(names)) != len(names) or len(set(tables)) != len(tables):
+        raise MigrationError(f"migration sources need distinct names and version tables: {names}")
+    if not all(names):
+        raise MigrationError("a migration source needs a name")
+
+
+def _read_version(connection: sqlite3.Connection, table: str) -> int | None:
+    """The number in a version table; None when the table does not exist."""
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+    ).fetchone()
+    if not exists:
+        return None
+    rows = connection.execute(f'SELECT version_num FROM "{table}"').fetchall()
+    if not rows:
+        return 0
+    if len(rows) > 1 or not re.fullmatch(r"\d{4}", str(rows[0][0])):
+        found = ", ".join(repr(r[0]) for r in rows)
+        raise MigrationError(f"version table {table} holds {found}; expected one 4-digit revision")
+    return int(rows[0][0])
+
+
+def _legacy_version(connection: sqlite3.Connection) -> int | None:
+    """The last version the SQL-file migrator recorded; None without its table."""
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)
+    ).fetchone()
+    if not exists:
+        return None
+    row = connection.execute(f"SELECT max(version) FROM {_LEGACY_TABLE}").fetchone()
+    return int(row[0]) if row[0] is not None else None
+
+
+def _state(connection: sqlite3.Connection | None, source: MigrationSource) -> _State:
+    migrations = discover(source.directory, source.name)
+    if connection is None:  # no database file yet
+        return _State(source, migrations, 0)
+    current = _read_version(connection, source.version_table)
+    if current is not None or source.name != SERVICE.name:
+        return _State(source, migrations, current or 0)
+    legacy = _legacy_version(connection)
+    if legacy is None:
+        return _State(source, migrations, 0)
+    return _State(source, migrations, legacy, adopt=legacy)
+
+
+@contextlib.contextmanager
+def _reader(database: Path, busy_timeout: float) -> Iterator[sqlite3.Connection | None]:
+    """A read-only stdlib connection, or None when the file does not exist."""
+    if not database.exists():
+        yield None
+        return
+    uri = database.resolve().as_uri() + "?mode=ro"
+    # closing(): sqlite3's own context manager commits but leaves the connection open.
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout)) as connection:
+        yield connection
+
+
+def schema_status(
+    database: Path,
+    busy_timeout: float = 5.0,
+    sources: Sequence[MigrationSource] = (SERVICE,),
+) -> SchemaStatus:
+    """Compare the database with the scripts of each source (a missing database is at
+    version 0). Cheap: stdlib ``sqlite3``, read-only; Alembic is not imported. A
+    database the old migrator left is reported at its ``schema_migrations`` version."""
+    _check_sources(sources)
+    with _reader(database, busy_timeout) as connection:
+        states = [_state(connection, source) for source in sources]
+    per_source = {s.source.name: (s.current, s.latest) for s in states}
+    main = next((s for s in states if s.source.name == SERVICE.name), states[0] if states else None)
+    if main is None:
+        return SchemaStatus(0, 0, per_source)
+    return SchemaStatus(main.current, main.latest, per_source)
+
+
+def apply_migrations(
+    database: Path,
+    busy_timeout: float = 5.0,
+    sources: Sequence[MigrationSource] = (SERVICE,),
+    *,
+    on_failure: FailureHandler | None = None,
+) -> list[Migration]:
+    """Upgrade each source to its newest script, in the given order (the service
+    first); returns the scripts this call applied.
+
+    Under :func:`migration_lock`. When nothing is pending, returns ``[]`` without
+    importing Alembic. A failure of the service's source raises
+    :class:`MigrationError`; a failure of another source goes to ``on_failure`` and
+    the next source is applied, or raises when there is no ``on_failure``."""
+    _check_sources(sources)
     applied: list[Migration] = []
-    for migration in migrations:
-        if migration.version <= current:
-            continue
-        sql = migration.path.read_text(encoding="utf-8")
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            # executescript() would COMMIT first; split the script and run it in ours.
-            for statement in _statements(sql):
-                connection.execute(statement)
-            connection.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
-                (migration.version, migration.name, time.time(), os.getpid()),
-            )
-            connection.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise MigrationError(
-                f"migration {migration.path.name} failed and was rolled back: {exc}"
-            ) from exc
-        _log.info("applied migration %s", migration.path.name)
-        applied.append(migration)
+    with migration_lock(database):
+        pending: list[_State] = []
+        with _reader(database, busy_timeout) as connection:
+            for source in sources:
+                try:
+                    state = _state(connection, source)
+                except MigrationError as exc:
+                    _failed(source, exc, on_failure)
+                    continue
+                if state.pending:
+                    pending.append(state)
+        if not pending:
+            return applied
+        from . import _alembic_run  # only now: Alembic and SQLAlchemy are heavy
+
+        for state in pending:
+            done: list[Migration] = []
+            try:
+                _alembic_run.migrate(database, busy_timeout, state, state.latest, done)
+            except MigrationError as exc:
+                _failed(state.source, exc, on_failure)
+            finally:
+                for migration in done:
+                    _log.info("applied migration %s of %r", migration.path.name, migration.source)
+                applied.extend(done)
     return applied
 
 
-def _statements(sql: str) -> list[str]:
-    """Split a script into complete statements (trigger bodies stay whole)."""
-    statements: list[str] = []
-    buffer = ""
-    for line in sql.splitlines(keepends=True):
-        if line.lstrip().startswith("--") and not buffer.strip():
-            continue
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip():
-        raise MigrationError(f"a migration ends in an incomplete statement: {buffer.strip()!r}")
-    return statements
+def _failed(
+    source: MigrationSource, exc: MigrationError, on_failure: FailureHandler | None
+) -> None:
+    if source.name == SERVICE.name or on_failure is None:
+        raise exc
+    _log.error("%s", exc)
+    on_failure(source, exc)
+
+
+def migrate_to(
+    database: Path, busy_timeout: float, source: MigrationSource, target: int
+) -> list[Migration]:
+    """Move one source to version ``target`` (0 = before its first script), up or
+    down, under the lock; returns the scripts applied or reverted, in that order."""
+    return _move(database, busy_timeout, source, target, down_only=False)
+
+
+def downgrade(
+    database: Path, busy_timeout: float, source: MigrationSource, target: int
+) -> list[Migration]:
+    """Revert one source's scripts down to version ``target`` (0 = base), under the
+    lock; returns the reverted scripts, newest first."""
+    return _move(database, busy_timeout, source, target, down_only=True)
+
+
+def _move(
+    database: Path, busy_timeout: float, source: MigrationSource, target: int, *, down_only: bool
+) -> list[Migration]:
+    _check_sources([source])
+    with migration_lock(database):
+        with _reader(database, busy_timeout) as connection:
+            state = _state(connection, source)
+        if not 0 <= target <= state.latest:
+            raise MigrationError(
+                f"{source.name!r} has versions 0 to {state.latest}; cannot go to {target}"
+            )
+        if down_only and target > state.current:
+            raise MigrationError(
+                f"{source.name!r} is at version {state.current}; a downgrade cannot go "
+                f"up to {target}"
+            )
+        if target == state.current and state.adopt is None:
+            return []
+        from . import _alembic_run  # only now: Alembic and SQLAlchemy are heavy
+
+        done: list[Migration] = []
+        try:
+            _alembic_run.migrate(database, busy_timeout, state, target, done)
+        finally:
+            verb = "reverted" if target < state.current else "applied"
+            for migration in done:
+                _log.info("%s migration %s of %r", verb, migration.path.name, migration.source)
+    return done

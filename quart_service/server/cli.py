@@ -5,17 +5,24 @@
 (environment and TOML file) and prints them; it exits 2 with the offending key named
 when they are bad. Run it before ``hypercorn``: Hypercorn 0.18 can exit 0 when all
 of its workers fail at start-up (https://github.com/pgjones/hypercorn/issues/269).
+``quart-service migrate`` applies the pending migrations of the service (then of each
+team plugin), ``--status`` prints where each source stands, and ``--to N [--source
+NAME]`` moves one source down or up to version N; one line per action.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from ..config import ENV_PREFIX, Settings
-from ..errors import SettingsError
+from ..errors import MigrationError, SettingsError
 from ..observability.logs import configure_logging
+
+if TYPE_CHECKING:
+    from ..data.migrations import MigrationSource
 
 __all__ = ["main"]
 
@@ -98,17 +105,77 @@ def serve(
 
 
 @main.command()
-def migrate() -> None:
-    """Apply pending database migrations (safe while workers run or start)."""
-    from ..data.migrations import apply_migrations, schema_status
+@click.option(
+    "--status",
+    "show_status",
+    is_flag=True,
+    help="Print each source's schema version and latest; change nothing.",
+)
+@click.option(
+    "--to",
+    "target",
+    type=click.IntRange(min=0),
+    help="Move one source to version N, down or up (0: before its first migration).",
+)
+@click.option(
+    "--source",
+    "source_name",
+    default="service",
+    show_default=True,
+    help="The source that --to moves.",
+)
+def migrate(show_status: bool, target: int | None, source_name: str) -> None:
+    """Apply pending database migrations (safe while workers run or start): the
+    service's, then each team plugin's."""
+    from ..data.migrations import apply_migrations, migrate_to, schema_status
 
+    if show_status and target is not None:
+        raise click.UsageError("--status and --to do not go together")
+    if source_name != "service" and target is None:
+        raise click.UsageError("--source goes with --to")
     settings = _settings_or_exit()
-    database = settings.database_file
-    applied = apply_migrations(database, settings.database_busy_timeout)
-    for migration in applied:
-        click.echo(f"applied {migration.path.name}")
-    status = schema_status(database, settings.database_busy_timeout)
-    click.echo(f"{database}: schema at version {status.current} (latest {status.latest})")
+    database, timeout = settings.database_file, settings.database_busy_timeout
+    sources = _migration_sources()
+    failed = False
+    try:
+        if target is not None:
+            source = next((s for s in sources if s.name == source_name), None)
+            if source is None:
+                known = ", ".join(s.name for s in sources)
+                click.echo(
+                    f"quart_service: no migration source {source_name!r} (known: {known})",
+                    err=True,
+                )
+                sys.exit(2)
+            before = schema_status(database, timeout, [source]).current
+            verb = "reverted" if target < before else "applied"
+            for migration in migrate_to(database, timeout, source, target):
+                click.echo(f"{verb} {migration.path.name} ({migration.source})")
+        elif not show_status:
+
+            def report(_source: object, error: MigrationError) -> None:
+                nonlocal failed
+                failed = True
+                click.echo(f"quart_service: {error}", err=True)
+
+            for migration in apply_migrations(database, timeout, sources, on_failure=report):
+                click.echo(f"applied {migration.path.name} ({migration.source})")
+        status = schema_status(database, timeout, sources)
+    except MigrationError as exc:
+        click.echo(f"quart_service: {exc}", err=True)
+        sys.exit(1)
+    for name, (current, latest) in status.sources.items():
+        click.echo(f"{database}: {name} schema at version {current} (latest {latest})")
+    if failed:
+        sys.exit(1)
+
+
+def _migration_sources() -> list[MigrationSource]:
+    """The service's migrations first, then the team plugins' by name (none yet: the
+    plugin API will declare them)."""
+    from ..data.migrations import SERVICE
+
+    return [SERVICE]
 
 
 def _settings_or_exit() -> Settings:
