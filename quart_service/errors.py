@@ -14,6 +14,7 @@ The tree (a test checks it against every subclass in the package)::
      ├── EngineError              502: an engine cannot be built or failed generating
      ├── Overloaded               503: the pool, its queue or a resource's limit is full
      ├── ResourceUnavailable      503: a resource could not be created
+     ├── PluginUnavailable        503: a team plugin's migrations failed; it is skipped
      ├── DatasetUnavailable       503: a dataset has never loaded in this worker
      ├── DatabaseBusy             503: another writer holds the database's lock
      └── DatabaseUnavailable      503: the database file cannot be opened
@@ -60,6 +61,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "PluginError",
+    "PluginUnavailable",
     "ResourceUnavailable",
     "ServiceError",
     "SettingsError",
@@ -172,6 +174,13 @@ class ResourceUnavailable(ServiceError):
 
     status = 503
     code = "resource_unavailable"
+
+
+class PluginUnavailable(ServiceError):
+    """The plugin serving this route was skipped at start-up (its migrations failed)."""
+
+    status = 503
+    code = "plugin_unavailable"
 
 
 class DatasetUnavailable(ServiceError):

@@ -84,10 +84,19 @@ def create_app(
         retry_after=settings.retry_after,
     )
     streams = StreamHub(StreamPolicy.from_settings(settings), pool, settings.stream_reconnect_after)
-    data = DataLayer(settings, registry, [*plugins.datasets, *datasets])
+    data = DataLayer(
+        settings,
+        registry,
+        [*plugins.datasets, *datasets],
+        migrations=plugins.migration_sources(),
+        dataset_owners=plugins.dataset_owners,
+        # skip: a team whose migrations fail is skipped; fail: the worker does not start.
+        on_source_failure=plugins.fail if settings.plugin_failure == "skip" else None,
+    )
     engines = EngineHost(registry, pool)
     for spec in [*plugins.resources, *resources]:
         registry.declare(spec)
+    app.before_request(plugins.gate)
     install_error_handlers(app)
 
     if settings.wsgi_mounts:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from quart import Quart
 from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import Settings, create_app
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "team_blueprint"
 
 
 @pytest.fixture
@@ -37,3 +41,14 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def team_package() -> Iterator[Path]:
+    """pip-install the example team package as a real distribution, then remove it."""
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", str(EXAMPLE)], check=True, timeout=300)
+    try:
+        yield EXAMPLE
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "team-blueprint-example"], check=True, timeout=300)

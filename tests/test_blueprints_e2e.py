@@ -4,30 +4,16 @@ under real Hypercorn workers."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .support.server import ROOT, free_port, peak_threads, running_server, spawn_hypercorn
+from .support.server import free_port, peak_threads, running_server, spawn_hypercorn
 
-EXAMPLE = ROOT / "examples" / "team_blueprint"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def team_package_installed() -> Iterator[None]:
-    """pip-install the example team package as a real distribution, then remove it."""
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", str(EXAMPLE)],
-                   check=True, timeout=300)  # fmt: skip
-    try:
-        yield
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "team-blueprint-example"], check=True, timeout=300)
+# The example team package, pip-installed as a real distribution for this module.
+pytestmark = pytest.mark.usefixtures("team_package")
 
 
 def test_flask_habits_work_in_a_team_blueprint(tmp_path: Path) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from quart_service import ServiceCache
 from quart_service.coordination import LeaderLock, PublishedFile
 

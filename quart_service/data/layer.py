@@ -5,24 +5,29 @@ say about them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
-import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import Settings
+from ..errors import MigrationError
 from ..observability.metrics import Metrics
 from ..part import Readiness
 from ..singletons import Resource, ResourceRegistry
 from .cache import ServiceCache
 from .database import Database
 from .datasets import Dataset
-from .markers import install_markers, missing_markers
-from .migrations import SchemaStatus, apply_migrations, schema_status
+from .markers import watch_tables
+from .migrations import (
+    SERVICE,
+    MigrationSource,
+    SchemaStatus,
+    apply_migrations,
+    schema_status,
+)
 from .models import MODELS, ModelRepository
 from .plane import DataPlane, Freshness, PlaneCounts
 from .snapshot import Snapshot
@@ -47,8 +52,19 @@ class DataLayer:
         settings: Settings,
         registry: ResourceRegistry,
         datasets: Sequence[Dataset[Any]] = (),
+        *,
+        migrations: Sequence[MigrationSource] = (),
+        dataset_owners: dict[str, str] | None = None,
+        on_source_failure: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``migrations``: the teams' sources, applied after the service's, in order.
+        ``on_source_failure(source, error)``: a team's migrations failed; without it a
+        failure stops the start. ``dataset_owners``: dataset name to source name, so a
+        failed team's datasets are not loaded."""
         self.settings = settings
+        self.sources = [SERVICE, *migrations]
+        self._owners = dict(dataset_owners or {})
+        self._on_source_failure = on_source_failure
         self.data_dir = Path(settings.data_dir)
         self.datasets: dict[str, Dataset[Any]] = {}
         for dataset in [MODELS, *datasets]:
@@ -56,6 +72,7 @@ class DataLayer:
         self.migrations_applied = 0
         self.schema: SchemaStatus | None = None
         self.unwatched: dict[str, str] = {}  # table -> why it has no revision marker
+        self.failed_sources: dict[str, str] = {}  # team migrations that failed
         self._registry = registry
         self._database: Database | None = None
         self._models: ModelRepository | None = None
@@ -121,12 +138,32 @@ class DataLayer:
             metrics.count(metrics.leader_changes),
         )
         self._models = ModelRepository(self._database)
+        loop = asyncio.get_running_loop()
+        if settings.auto_migrate:
+            applied = await loop.run_in_executor(None, self._migrate)
+            self.migrations_applied = len(applied)
+        for source, error in self.failed_sources.items():
+            if self._on_source_failure is not None:
+                self._on_source_failure(source, error)
+        datasets = [
+            d for d in self.datasets.values() if self._owners.get(d.name) not in self.failed_sources
+        ]
+        tables = {table for dataset in datasets for table in dataset.tables}
+        self.unwatched = await loop.run_in_executor(
+            None,
+            partial(
+                watch_tables,
+                settings.database_file,
+                settings.database_busy_timeout,
+                tables,
+                install=settings.auto_migrate,
+            ),
+        )
+        for table, error in self.unwatched.items():
+            names = [d.name for d in datasets if table in d.tables]
+            _log.warning("table %r (datasets %s) cannot be watched: %s", table, names, error)
         plane = self._plane = DataPlane(
-            self.data_dir,
-            settings.refresh_interval,
-            self._database,
-            list(self.datasets.values()),
-            counts,
+            self.data_dir, settings.refresh_interval, self._database, datasets, counts
         )
         self._cache = ServiceCache(
             settings.cache_ttl,
@@ -135,13 +172,6 @@ class DataLayer:
             loads=metrics.counts(metrics.cache_loads),
         )
         metrics.on_sample(self._sample)
-        loop = asyncio.get_running_loop()
-        if settings.auto_migrate:
-            applied = await loop.run_in_executor(
-                None, apply_migrations, settings.database_file, settings.database_busy_timeout
-            )
-            self.migrations_applied = len(applied)
-        self.unwatched = await loop.run_in_executor(None, self._watch_tables)
         await self.check_schema()
         plane.on_swap(self._swapped)
         self._task = loop.create_task(plane.run())
@@ -256,27 +286,19 @@ class DataLayer:
             }
         return found
 
-    def _watch_tables(self) -> dict[str, str]:
-        """Install the revision markers of every table a dataset names (blocking)."""
-        tables = {table for dataset in self.datasets.values() for table in dataset.tables}
-        database = self.settings.database_file
-        timeout = self.settings.database_busy_timeout
-        with contextlib.closing(
-            sqlite3.connect(database, timeout=timeout, isolation_level=None)
-        ) as c:
-            missing = missing_markers(c, tables)
-            if not missing:
-                return {}  # the usual start: one read, no lock
-            if not self.settings.auto_migrate:
-                why = "no revision triggers: run quart-service migrate (auto_migrate is off)"
-                errors = dict.fromkeys(missing, why)
-            else:
-                with _migration_lock(database):
-                    errors = install_markers(c, missing)
-        for table, error in errors.items():
-            names = [d.name for d in self.datasets.values() if table in d.tables]
-            _log.warning("table %r (datasets %s) cannot be watched: %s", table, names, error)
-        return errors
+    def _migrate(self) -> list[Any]:
+        """Apply every source's migrations (blocking: run in the pool). A team's
+        failure is recorded (and reported on the loop) when a handler is set."""
+
+        def failed(source: MigrationSource, error: MigrationError) -> None:
+            self.failed_sources[source.name] = str(error)
+
+        return apply_migrations(
+            self.settings.database_file,
+            self.settings.database_busy_timeout,
+            self.sources,
+            on_failure=failed if self._on_source_failure is not None else None,
+        )
 
     async def _first_snapshot(self) -> Snapshot:
         return await self.plane.first_snapshot()
@@ -308,14 +330,3 @@ class DataLayer:
                 "the worker has not started: the data layer exists only while serving"
             )
         return value
-
-
-@contextlib.contextmanager
-def _migration_lock(database: Path) -> Iterator[None]:
-    lock_path = database.with_name(database.name + ".migrate.lock")
-    with open(lock_path, "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

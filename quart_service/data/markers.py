@@ -14,11 +14,21 @@ no-op). The functions here block (stdlib ``sqlite3``): run them in the pool.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 from collections.abc import Iterable
+from pathlib import Path
 
-__all__ = ["MARKERS_QUERY", "install_markers", "missing_markers", "trigger_names"]
+from .migrations import migration_lock
+
+__all__ = [
+    "MARKERS_QUERY",
+    "install_markers",
+    "missing_markers",
+    "trigger_names",
+    "watch_tables",
+]
 
 MARKERS_QUERY = "SELECT table_name, revision FROM table_revisions"
 
@@ -86,3 +96,24 @@ def install_markers(connection: sqlite3.Connection, tables: Iterable[str]) -> di
                 connection.execute("ROLLBACK")
             errors[table] = f"{type(exc).__name__}: {exc}"
     return errors
+
+
+def watch_tables(
+    database: Path, busy_timeout: float, tables: Iterable[str], *, install: bool = True
+) -> dict[str, str]:
+    """Make sure every table in ``tables`` has its marker; returns ``{table: why not}``.
+
+    The usual case (all installed) costs one read and no lock. Missing ones are
+    installed under the migration lock, or only reported when ``install`` is false
+    (the workers must not change the schema)."""
+    wanted = set(tables)
+    connection = sqlite3.connect(database, timeout=busy_timeout, isolation_level=None)
+    with contextlib.closing(connection):
+        missing = missing_markers(connection, wanted)
+        if not missing:
+            return {}
+        if not install:
+            why = "no revision triggers: run quart-service migrate (auto_migrate is off)"
+            return dict.fromkeys(missing, why)
+        with migration_lock(database):
+            return install_markers(connection, missing)

@@ -23,10 +23,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from quart import Blueprint, Quart
+from quart import Blueprint, Quart, request
 
 from ..data.datasets import Dataset
-from ..errors import PluginError
+from ..data.migrations import MigrationSource
+from ..errors import PluginError, PluginUnavailable
 from ..observability.metrics import Metrics
 from ..part import Readiness
 from ..singletons import Resource
@@ -65,14 +66,36 @@ class LoadedPlugins:
     resources: list[Resource[Any]] = field(default_factory=list)
     datasets: list[Dataset[Any]] = field(default_factory=list)
     migrations: dict[str, Path] = field(default_factory=dict)  # name -> folder
+    dataset_owners: dict[str, str] = field(default_factory=dict)  # dataset -> name
     blueprints: dict[str, str] = field(default_factory=dict)  # name -> blueprint name
     name: str = "plugins"
+    _unavailable: dict[str, str] = field(default_factory=dict)  # blueprint -> plugin
 
     async def start(self, metrics: Metrics) -> None:
         """Plugins were mounted when the app was built; nothing to start."""
 
     async def stop(self) -> None:
         """Their resources are closed by the registry."""
+
+    def migration_sources(self) -> list[MigrationSource]:
+        """The plugins' migration folders, in the order they are applied (by name)."""
+        return [MigrationSource(name, folder) for name, folder in sorted(self.migrations.items())]
+
+    def fail(self, name: str, error: str) -> None:
+        """Skip a mounted plugin that failed after mounting (its migrations): its
+        routes answer 503 ``plugin_unavailable`` from now on."""
+        self.skipped[name] = error
+        blueprint = self.blueprints.get(name)
+        if blueprint is not None:
+            self._unavailable[blueprint] = name
+
+    async def gate(self) -> None:
+        """Before each request: refuse the routes of a plugin skipped after mounting."""
+        name = self._unavailable.get(request.blueprint or "") if self._unavailable else None
+        if name is not None:
+            raise PluginUnavailable(
+                f"team plugin {name!r} is unavailable: {self.skipped[name]}", retry_after=60
+            )
 
     async def readiness(self) -> Readiness:
         """A skipped plugin does not make the worker unready; it is named."""
@@ -139,6 +162,7 @@ def load_plugins(
         loaded.blueprints[name] = plugin.blueprint.name
         loaded.resources.extend(plugin.resources)
         loaded.datasets.extend(plugin.datasets)
+        loaded.dataset_owners.update(dict.fromkeys((d.name for d in plugin.datasets), name))
         if plugin.migrations is not None:
             loaded.migrations[name] = Path(plugin.migrations)
     return loaded

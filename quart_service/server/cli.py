@@ -22,7 +22,7 @@ from ..errors import MigrationError, SettingsError
 from ..observability.logs import configure_logging
 
 if TYPE_CHECKING:
-    from ..data.migrations import MigrationSource
+    from ..plugins.loader import LoadedPlugins
 
 __all__ = ["main"]
 
@@ -127,7 +127,9 @@ def serve(
 def migrate(show_status: bool, target: int | None, source_name: str) -> None:
     """Apply pending database migrations (safe while workers run or start): the
     service's, then each team plugin's."""
-    from ..data.migrations import apply_migrations, migrate_to, schema_status
+    from ..data.markers import watch_tables
+    from ..data.migrations import SERVICE, apply_migrations, migrate_to, schema_status
+    from ..data.models import MODELS
 
     if show_status and target is not None:
         raise click.UsageError("--status and --to do not go together")
@@ -135,7 +137,8 @@ def migrate(show_status: bool, target: int | None, source_name: str) -> None:
         raise click.UsageError("--source goes with --to")
     settings = _settings_or_exit()
     database, timeout = settings.database_file, settings.database_busy_timeout
-    sources = _migration_sources()
+    plugins = _installed_plugins(settings)
+    sources = [SERVICE, *plugins.migration_sources()]
     failed = False
     try:
         if target is not None:
@@ -160,6 +163,11 @@ def migrate(show_status: bool, target: int | None, source_name: str) -> None:
 
             for migration in apply_migrations(database, timeout, sources, on_failure=report):
                 click.echo(f"applied {migration.path.name} ({migration.source})")
+            # The revision triggers of the tables the service's and the plugins'
+            # datasets read (an app's own datasets are watched when its workers start).
+            tables = {t for d in [MODELS, *plugins.datasets] for t in d.tables}
+            for table, error in watch_tables(database, timeout, tables).items():
+                click.echo(f"quart_service: table {table!r} cannot be watched: {error}", err=True)
         status = schema_status(database, timeout, sources)
     except MigrationError as exc:
         click.echo(f"quart_service: {exc}", err=True)
@@ -170,12 +178,24 @@ def migrate(show_status: bool, target: int | None, source_name: str) -> None:
         sys.exit(1)
 
 
-def _migration_sources() -> list[MigrationSource]:
-    """The service's migrations first, then the team plugins' by name (none yet: the
-    plugin API will declare them)."""
-    from ..data.migrations import SERVICE
+def _installed_plugins(settings: Settings) -> LoadedPlugins:
+    """The team plugins the workers would mount (their migrations and datasets),
+    loaded into a throwaway app; one that fails to import is named and left out."""
+    from quart import Quart
 
-    return [SERVICE]
+    from ..config import split_list
+    from ..plugins.loader import load_plugins
+
+    plugins = load_plugins(
+        Quart("quart_service.migrate"),
+        split_list(settings.blueprints),
+        {},
+        set(split_list(settings.disabled_blueprints)),
+        strict=False,
+    )
+    for name, error in plugins.skipped.items():
+        click.echo(f"quart_service: team plugin {name!r} left out: {error}", err=True)
+    return plugins
 
 
 def _settings_or_exit() -> Settings:
