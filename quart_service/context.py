@@ -18,7 +18,7 @@ the version this worker serves now.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from quart import current_app, g, has_request_context, has_websocket_context
 
@@ -106,7 +106,11 @@ async def snapshot() -> Snapshot:
     return held
 
 
-async def dataset(spec: Dataset[T] | str) -> DatasetView[T]:
+@overload
+async def dataset(spec: Dataset[T]) -> DatasetView[T]: ...
+@overload
+async def dataset(spec: str) -> DatasetView[Any]: ...
+async def dataset(spec: Dataset[Any] | str) -> DatasetView[Any]:
     """This request's version of a dataset (503 ``dataset_unavailable`` if it has
     never loaded)."""
     return (await snapshot()).dataset(spec)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ def _prepare(root: Path) -> tuple[Path, dict[str, str]]:
 def _datasets(client: httpx.Client) -> dict[str, Any]:
     found: dict[str, Any] = client.get("/debug/identity").json()["data"]["datasets"]
     return found
+
+
+def _enabled(flag: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda answer: flag in answer["enabled"]
 
 
 def _statements(trace: Path) -> dict[str, list[str]]:
@@ -132,9 +137,9 @@ def test_a_resource_built_from_a_dataset_is_rebuilt_once_per_worker(tmp_path: Pa
         wait_all(clients, "/flag-book", lambda a: a["enabled"] == ["beta"], timeout=15)
         changes = 5
         for n in range(changes):
-            sqlite3_shell(database, f"INSERT INTO flags VALUES ('f{n}', 1)")
-            wait_all(clients, "/flag-book",
-                     lambda a, n=n: f"f{n}" in a["enabled"], timeout=10)  # fmt: skip
+            flag = f"f{n}"
+            sqlite3_shell(database, f"INSERT INTO flags VALUES ('{flag}', 1)")
+            wait_all(clients, "/flag-book", _enabled(flag), 10)
 
         def builds() -> dict[int, int]:
             found = {}

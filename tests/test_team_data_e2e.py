@@ -10,8 +10,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import quantiles
+from typing import Any
 
 import httpx
 import pytest
@@ -40,6 +42,11 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def has(field: str, value: object) -> Callable[[dict[str, Any]], bool]:
+    """A check that an answer's ``field`` equals ``value``."""
+    return lambda answer: bool(answer[field] == value)
+
+
 def _renderer_builds(client: httpx.Client) -> int:
     statuses = client.get("/debug/identity").json()["resources"]
     return int(next(s["builds"] for s in statuses if s["name"] == "team_example.renderer"))
@@ -65,22 +72,20 @@ def test_a_team_table_changed_in_the_shell_reaches_every_worker_and_rebuilds_onc
         delays: list[float] = []
         changes = 50
         for n in range(changes):
+            template = f"Hi $who, #{n}"
             sqlite3_shell(
-                database,
-                f"UPDATE team_prompts SET template = 'Hi $who, #{n}' WHERE name = 'greeting'",
+                database, f"UPDATE team_prompts SET template = '{template}' WHERE name = 'greeting'"
             )
-            reached = wait_all(
-                clients,
-                "/team/prompts/greeting",
-                lambda a, n=n: a["template"] == f"Hi $who, #{n}",
-                timeout=5,
-            )
+            reached = wait_all(clients, "/team/prompts/greeting", has("template", template), 5)
             delays.append(max(reached.values()))
         p99 = quantiles(delays, n=100, method="inclusive")[98]
         assert p99 <= INTERVAL + 0.5, f"p99 {p99:.3f} s over {changes} changes: {sorted(delays)}"
+
         # Every worker rebuilt its renderer once per change, not more, not less.
-        wait_for(lambda: all(_renderer_builds(c) == 1 + changes for c in clients.values()),
-                 "each renderer rebuilt once per change", 5)  # fmt: skip
+        def rebuilt() -> bool:
+            return all(_renderer_builds(c) == 1 + changes for c in clients.values())
+
+        wait_for(rebuilt, "each renderer rebuilt once per change", 5)
         time.sleep(3 * INTERVAL)
         assert {_renderer_builds(c) for c in clients.values()} == {1 + changes}
         for client in clients.values():
@@ -98,7 +103,8 @@ def test_a_broken_team_migration_is_skipped_and_named(tmp_path: Path) -> None:
         running_server(tmp_path, workers=2, env=env) as server,
         httpx.Client(base_url=server.url, timeout=30) as http,
     ):
-        ready = wait_for(lambda: (r := http.get("/readyz")).status_code == 200 and r, "ready", 15)
+        wait_for(lambda: http.get("/readyz").status_code == 200, "ready", 15)
+        ready = http.get("/readyz")
         skipped = ready.json()["checks"]["plugins"]["skipped"]
         assert list(skipped) == [name]
         assert "0001_broken.py" in skipped[name]

@@ -24,7 +24,9 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
+
+from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
     from .database import Database
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Dataset", "Loader"]
 
-T = TypeVar("T")
+# What ``build`` makes; None when the dataset declares no ``build`` (PEP 696 default,
+# so ``Dataset("flags", ...)`` needs no annotation).
+T = TypeVar("T", default=None)
 
 #: An async loader: given the database handle, returns the rows (mappings with the
 #: same keys; values are numbers, text, bytes or None).

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from ..errors import DatasetUnavailable
 from .datasets import Dataset
@@ -44,7 +44,11 @@ class Snapshot:
     datasets: Mapping[str, DatasetView[Any]] = field(default_factory=lambda: MappingProxyType({}))
     trouble: Mapping[str, DatasetTrouble] = field(default_factory=lambda: MappingProxyType({}))
 
-    def dataset(self, spec: Dataset[T] | str) -> DatasetView[T]:
+    @overload
+    def dataset(self, spec: Dataset[T]) -> DatasetView[T]: ...
+    @overload
+    def dataset(self, spec: str) -> DatasetView[Any]: ...
+    def dataset(self, spec: Dataset[Any] | str) -> DatasetView[Any]:
         """The version of a dataset in this snapshot; :class:`DatasetUnavailable` (503)
         if it has never loaded."""
         name = spec if isinstance(spec, str) else spec.name

@@ -37,7 +37,7 @@ INSERT INTO tenant_limits VALUES ('acme', 60);
 
 def _traced_connect(connect: Any) -> Any:
     def traced(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
-        connection = connect(database, *args, **kwargs)
+        connection: sqlite3.Connection = connect(database, *args, **kwargs)
         if "immutable=1" not in str(database):
             log = Path(TRACE_DIR) / f"{os.getpid()}.log"
 
