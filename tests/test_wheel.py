@@ -8,6 +8,7 @@ the wheel).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,10 +23,26 @@ from .support.server import ROOT
 def test_an_installed_wheel_migrates_a_fresh_database_outside_the_checkout(
     tmp_path: Path,
 ) -> None:
+    # Build from a copy of what git sees (tracked and new files, not ignored ones): a
+    # stale build/ folder in the checkout would leak old files into the wheel.
+    source = tmp_path / "source"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True, timeout=60,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        origin = ROOT / name
+        if origin.is_symlink() or origin.is_file():
+            target = source / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if origin.is_symlink():
+                target.symlink_to(os.readlink(origin))
+            else:
+                shutil.copy2(origin, target)
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(wheels), str(ROOT)],
+         "-w", str(wheels), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     (wheel,) = wheels.glob("quart_service-*.whl")
