@@ -124,16 +124,16 @@ async def cached(
     datasets: Sequence[Dataset[Any] | str] | None = None,
 ) -> T:
     """``cache().get_or_load`` scoped to the data ``loader`` reads, in this request's
-    snapshot: the versions of ``datasets`` when given (the value survives changes to
-    other datasets), else the whole snapshot's generation."""
+    snapshot: the revisions of ``datasets`` when given (the value survives changes to
+    other datasets), else the whole snapshot's."""
     current = await snapshot()
     store = cache()
     if datasets is None:
-        scope = store.generation_scope(current.generation)
+        scope = store.snapshot_scope(current.stamp)
     else:
-        versions = {
-            name: current.dataset(name).version
+        stamps = {
+            name: current.dataset(name).stamp
             for name in (d if isinstance(d, str) else d.name for d in datasets)
         }
-        scope = store.dataset_scope(versions)
+        scope = store.dataset_scope(stamps)
     return await store.get_or_load(key, loader, ttl, scope=scope)

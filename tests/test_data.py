@@ -33,7 +33,7 @@ def test_leader_lock_is_exclusive_until_released(tmp_path: Path) -> None:
 
 async def test_cache_single_flight_errors_and_none_values() -> None:
     generation = 1
-    cache = ServiceCache(60, lambda: generation)
+    cache = ServiceCache(60, lambda: f"s{generation}")
     calls = 0
 
     async def failing() -> int:
@@ -56,7 +56,7 @@ async def test_cache_single_flight_errors_and_none_values() -> None:
     assert await cache.get_or_load("k", nothing) is None  # the error was not cached
     assert await cache.get_or_load("k", nothing) is None  # a cached None is a hit
     assert calls == 2
-    generation = 2  # a new generation: the old entry is unreachable
+    generation = 2  # a new snapshot: the old entry is unreachable
     assert await cache.get_or_load("k", nothing) is None
     assert calls == 3
     # 20 concurrent misses, one retry after the error, one in the new generation.

@@ -124,8 +124,8 @@ def test_a_snapshot_names_what_is_missing_and_why(tmp_path: Path) -> None:
 
 
 async def test_a_change_retires_only_the_scopes_that_read_it() -> None:
-    generation = 1
-    cache = ServiceCache(60, lambda: generation)
+    stamp = "a"
+    cache = ServiceCache(60, lambda: cache.snapshot_scope(stamp))
     loads: list[str] = []
 
     def loader(name: str) -> Any:
@@ -135,15 +135,17 @@ async def test_a_change_retires_only_the_scopes_that_read_it() -> None:
 
         return load
 
-    flags_v1 = cache.dataset_scope({"flags": 1})
-    both = cache.dataset_scope({"flags": 1, "models": 1})
-    prompts = cache.dataset_scope({"prompts": 1})
+    flags_v1 = cache.dataset_scope({"flags": "1"})
+    both = cache.dataset_scope({"flags": "1", "models": "1"})
+    prompts = cache.dataset_scope({"prompts": "4.1"})
     for key, scope in [("f", flags_v1), ("fm", both), ("p", prompts), ("g", None)]:
         await cache.get_or_load(key, loader(key), scope=scope)
-    # models moves to version 2: the scopes that read it, and the generation, retire.
-    generation = 2
-    retired = await cache.retire(2, {"flags": 1, "models": 2, "prompts": 1})
-    assert retired == 2  # "fm" and the generation scope
+    # models moves to revision 2: the scopes that read it, and the snapshot's, retire.
+    stamp = "b"
+    retired = await cache.retire(
+        cache.snapshot_scope("b"), {"flags": "1", "models": "2", "prompts": "4.1"}
+    )
+    assert retired == 2  # "fm" and the old snapshot scope
     for key, scope in [("f", flags_v1), ("p", prompts)]:
         assert await cache.get_or_load(key, loader(key), scope=scope) == key
     assert loads == ["f", "fm", "p", "g"]  # the others were still cached

@@ -2,15 +2,17 @@
 
 ``get_or_load(key, loader)`` returns the cached value or calls ``loader`` — once per
 key per process even when many requests miss together (single flight). Every key is
-prefixed with a *scope* naming the data the value was built from:
+prefixed with a *scope* naming the data the value was built from, by the database
+revisions of the tables behind it (the same on every host):
 
-* ``d:flags@12,models@9:`` — built from those versions of those datasets;
-* ``g17:`` — built from the whole snapshot of generation 17 (the default).
+* ``d:flags@12,limits@9.2:`` — built from those datasets at those revisions;
+* ``s5f3c0e9a1b2d:`` — built from the whole snapshot (a digest of every dataset's
+  revisions; the default).
 
 When the leader publishes, each worker swaps and its old scopes become unreachable at
 once: no invalidation broadcast is needed (aiocache has none; docs/design.md,
 pitfall 6). A change to one dataset retires only the scopes that name it (and the
-generation scopes); values built from the other datasets stay cached.
+snapshot scopes); values built from the other datasets stay cached.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ T = TypeVar("T")
 
 
 class ServiceCache:
-    """Generation-scoped, single-flight cache in front of an aiocache backend."""
+    """Scoped, single-flight cache in front of an aiocache backend."""
 
     def __init__(
         self,
         default_ttl: float,
-        generation: Callable[[], int],
+        current_scope: Callable[[], str],
         *,
         lookups: Counts | None = None,
         loads: Counts | None = None,
@@ -42,24 +44,25 @@ class ServiceCache:
         # timeout=0: no asyncio.wait_for (a task per call) around in-memory operations.
         self._backend = SimpleMemoryCache(timeout=0)
         self._default_ttl = default_ttl
-        self._generation = generation
+        self._current_scope = current_scope
         self._scopes: set[str] = set()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self.lookups = lookups if lookups is not None else Counts()  # hit, miss
         self.loads = loads if loads is not None else Counts()  # ok, error
 
     def key(self, key: str, scope: str | None = None) -> str:
-        """The backend key: ``<scope>:<key>`` (this worker's generation by default)."""
-        return f"{scope or self.generation_scope()}:{key}"
-
-    def generation_scope(self, generation: int | None = None) -> str:
-        """The scope of values built from a whole snapshot."""
-        return f"g{self._generation() if generation is None else generation}"
+        """The backend key: ``<scope>:<key>`` (the current snapshot's by default)."""
+        return f"{scope or self._current_scope()}:{key}"
 
     @staticmethod
-    def dataset_scope(versions: Mapping[str, int]) -> str:
-        """The scope of values built from these versions of these datasets."""
-        return "d:" + ",".join(f"{name}@{version}" for name, version in sorted(versions.items()))
+    def snapshot_scope(stamp: str) -> str:
+        """The scope of values built from a whole snapshot (its stamp)."""
+        return f"s{stamp}"
+
+    @staticmethod
+    def dataset_scope(stamps: Mapping[str, str]) -> str:
+        """The scope of values built from these datasets at these revision stamps."""
+        return "d:" + ",".join(f"{name}@{stamp}" for name, stamp in sorted(stamps.items()))
 
     async def get_or_load(
         self,
@@ -74,7 +77,7 @@ class ServiceCache:
         Pass the ``scope`` of the data that ``loader`` reads, so a value loaded from an
         older snapshot can never be stored where a newer one is looked up
         (``quart_service.cached()`` does this with the request's snapshot)."""
-        scope = scope or self.generation_scope()
+        scope = scope or self._current_scope()
         self._scopes.add(scope)
         full = self.key(key, scope)
         # Values are stored wrapped in a 1-tuple so that a cached None is a hit.
@@ -117,15 +120,15 @@ class ServiceCache:
             "load_errors": loads.get("error", 0),
         }
 
-    async def retire(self, generation: int, versions: Mapping[str, int]) -> int:
-        """Drop the entries of every scope that is not current: other generations, and
-        dataset scopes naming a version that is not in ``versions``. Returns how many
-        scopes went. (Old scopes are unreachable already; this frees their memory.)"""
-        current = self.generation_scope(generation)
+    async def retire(self, current: str, stamps: Mapping[str, str]) -> int:
+        """Drop the entries of every scope that is not current: other snapshot scopes
+        than ``current``, and dataset scopes naming a stamp not in ``stamps``. Returns
+        how many scopes went. (Old scopes are unreachable already; this frees their
+        memory.)"""
         gone = [
             scope
             for scope in self._scopes
-            if scope != current and not _scope_is_current(scope, versions)
+            if scope != current and not _scope_is_current(scope, stamps)
         ]
         for scope in gone:
             self._scopes.discard(scope)
@@ -141,11 +144,11 @@ class ServiceCache:
         await self._backend.close()
 
 
-def _scope_is_current(scope: str, versions: Mapping[str, int]) -> bool:
+def _scope_is_current(scope: str, stamps: Mapping[str, str]) -> bool:
     if not scope.startswith("d:"):
         return False
     for part in scope[2:].split(","):
-        name, _, version = part.rpartition("@")
-        if versions.get(name) != int(version):
+        name, _, stamp = part.rpartition("@")
+        if stamps.get(name) != stamp:
             return False
     return True

@@ -167,7 +167,7 @@ class DataLayer:
         )
         self._cache = ServiceCache(
             settings.cache_ttl,
-            lambda: plane.generation,
+            lambda: ServiceCache.snapshot_scope(plane.snapshot.stamp if plane.snapshot else "0"),
             lookups=metrics.counts(metrics.cache_requests),
             loads=metrics.counts(metrics.cache_loads),
         )
@@ -277,6 +277,7 @@ class DataLayer:
             # "is not None": a view without rows is falsy.
             found[name] = {
                 "version": view.version if view is not None else None,
+                "stamp": view.stamp if view is not None else None,
                 "rows": len(view) if view is not None else None,
                 "loaded_at": view.loaded_at if view is not None else None,
                 "revisions": dict(self.plane.revisions(name)),
@@ -318,7 +319,7 @@ class DataLayer:
             self._registry.rebuild_dependents(changed)
         # Old scopes are already unreachable; retiring them frees their memory now.
         task = asyncio.get_running_loop().create_task(
-            self.cache.retire(new.generation, new.versions())
+            self.cache.retire(ServiceCache.snapshot_scope(new.stamp), new.stamps())
         )
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

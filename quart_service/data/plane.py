@@ -362,6 +362,7 @@ class DataPlane:
                         key=entry.key,
                         loaded_at=entry.loaded_at,
                         build=dataset.build,
+                        stamp=_stamp(dataset, entry.revisions),
                     )
                 except (OSError, sqlite3.Error) as exc:
                     # Already replaced and removed: a newer manifest names its successor.
@@ -435,3 +436,8 @@ class DataPlane:
             self._status_file.publish(json.dumps(status))
         except OSError as exc:
             _log.warning("cannot write refresh status: %s", exc)
+
+
+def _stamp(dataset: Dataset[Any], revisions: Mapping[str, int | None]) -> str:
+    """The revisions of a dataset's tables, in its declared order: ``"12"``, ``"9.2"``."""
+    return ".".join(str(revisions.get(table, "x")) for table in dataset.tables)

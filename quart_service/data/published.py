@@ -173,9 +173,13 @@ class DatasetView(Generic[T]):
         key: str | None,
         loaded_at: float,
         build: Callable[[DatasetView[Any]], T],
+        stamp: str = "",
     ) -> None:
         self.name = name
         self.version = version
+        # The database revisions of its tables, e.g. "12" or "9.2": the same data has
+        # the same stamp on every host (versions are numbered per host).
+        self.stamp = stamp or str(version)
         self.path = path
         self.columns = tuple(columns)
         self.key = key

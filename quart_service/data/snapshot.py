@@ -8,6 +8,7 @@ their last good version and are reported stale by name.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -67,3 +68,13 @@ class Snapshot:
     def versions(self) -> dict[str, int]:
         """Each loaded dataset's version."""
         return {name: view.version for name, view in sorted(self.datasets.items())}
+
+    def stamps(self) -> dict[str, str]:
+        """Each loaded dataset's revision stamp (the same on every host)."""
+        return {name: view.stamp for name, view in sorted(self.datasets.items())}
+
+    @property
+    def stamp(self) -> str:
+        """A digest of every dataset's stamp: names this data on every host."""
+        text = ";".join(f"{name}@{stamp}" for name, stamp in self.stamps().items())
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
