@@ -17,15 +17,28 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiocache import SimpleMemoryCache
 
 from ..observability.metrics import Counts
 
-__all__ = ["ServiceCache"]
+__all__ = ["CacheBackend", "ServiceCache"]
 
 T = TypeVar("T")
+
+
+class CacheBackend(Protocol):
+    """What :class:`ServiceCache` calls on its backend: aiocache's ``SimpleMemoryCache``
+    (the default), or ``quart_service.coordination.redis_cache.RedisCacheBackend``."""
+
+    async def get(self, key: str, default: Any = None) -> Any: ...
+
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> Any: ...
+
+    async def clear(self, namespace: str | None = None) -> Any: ...
+
+    async def close(self) -> Any: ...
 
 
 class ServiceCache:
@@ -38,9 +51,10 @@ class ServiceCache:
         *,
         lookups: Counts | None = None,
         loads: Counts | None = None,
+        backend: CacheBackend | None = None,
     ) -> None:
         # timeout=0: no asyncio.wait_for (a task per call) around in-memory operations.
-        self._backend = SimpleMemoryCache(timeout=0)
+        self._backend: CacheBackend = backend or SimpleMemoryCache(timeout=0)
         self._default_ttl = default_ttl
         self._generation = generation
         self._scopes: set[str] = set()
