@@ -423,6 +423,31 @@ async def test_service_cache_over_redis(client: Redis) -> None:
     assert await client.exists("quart_service:cache:g2:k") == 1
 
 
+async def test_a_failed_flight_lets_the_waiting_process_load(client: Redis) -> None:
+    # Two workers of two hosts (two backends, as two processes would have).
+    first = ServiceCache(60, lambda: 1, backend=RedisCacheBackend(client, single_flight=True))
+    second = ServiceCache(60, lambda: 1, backend=RedisCacheBackend(client, single_flight=True))
+
+    async def failing() -> str:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("database away")
+
+    async def working() -> str:
+        return "loaded by the second"
+
+    async def second_later() -> str:
+        await asyncio.sleep(0.05)  # the first holds the flight lock by now
+        return await second.get_or_load("k", working)
+
+    outcome = await asyncio.gather(
+        first.get_or_load("k", failing), second_later(), return_exceptions=True
+    )
+    assert isinstance(outcome[0], RuntimeError)
+    assert outcome[1] == "loaded by the second"
+    assert second.loads.as_dict() == {"ok": 1}
+    assert await client.keys("quart_service:cacheflight:*") == []
+
+
 async def test_an_unreachable_cache_is_a_miss(caplog: pytest.LogCaptureFixture) -> None:
     nowhere = connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     cache = RedisCacheBackend(nowhere, retry_after=60)
@@ -436,12 +461,14 @@ async def test_an_unreachable_cache_is_a_miss(caplog: pytest.LogCaptureFixture) 
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
 
 
-def test_three_hosts_missing_one_key_load_it_once_each(redis_url: str) -> None:
-    # Single flight is per process: 50 concurrent misses in each of 3 processes.
+@pytest.mark.parametrize(("flight", "loads"), [("", [1, 1, 1]), ("shared", [0, 0, 1])])
+def test_three_hosts_missing_one_key(redis_url: str, flight: str, loads: list[int]) -> None:
+    # 50 concurrent misses in each of 3 processes: single flight per process by
+    # default (3 loads); with the backend's single_flight, one load in the cluster.
     with actors(redis_url, 3, ttl=5) as hosts:
         start = time.time() + 1.0
         for host in hosts:
-            host.send(f"cache shared-key 50 {start}")
+            host.send(f"cache shared-key 50 {start} {flight}")
         results = [host._read() for host in hosts]
 
     async def total() -> int:
@@ -451,6 +478,6 @@ def test_three_hosts_missing_one_key_load_it_once_each(redis_url: str) -> None:
         finally:
             await redis.aclose()
 
-    assert [r["loads"] for r in results] == [1, 1, 1], results
-    assert asyncio.run(total()) == 3
+    assert sorted(r["loads"] for r in results) == loads, results
+    assert asyncio.run(total()) == sum(loads)
     assert all(r["values"] == ["value of shared-key"] for r in results)

@@ -15,7 +15,9 @@ redis-server 7.0 (checked 2026-11-25; docs/design.md pitfall 14):
 * a client cannot be passed in (``RedisCache(client)`` takes it as the serializer).
 
 This backend has the calls ``ServiceCache`` makes (get, set with a TTL, delete,
-clear by namespace, close). Values are pickled (the service both writes and reads
+clear by namespace, close), and optionally (``single_flight=True``) a load that runs
+once across processes (``load_once``: a ``SET NX PX`` flight lock; the others poll
+for the value). Values are pickled (the service both writes and reads
 them; never point it at a Redis that others can write to). Keys live under
 ``<prefix>:cache:``. ``clear(namespace)`` walks ``SCAN MATCH`` and ``UNLINK``-s in
 batches, never blocking the server. A Redis that cannot be reached is a miss: ``get``
@@ -25,9 +27,12 @@ served (slower, from their loaders) rather than failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -37,6 +42,14 @@ from .redis import DEFAULT_PREFIX, Unavailable
 __all__ = ["RedisCacheBackend"]
 
 _log = logging.getLogger("quart_service.cache")
+
+# KEYS[1] the flight lock; ARGV[1] the token: delete it only if it is still ours.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 _GLOB_SPECIALS = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
@@ -52,6 +65,9 @@ class RedisCacheBackend:
         owns_client: bool = False,
         retry_after: float = 1.0,
         scan_count: int = 500,
+        single_flight: bool = False,
+        flight_ttl: float = 10.0,
+        flight_poll: float = 0.02,
     ) -> None:
         self._client = client
         self.key_prefix = f"{prefix}:cache:"
@@ -61,6 +77,11 @@ class RedisCacheBackend:
         self._down_until = 0.0
         self._down = False
         self.errors = 0
+        self.single_flight = single_flight
+        self.flight_prefix = f"{prefix}:cacheflight:"
+        self._flight_ttl = flight_ttl
+        self._flight_poll = flight_poll
+        self._unlock = client.register_script(_UNLOCK)
 
     def _key(self, key: str) -> str:
         return self.key_prefix + key
@@ -113,6 +134,57 @@ class RedisCacheBackend:
         if batch:
             await self._client.unlink(*batch)
         return True
+
+    async def load_once(
+        self, key: str, load: Callable[[], Awaitable[tuple[Any]]], ttl: float | None
+    ) -> tuple[Any]:
+        """Load and store ``key``; with ``single_flight``, once across processes.
+
+        The first process to ``SET <prefix>:cacheflight:<key> NX PX flight_ttl`` loads;
+        the others read the value every ``flight_poll`` seconds until it is stored,
+        and load it themselves if the flight lock goes (the loader failed) or after
+        ``flight_ttl`` (a loader slower than that is run twice). Without
+        ``single_flight``, or while Redis cannot be reached: load and store here."""
+        if not self.single_flight or self._skipping():
+            return await self._load_and_set(key, load, ttl)
+        lock, token = self.flight_prefix + key, uuid.uuid4().hex
+        try:
+            first = await self._client.set(lock, token, nx=True, px=round(self._flight_ttl * 1000))
+        except Unavailable as exc:
+            self._failed(exc)
+            return await self._load_and_set(key, load, ttl)
+        if first:
+            try:
+                return await self._load_and_set(key, load, ttl)
+            finally:
+                try:
+                    await self._unlock(keys=[lock], args=[token])
+                except Unavailable as exc:
+                    self._failed(exc)  # the lock expires on its own
+        deadline = time.monotonic() + self._flight_ttl
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self._flight_poll)
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.get(self._key(key))
+                pipe.exists(lock)
+                raw, flying = await pipe.execute()
+            except Unavailable as exc:
+                self._failed(exc)
+                break
+            if raw is not None:
+                value: tuple[Any] = pickle.loads(raw)
+                return value
+            if not flying:
+                break
+        return await self._load_and_set(key, load, ttl)
+
+    async def _load_and_set(
+        self, key: str, load: Callable[[], Awaitable[tuple[Any]]], ttl: float | None
+    ) -> tuple[Any]:
+        value = await load()
+        await self.set(key, value, ttl=ttl)
+        return value
 
     async def close(self) -> None:
         """Close the client if this backend created it."""

@@ -10,9 +10,11 @@ and answers one JSON line on stdout:
 * ``contend SECONDS START`` — from wall-clock time START, for SECONDS: renew when
   holding (every ``renew_every``), else try to acquire every 20 ms; answers how many
   times it acquired and for how long it held;
-* ``cache KEY REQUESTS START`` — at START, REQUESTS concurrent ``get_or_load(KEY)`` on
-  a ``ServiceCache`` over the shared Redis; the loader sleeps 0.2 s and counts itself
-  in Redis (``INCR loads:KEY``); answers this process's loads.
+* ``cache KEY REQUESTS START [shared]`` — at START, REQUESTS concurrent
+  ``get_or_load(KEY)`` on a ``ServiceCache`` over the shared Redis (``shared``: with
+  the cross-process single flight); the loader sleeps 0.2 s and counts itself in
+  Redis (``INCR loads:KEY``); answers this process's loads and how long the slowest
+  request took.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ async def main(url: str, ttl: float) -> None:
             answer = await _contend(lease, float(args[0]), float(args[1]))
         elif command == "cache":
             key, rest = args[0], args[1].split()
-            answer = await _cache(client, key, int(rest[0]), float(rest[1]))
+            shared = rest[2:] == ["shared"]
+            answer = await _cache(client, key, int(rest[0]), float(rest[1]), shared)
         else:
             answer = {"error": f"unknown command {command!r}"}
         print(json.dumps(answer), flush=True)
@@ -91,8 +94,11 @@ async def _contend(lease: RedisLease, seconds: float, start: float) -> dict[str,
     return {"acquired": acquired, "held_for": held_for, "held_at_end": lease.held}
 
 
-async def _cache(client: Any, key: str, requests: int, start: float) -> dict[str, Any]:
-    cache = ServiceCache(60.0, lambda: 1, backend=RedisCacheBackend(client))
+async def _cache(
+    client: Any, key: str, requests: int, start: float, shared: bool
+) -> dict[str, Any]:
+    backend = RedisCacheBackend(client, single_flight=shared)
+    cache = ServiceCache(60.0, lambda: 1, backend=backend)
 
     async def loader() -> str:
         await asyncio.sleep(0.2)
@@ -100,8 +106,13 @@ async def _cache(client: Any, key: str, requests: int, start: float) -> dict[str
         return f"value of {key}"
 
     await _until(start)
+    began = time.monotonic()
     values = await asyncio.gather(*[cache.get_or_load(key, loader) for _ in range(requests)])
-    return {"loads": cache.loads.as_dict().get("ok", 0), "values": sorted(set(values))}
+    return {
+        "loads": cache.loads.as_dict().get("ok", 0),
+        "values": sorted(set(values)),
+        "seconds": time.monotonic() - began,
+    }
 
 
 if __name__ == "__main__":
