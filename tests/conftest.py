@@ -15,6 +15,8 @@ from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import Settings, create_app
 
+from .support.redis import RedisServer, running_redis
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "team_blueprint"
 
 
@@ -52,3 +54,18 @@ def team_package() -> Iterator[Path]:
         yield EXAMPLE
     finally:
         subprocess.run([*pip, "uninstall", "-y", "team-blueprint-example"], check=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real ``redis-server`` for the session (loopback, free port, no persistence)."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test (FLUSHALL over a raw socket)."""
+    redis_server.start()  # in case a test stopped it
+    redis_server.flushall()
+    return redis_server.url

@@ -19,15 +19,39 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from aiocache import SimpleMemoryCache
 
 from ..observability.metrics import Counts
 
-__all__ = ["ServiceCache"]
+__all__ = ["CacheBackend", "ServiceCache", "SharedLoads"]
 
 T = TypeVar("T")
+
+
+class CacheBackend(Protocol):
+    """What :class:`ServiceCache` calls on its backend: aiocache's ``SimpleMemoryCache``
+    (the default), or ``quart_service.coordination.redis_cache.RedisCacheBackend``."""
+
+    async def get(self, key: str, default: Any = None) -> Any: ...
+
+    async def set(self, key: str, value: Any, ttl: float | None = None) -> Any: ...
+
+    async def clear(self, namespace: str | None = None) -> Any: ...
+
+    async def close(self) -> Any: ...
+
+
+@runtime_checkable
+class SharedLoads(Protocol):
+    """A backend that can make a load single-flight across processes: ``load_once``
+    loads and stores ``(value,)`` under ``key`` unless another process is doing so
+    already, in which case it waits for that value. Returns the stored 1-tuple."""
+
+    async def load_once(
+        self, key: str, load: Callable[[], Awaitable[tuple[Any]]], ttl: float | None
+    ) -> tuple[Any]: ...
 
 
 class ServiceCache:
@@ -40,9 +64,11 @@ class ServiceCache:
         *,
         lookups: Counts | None = None,
         loads: Counts | None = None,
+        backend: CacheBackend | None = None,
     ) -> None:
         # timeout=0: no asyncio.wait_for (a task per call) around in-memory operations.
-        self._backend = SimpleMemoryCache(timeout=0)
+        self._backend: CacheBackend = backend or SimpleMemoryCache(timeout=0)
+        self._shared = backend if isinstance(backend, SharedLoads) else None
         self._default_ttl = default_ttl
         self._current_scope = current_scope
         self._scopes: set[str] = set()
@@ -93,10 +119,21 @@ class ServiceCache:
             return result
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[full] = future
+        lifetime = (self._default_ttl if ttl is None else ttl) or None
+        loaded_here = True
         try:
-            value = await loader()
-            lifetime = self._default_ttl if ttl is None else ttl
-            await self._backend.set(full, (value,), ttl=lifetime or None)
+            if self._shared is None:
+                value = await loader()
+                await self._backend.set(full, (value,), ttl=lifetime)
+            else:
+                loaded_here = False
+
+                async def load() -> tuple[Any]:
+                    nonlocal loaded_here
+                    loaded_here = True
+                    return (await loader(),)
+
+                value = (await self._shared.load_once(full, load, lifetime))[0]
         except BaseException as exc:
             self.loads.inc("error")
             future.set_exception(exc)
@@ -104,7 +141,8 @@ class ServiceCache:
             future.exception()  # retrieved here so an unawaited future does not warn
             raise
         else:
-            self.loads.inc("ok")
+            if loaded_here:  # not when another process loaded it (SharedLoads)
+                self.loads.inc("ok")
             future.set_result(value)
             return value
         finally:
