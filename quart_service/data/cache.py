@@ -163,6 +163,10 @@ class ServiceCache:
         than ``current``, and dataset scopes naming a stamp not in ``stamps``. Returns
         how many scopes went. (Old scopes are unreachable already; this frees their
         memory.)"""
+        if self._shared is not None:
+            # Shared by hosts (Redis): another host may not have swapped yet, and a
+            # scan per swap per worker would cost more than the memory; TTLs free it.
+            return 0
         gone = [
             scope
             for scope in self._scopes

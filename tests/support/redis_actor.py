@@ -98,7 +98,7 @@ async def _cache(
     client: Any, key: str, requests: int, start: float, shared: bool
 ) -> dict[str, Any]:
     backend = RedisCacheBackend(client, single_flight=shared)
-    cache = ServiceCache(60.0, lambda: 1, backend=backend)
+    cache = ServiceCache(60.0, lambda: "s1", backend=backend)
 
     async def loader() -> str:
         await asyncio.sleep(0.2)
