@@ -137,7 +137,25 @@ class Settings:
         "/readyz answers 503 when the last good refresh is older than this; 0: never.",
         minimum=0,
     )
-    cache_backend: str = _setting("memory", "Where get_or_load keeps values: memory.")
+    coordination_url: str = _setting(
+        "",
+        "Redis URL for several hosts: one refresh leader per cluster, change notices; "
+        "empty: this host only (a file lock).",
+    )
+    coordination_prefix: str = _setting(
+        "quart_service", "Prefix of every Redis key and channel (deployments may share one)."
+    )
+    leader_lease_ttl: float = _setting(
+        5 * SECONDS,
+        "How long the cluster leader's Redis lease lasts unrenewed (renewed every third).",
+        minimum=0.5,
+    )
+    cache_backend: str = _setting(
+        "memory",
+        "Where get_or_load keeps values: memory (per worker) or redis (shared by every "
+        "worker of every host; at cache_url, else coordination_url).",
+    )
+    cache_url: str = _setting("", "Redis URL of the shared cache (empty: coordination_url).")
     cache_ttl: float = _setting(300 * SECONDS, "Default lifetime of a cached value.", minimum=0)
     admin_token: str = _setting(
         "", "Bearer token of the /admin API; empty turns the admin API off."
@@ -209,10 +227,13 @@ class Settings:
             minimum = f.metadata.get("minimum")
             if minimum is not None and value < minimum:
                 raise SettingsError(f"setting {f.name!r}: must be >= {minimum}, got {value!r}")
-        if self.cache_backend not in {"memory"}:
+        if self.cache_backend not in {"memory", "redis"}:
             raise SettingsError(
-                f"setting 'cache_backend': expected 'memory' (the only backend so far), "
-                f"got {self.cache_backend!r}"
+                f"setting 'cache_backend': expected 'memory' or 'redis', got {self.cache_backend!r}"
+            )
+        if self.cache_backend == "redis" and not (self.cache_url or self.coordination_url):
+            raise SettingsError(
+                "setting 'cache_backend' is 'redis': set cache_url (or coordination_url)"
             )
         if self.plugin_failure not in {"skip", "fail"}:
             raise SettingsError(

@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import Settings
 from ..errors import MigrationError
 from ..observability.metrics import Metrics
 from ..part import Readiness
 from ..singletons import Resource, ResourceRegistry
-from .cache import ServiceCache
+from .cache import CacheBackend, ServiceCache
 from .database import Database
 from .datasets import Dataset
 from .markers import watch_tables
@@ -31,6 +31,9 @@ from .migrations import (
 from .models import MODELS, ModelRepository
 from .plane import DataPlane, Freshness, PlaneCounts
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .cluster import ClusterFeed, Poll
 
 __all__ = ["SNAPSHOT", "DataLayer"]
 
@@ -79,6 +82,7 @@ class DataLayer:
         self._plane: DataPlane | None = None
         self._cache: ServiceCache | None = None
         self._task: asyncio.Task[None] | None = None
+        self._redis: Any = None  # the Redis client, with coordination_url
         self._retiring: set[asyncio.Task[int]] = set()
         registry.declare(Resource(SNAPSHOT, self._first_snapshot, required=True))
 
@@ -163,13 +167,19 @@ class DataLayer:
             names = [d.name for d in datasets if table in d.tables]
             _log.warning("table %r (datasets %s) cannot be watched: %s", table, names, error)
         plane = self._plane = DataPlane(
-            self.data_dir, settings.refresh_interval, self._database, datasets, counts
+            self.data_dir,
+            settings.refresh_interval,
+            self._database,
+            datasets,
+            counts,
+            cluster=self._cluster_feed() if settings.coordination_url else None,
         )
         self._cache = ServiceCache(
             settings.cache_ttl,
             lambda: ServiceCache.snapshot_scope(plane.snapshot.stamp if plane.snapshot else "0"),
             lookups=metrics.counts(metrics.cache_requests),
             loads=metrics.counts(metrics.cache_loads),
+            backend=self._shared_cache() if settings.cache_backend == "redis" else None,
         )
         metrics.on_sample(self._sample)
         await self.check_schema()
@@ -181,6 +191,8 @@ class DataLayer:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
         if self._cache is not None:
             await self._cache.close()
         if self._database is not None:
@@ -224,6 +236,15 @@ class DataLayer:
             if freshness.checked_at is None
             else round(now - freshness.checked_at, 3),
         )
+        coordination = freshness.data.get("coordination")
+        if coordination is not None:
+            ready.checks["coordination"] = coordination
+            if not coordination.get("connected", True):
+                since = coordination.get("unreachable_since") or now
+                ready.checks["degraded"] = (
+                    f"Redis unreachable for {now - since:.0f} s ({coordination.get('error')}): "
+                    "serving this host's last snapshot; changes arrive when it is back"
+                )
         if freshness.failing_since is not None:
             age = now - (freshness.checked_at or freshness.failing_since)
             if limit and age > limit:
@@ -253,6 +274,7 @@ class DataLayer:
         snapshot = plane.snapshot
         return {
             "role": plane.role,
+            "coordination": plane.feed.health() if plane.feed else {"backend": "local"},
             "generation": plane.generation,
             "snapshot_age": None
             if snapshot is None
@@ -286,6 +308,37 @@ class DataLayer:
                 "failing_since": trouble.failing_since if trouble else None,
             }
         return found
+
+    def _shared_cache(self) -> CacheBackend:
+        """The cache every worker of every host shares (Redis; single flight across
+        processes, so hosts that miss one key together load it once)."""
+        from ..coordination.redis import connect
+        from ..coordination.redis_cache import RedisCacheBackend
+
+        settings = self.settings
+        client = connect(settings.cache_url or settings.coordination_url)
+        return RedisCacheBackend(
+            client, prefix=settings.coordination_prefix, owns_client=True, single_flight=True
+        )
+
+    def _cluster_feed(self) -> Callable[[Poll], ClusterFeed]:
+        """How a host leader joins the cluster (Redis; imported only when configured)."""
+        from ..coordination.redis import connect
+        from .cluster import ClusterFeed
+
+        settings = self.settings
+        client = self._redis = connect(settings.coordination_url)
+
+        def feed(poll: Poll) -> ClusterFeed:
+            return ClusterFeed(
+                client,
+                prefix=settings.coordination_prefix,
+                interval=settings.refresh_interval,
+                lease_ttl=settings.leader_lease_ttl,
+                poll=poll,
+            )
+
+        return feed
 
     def _migrate(self) -> list[Any]:
         """Apply every source's migrations (blocking: run in the pool). A team's

@@ -29,12 +29,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..coordination.local import LeaderLock, PublishedFile
 from ..observability.metrics import Count
 from .database import Database
 from .datasets import Dataset
+
+if TYPE_CHECKING:
+    from .cluster import ClusterFeed, Poll
 from .markers import MARKERS_QUERY
 from .published import DatasetView, Published, write_rows
 from .snapshot import DatasetTrouble, Snapshot
@@ -156,8 +159,18 @@ class DataPlane:
         database: Database,
         datasets: Sequence[Dataset[Any]],
         counts: PlaneCounts | None = None,
+        *,
+        cluster: Callable[[Poll], ClusterFeed] | None = None,
     ) -> None:
+        """``cluster``: builds this host's feed from the cluster (several hosts through
+        Redis) once this worker leads its host; without it the host polls alone."""
         self.interval = refresh_interval
+        self._cluster = cluster
+        self.feed: ClusterFeed | None = None
+        self._feed_task: asyncio.Task[None] | None = None
+        self._applied = 0  # the cluster generation this host last applied
+        self._revisions: dict[str, int] = {}
+        self._health: dict[str, Any] | None = None
         self.data_dir = data_dir
         self.datasets = {dataset.name: dataset for dataset in datasets}
         self._database = database
@@ -228,36 +241,87 @@ class DataPlane:
         backoff = self.interval
         try:
             while True:
-                if not self._lock.held and self._lock.try_acquire():
-                    self.counts.leader_changes.inc()
-                    _log.info("worker %d is now the refresh leader", os.getpid())
-                    self._follow()  # start from what the last leader published
-                    self._remove_partial_files()
-                    next_poll = 0.0
-                if self._lock.held and loop.time() >= next_poll:
-                    if await self._poll():
-                        backoff = self.interval
-                    else:
-                        backoff = min(backoff * 2, _MAX_BACKOFF)
-                    next_poll = loop.time() + backoff
-                self._follow()
+                try:
+                    next_poll, backoff = await self._round(next_poll, backoff)
+                except Exception:
+                    # A bug here must not stop the refresh (nor free the lock): log it.
+                    _log.exception("the refresh loop failed; it goes on")
+                    next_poll = loop.time() + self.interval
                 await asyncio.sleep(follow_every)
         finally:
+            if self._feed_task is not None:
+                self._feed_task.cancel()
+                await asyncio.gather(self._feed_task, return_exceptions=True)
             self._lock.release()
+
+    async def _round(self, next_poll: float, backoff: float) -> tuple[float, float]:
+        """One turn of the loop: lead if the lock is free, refresh when due, follow."""
+        loop = asyncio.get_running_loop()
+        if not self._lock.held and self._lock.try_acquire():
+            self.counts.leader_changes.inc()
+            _log.info("worker %d is now the refresh leader", os.getpid())
+            self._follow()  # start from what the last leader published
+            self._remove_partial_files()
+            next_poll = 0.0
+        if self._lock.held and self._cluster is not None:
+            if await self._from_cluster(retry=loop.time() >= next_poll):
+                next_poll = loop.time() + self.interval
+        elif self._lock.held and loop.time() >= next_poll:
+            succeeded = await self._poll()
+            backoff = self.interval if succeeded else min(backoff * 2, _MAX_BACKOFF)
+            next_poll = loop.time() + backoff
+        self._follow()
+        return next_poll, backoff
+
+    async def _markers(self) -> dict[str, int]:
+        """Every watched table's revision: the one statement of a poll."""
+        # Replaced (a restore) since it was opened: read the new file instead.
+        await self._database.reopen_if_replaced()
+        try:
+            rows = await self._database.fetchall(MARKERS_QUERY, kind="poll")
+        except Exception:
+            # A connection to a replaced or deleted file never recovers: reopen it.
+            await self._database.close()
+            raise
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def _from_cluster(self, *, retry: bool) -> bool:
+        """A host leader in a cluster: apply what the cluster leader published; retry
+        the datasets that failed here when ``retry``. True when it retried."""
+        assert self._cluster is not None
+        if self.feed is None:
+            self.feed = self._cluster(self._markers)
+            self._feed_task = asyncio.get_running_loop().create_task(self.feed.run())
+        feed = self.feed
+        state = feed.latest
+        health = feed.health()
+        if state is not None and state.generation > self._applied:
+            self._applied = state.generation
+            self._revisions = dict(state.revisions)
+            status = {"failing_since": state.failing_since, "error": state.error}
+            self._write_status(status, checked_at=state.checked_at, coordination=health)
+            self._health = health
+            try:
+                await self._refresh(self._revisions)
+            except OSError as exc:
+                _log.warning("cannot publish this host's snapshot: %s", exc)
+            return False
+        if health != self._health:
+            self._health = health
+            self._write_status(self.freshness().data, coordination=health)
+        if retry and self._manifest is not None and self._manifest.trouble:
+            await self._refresh(self._revisions)
+            return True
+        return retry
 
     async def _poll(self) -> bool:
         """One leader round: 1 statement, plus a load of each dataset that moved."""
         try:
-            # Replaced (a restore) since it was opened: read the new file instead.
-            await self._database.reopen_if_replaced()
-            rows = await self._database.fetchall(MARKERS_QUERY, kind="poll")
             # A dataset's own failure is its trouble (inside); this fails the whole poll
-            # only when nothing can be published.
-            await self._refresh({str(row[0]): int(row[1]) for row in rows})
+            # only when the markers cannot be read or nothing can be published.
+            await self._refresh(await self._markers())
         except Exception as exc:
             self._failed(exc)
-            # A connection to a replaced or deleted file never recovers: reopen it.
-            await self._database.close()
             return False
         self._recovered()
         return True
@@ -423,15 +487,25 @@ class DataPlane:
             self._failing_since = None
         self._write_status({"failing_since": None, "error": None})
 
-    def _write_status(self, state: dict[str, Any]) -> None:
+    def _write_status(
+        self,
+        state: Mapping[str, Any],
+        *,
+        checked_at: float | None = None,
+        coordination: Mapping[str, Any] | None = None,
+    ) -> None:
         previous = self.freshness().data
-        checked_at = previous.get("checked_at") if state["failing_since"] else time.time()
+        if checked_at is None:
+            checked_at = previous.get("checked_at") if state.get("failing_since") else time.time()
         status = {
             "leader_pid": os.getpid(),
             "checked_at": checked_at,
             "generation": self.generation,
-            **state,
+            "failing_since": state.get("failing_since"),
+            "error": state.get("error"),
         }
+        if coordination is not None:
+            status["coordination"] = dict(coordination)
         try:
             self._status_file.publish(json.dumps(status))
         except OSError as exc:
