@@ -164,24 +164,30 @@ class ClusterFeed:
         tick = min(max(self.interval / 5, 0.02), 0.25)
         renew_at = 0.0
         while True:
+            reached = False  # whether this turn spoke to Redis (and it answered)
             try:
                 if not self._lease.held:
                     if loop.time() >= next_try:
                         next_try = loop.time() + self.interval  # contenders: once an interval
-                        if await self._lease.try_acquire():
+                        acquired = await self._lease.try_acquire()
+                        reached = True
+                        if acquired:
                             self._leader_changes.inc()
                             _log.info("worker %d is now the cluster's refresh leader", os.getpid())
                             next_poll = 0.0
                             renew_at = loop.time() + self._lease.renew_every
                 elif loop.time() >= renew_at:
-                    if await self._lease.renew():
+                    renewed = await self._lease.renew()
+                    reached = True
+                    if renewed:
                         renew_at = loop.time() + self._lease.renew_every
                     else:
                         _log.warning("worker %d lost the cluster lease", os.getpid())
                 if self._lease.held and loop.time() >= next_poll:
                     await self._poll_and_publish()
                     next_poll = loop.time() + self.interval
-                self.redis.up()
+                if reached:
+                    self.redis.up()
             except Unavailable as exc:
                 self.redis.down(exc)
             await asyncio.sleep(tick)

@@ -1,0 +1,110 @@
+"""Several simulated hosts on one machine: one server each (separate data folders,
+2 workers), sharing one database and one Redis, for the multi-host tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .server import Server, pin_workers, running_server
+
+ADMIN_TOKEN = "cluster-test-token"
+INTERVAL = 0.5
+
+
+@dataclass
+class Cluster:
+    """The hosts' servers, and one keep-alive client pinned to each of their workers."""
+
+    hosts: list[Server]
+    clients: dict[int, httpx.Client] = field(default_factory=dict)
+    host_of: dict[int, int] = field(default_factory=dict)  # worker pid -> host index
+
+    def workers(self, host: int) -> dict[int, httpx.Client]:
+        """The clients pinned to one host's workers."""
+        return {pid: c for pid, c in self.clients.items() if self.host_of[pid] == host}
+
+    def cluster_leader(self) -> int | None:
+        """The pid of the worker that holds the cluster lease, if any answers so."""
+        for pid, client in self.clients.items():
+            with contextlib.suppress(httpx.HTTPError):
+                data = client.get("/debug/identity").json()["data"]
+                if data["coordination"].get("cluster_leader"):
+                    return pid
+        return None
+
+    def publications(self) -> list[tuple[int, str]]:
+        """Every 'published cluster generation N (leader TOKEN)' line of every host."""
+        found: list[tuple[int, str]] = []
+        for server in self.hosts:
+            for match in re.finditer(
+                r"published cluster generation (\d+) \(leader (\S+)\)", server.log()
+            ):
+                found.append((int(match.group(1)), match.group(2)))
+        return found
+
+    def kill_host(self, host: int) -> None:
+        """SIGKILL a whole host: its workers and its Hypercorn parent, by PID."""
+        server = self.hosts[host]
+        for pid in server.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        for pid in [p for p, h in self.host_of.items() if h == host]:
+            self.clients.pop(pid).close()
+
+
+def host_env(
+    root: Path, host: int, redis_url: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The settings of one simulated host: its own data folder, the shared rest."""
+    return {
+        "QUART_SERVICE_DATA_DIR": str(root / f"host{host}" / "data"),
+        "QUART_SERVICE_COORDINATION_URL": redis_url,
+        "QUART_SERVICE_REFRESH_INTERVAL": str(INTERVAL),
+        "QUART_SERVICE_LEADER_LEASE_TTL": "2",
+        "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
+        "QUART_SERVICE_ADMIN_TOKEN": ADMIN_TOKEN,
+        **(extra or {}),
+    }
+
+
+@contextlib.contextmanager
+def running_cluster(
+    root: Path,
+    hosts: int,
+    redis_url: str,
+    *,
+    app: str = "tests.apps.chassis:app",
+    workers: int = 2,
+    extra: Mapping[str, str] | None = None,
+) -> Iterator[Cluster]:
+    """``hosts`` servers of ``workers`` each; every worker pinned to a client."""
+    with contextlib.ExitStack() as stack:
+        servers: list[Server] = []
+        for host in range(hosts):
+            folder = root / f"host{host}"
+            folder.mkdir(parents=True, exist_ok=True)
+            env = host_env(root, host, redis_url, extra)
+            servers.append(
+                stack.enter_context(running_server(folder, app=app, workers=workers, env=env))
+            )
+        cluster = Cluster(servers)
+        for host, server in enumerate(servers):
+            pinned = pin_workers(server, workers)
+            cluster.clients.update(pinned)
+            cluster.host_of.update(dict.fromkeys(pinned, host))
+        try:
+            yield cluster
+        finally:
+            for client in cluster.clients.values():
+                client.close()
