@@ -141,6 +141,8 @@ async def test_a_holder_that_stops_renewing_loses_it(client: Redis) -> None:
     assert await other.try_acquire()
     assert not await lease.renew()
     assert not await lease.try_acquire()
+    assert await other.release()
+    assert await lease.try_acquire()  # free again: taken, though it had lost it before
 
 
 def test_a_paused_leader_loses_the_lease_and_is_fenced_off(redis_url: str) -> None:

@@ -159,8 +159,8 @@ class RedisLease:
         """Take the lease if it is free (``SET NX PX``); renew it if this object holds
         it already. Never waits for another holder. Raises an :data:`Unavailable`
         error if Redis cannot be reached."""
-        if self._valid_until is not None:
-            return await self.renew()
+        if self._valid_until is not None and await self.renew():
+            return True
         sent = _now()
         taken = await self._client.set(self.key, self.token, nx=True, px=self._ttl_ms)
         if taken:
