@@ -87,6 +87,8 @@ def connect(
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), retries),
+        # Named as well: redis-py 5 ignores ``retry`` without it.
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
         decode_responses=False,
     )
     return Redis.from_pool(pool)
