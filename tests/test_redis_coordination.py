@@ -24,6 +24,7 @@ from quart_service.coordination.redis import (
     RedisLease,
     SnapshotStore,
     SnapshotWatcher,
+    Unavailable,
     connect,
 )
 from quart_service.coordination.redis_cache import RedisCacheBackend
@@ -141,6 +142,8 @@ async def test_a_holder_that_stops_renewing_loses_it(client: Redis) -> None:
     assert await other.try_acquire()
     assert not await lease.renew()
     assert not await lease.try_acquire()
+    assert await other.release()
+    assert await lease.try_acquire()  # free again: taken, though it had lost it before
 
 
 def test_a_paused_leader_loses_the_lease_and_is_fenced_off(redis_url: str) -> None:
@@ -185,6 +188,28 @@ def test_a_paused_leader_loses_the_lease_and_is_fenced_off(redis_url: str) -> No
         assert payload == "from the new leader"
 
     asyncio.run(check())
+
+
+async def test_a_redis_outage_ends_the_lease_and_it_comes_back(tmp_path: Path) -> None:
+    with running_redis(tmp_path / "redis") as server:
+        client = connect(server.url, timeout=0.2)
+        try:
+            lease = RedisLease(client, ttl=1.0)
+            assert await lease.try_acquire()
+            keeper = asyncio.create_task(lease.keep())
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.stop)
+            stopped = time.monotonic()
+            await asyncio.wait_for(keeper, timeout=3)  # returns; does not raise
+            assert not lease.held
+            assert time.monotonic() - stopped < 1.2  # within the TTL (plus a try)
+            with pytest.raises(Unavailable):
+                await lease.try_acquire()
+            await asyncio.to_thread(server.start)
+            assert await lease.try_acquire()  # back without a new client
+            assert lease.held
+        finally:
+            await client.aclose()
 
 
 async def test_release_by_a_non_owner_does_nothing(client: Redis) -> None:

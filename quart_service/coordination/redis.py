@@ -87,6 +87,8 @@ def connect(
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), retries),
+        # Named as well: redis-py 5 ignores ``retry`` without it.
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
         decode_responses=False,
     )
     return Redis.from_pool(pool)
@@ -159,8 +161,8 @@ class RedisLease:
         """Take the lease if it is free (``SET NX PX``); renew it if this object holds
         it already. Never waits for another holder. Raises an :data:`Unavailable`
         error if Redis cannot be reached."""
-        if self._valid_until is not None:
-            return await self.renew()
+        if self._valid_until is not None and await self.renew():
+            return True
         sent = _now()
         taken = await self._client.set(self.key, self.token, nx=True, px=self._ttl_ms)
         if taken:
