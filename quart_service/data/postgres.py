@@ -233,8 +233,8 @@ class _Batches:
             batch = future.result()
             if not batch:
                 return
-            # A Record iterates its values; write_rows wants mappings (keys first).
-            yield from map(dict, batch)
+            # Records as they are: write_rows reads row.keys() and row[column].
+            yield from batch
             if len(batch) < COPY_BATCH:
                 return
 
