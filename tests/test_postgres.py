@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ from quart_service import Settings
 from quart_service.data import MigrationError, apply_migrations, schema_status
 from quart_service.data.layer import open_database
 from quart_service.data.markers import MARKERS_QUERY, watch_tables
-from quart_service.data.migrations import SERVICE, MigrationSource, downgrade, migrate_to
+from quart_service.data.migrations import (
+    SERVICE,
+    MigrationSource,
+    downgrade,
+    migrate_to,
+    migration_lock,
+)
 from quart_service.data.models import ModelRepository
 from quart_service.data.postgres import PostgresDatabase, translate
 from quart_service.data.published import DatasetView
@@ -330,6 +337,29 @@ def test_concurrent_appliers_apply_each_revision_once_under_the_advisory_lock(
         results.append(json.loads(out))
     assert sorted(results) == [[], [], [], [1, 2, 3]]
     assert _pg(pg_url, "SELECT count(*) FROM models") == [(1,)]
+
+
+def test_the_migration_lock_waits_longer_than_the_busy_timeout(pg_url: str) -> None:
+    """A worker started with a short busy timeout waits for the applier, however long
+    it takes (the flock does; lock_timeout would otherwise cut the advisory wait)."""
+    held = threading.Event()
+
+    def hold() -> None:
+        with migration_lock(pg_url):
+            held.set()
+            time.sleep(1.5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        assert [m.version for m in apply_migrations(pg_url, 0.2)] == [1, 2, 3]
+        assert time.monotonic() - started >= 1.0
+    finally:
+        holder.join()
+    with migration_lock(pg_url), pytest.raises(MigrationError, match="not re-entrant"):
+        apply_migrations(pg_url)
 
 
 # -- markers -----------------------------------------------------------------------------

@@ -247,7 +247,9 @@ def migration_lock(database: Target, busy_timeout: float = 5.0) -> Iterator[None
         raise MigrationError(f"{shown} is already held by this thread (not re-entrant)")
     if is_postgres(database):
         with contextlib.closing(pg_connect(key, busy_timeout)) as pg:
-            # lock_timeout does not bound an advisory lock wait: it waits for the holder.
+            # Wait for the holder however long it migrates, as flock does: lock_timeout
+            # (the busy timeout) bounds advisory lock waits too, so it is off here.
+            pg.execute("SET lock_timeout = 0")
             pg.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
             held.add(key)
             try:
