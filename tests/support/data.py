@@ -3,8 +3,10 @@ run the same test on either database backend."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +48,13 @@ class Backend:
             self.postgres.psql(sql, database=self.url.rsplit("/", 1)[1])
         else:
             sqlite3_shell(self.data_dir / "quart_service.db", sql)
+
+    def scalar(self, sql: str) -> str:
+        """The first column of the first row of a query, as text."""
+        if self.postgres is not None:
+            return self.postgres.psql(sql, database=self.url.rsplit("/", 1)[1]).split("\n")[0]
+        with contextlib.closing(sqlite3.connect(self.data_dir / "quart_service.db")) as db:
+            return str(db.execute(sql).fetchone()[0])
 
     def statements(self) -> list[str]:
         """PostgreSQL: every statement the service's connections sent, from the
