@@ -15,6 +15,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quart_service import Settings
 from quart_service.data import MigrationError, apply_migrations, schema_status
@@ -30,7 +32,7 @@ from quart_service.data.migrations import (
 from quart_service.data.models import ModelRepository
 from quart_service.data.postgres import PostgresDatabase, translate
 from quart_service.data.published import DatasetView
-from quart_service.errors import DatabaseBusy, DatabaseUnavailable
+from quart_service.errors import DatabaseBusy, DatabaseUnavailable, SettingsError
 
 from .support.postgres import PostgresServer, postgres_server
 from .support.server import ROOT
@@ -57,6 +59,31 @@ from .test_migrations import _script
 )
 def test_question_marks_become_numbered_parameters_outside_quotes(sql: str, expected: str) -> None:
     assert translate(sql) == expected
+
+
+_PIECES = [" ? ", "'a?'", "'it''s?'", '"b?"', " x ", "-- c?\n", "/* ? */", "$$ ? $$", "$q$?$q$"]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=30))
+def test_every_bare_question_mark_and_only_those_are_numbered(pieces: list[str]) -> None:
+    sql = "".join(pieces)
+    expected = "".join(
+        piece.replace("?", "{}") if piece == " ? " else piece for piece in pieces
+    ).format(*(f"${n}" for n in range(1, pieces.count(" ? ") + 1)))
+    assert translate(sql) == expected
+
+
+def test_database_url_is_checked_and_masked() -> None:
+    with pytest.raises(SettingsError, match="database_url"):
+        Settings(database_url="mysql://x@y/z")
+    settings = Settings(database_url="postgresql://u:pw@h/db", database_pool_size=2)
+    assert settings.database_target == "postgresql://u:pw@h/db"
+    assert Settings(data_dir="d").database_target == Path("d") / "quart_service.db"
+    shown = {name: value for name, _type, value, _doc in settings.describe()}
+    assert shown["database_url"] == "***"
+    assert shown["database_pool_size"] == 2
+    with pytest.raises(SettingsError, match="database_pool_size"):
+        Settings(database_pool_size=0)
 
 
 # -- the backend ------------------------------------------------------------------------
