@@ -3,6 +3,10 @@
 change_marker.revision is bumped by triggers on every insert, update and delete of
 a refreshable table, so a change made by any writer (another service, the sqlite3
 shell) is seen by the leader's one-row poll.
+
+On PostgreSQL the same tables, with PostgreSQL's spellings: a JSON check by cast, the
+timestamps from now() as the same text, and one statement-level trigger calling a
+plpgsql function.
 """
 
 from __future__ import annotations
@@ -20,6 +24,23 @@ END
 """
 
 
+# The text form of the timestamps, as SQLite's strftime('%Y-%m-%dT%H:%M:%fZ', 'now') writes it.
+PG_NOW = "to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+
+_PG_FUNCTION = """
+CREATE FUNCTION qs_bump_change_marker() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE change_marker SET revision = revision + 1 WHERE id = 1;
+    RETURN NULL;
+END
+$$
+"""
+
+
+def _postgres() -> bool:
+    return bool(op.get_bind().dialect.name == "postgresql")
+
+
 def upgrade() -> None:
     op.execute(
         """
@@ -30,6 +51,25 @@ def upgrade() -> None:
         """
     )
     op.execute("INSERT INTO change_marker (id, revision) VALUES (1, 0)")
+    if _postgres():
+        op.execute(
+            f"""
+            CREATE TABLE models (
+                name       TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),
+                engine     TEXT NOT NULL CHECK (length(engine) BETWEEN 1 AND 100),
+                parameters TEXT NOT NULL DEFAULT '{{}}' CHECK (parameters::json IS NOT NULL),
+                enabled    INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+                created_at TEXT NOT NULL DEFAULT {PG_NOW},
+                updated_at TEXT NOT NULL DEFAULT {PG_NOW}
+            )
+            """
+        )
+        op.execute(_PG_FUNCTION)
+        op.execute(
+            "CREATE TRIGGER models_changed AFTER INSERT OR UPDATE OR DELETE ON models "
+            "FOR EACH STATEMENT EXECUTE FUNCTION qs_bump_change_marker()"
+        )
+        return
     op.execute(
         """
         CREATE TABLE models (
@@ -47,6 +87,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if _postgres():
+        op.execute("DROP TABLE models")  # its trigger goes with it
+        op.execute("DROP FUNCTION qs_bump_change_marker()")
+        op.execute("DROP TABLE change_marker")
+        return
     for event in ("insert", "update", "delete"):
         op.execute(f"DROP TRIGGER models_changed_{event}")
     op.execute("DROP TABLE models")

@@ -5,6 +5,11 @@ add one to its row on every insert, update and delete. The refresh leader reads
 all rows in one statement and reloads only the datasets whose tables moved. The
 service installs the row and triggers for every table a declared dataset names
 (quart_service/data/markers.py); this migration moves the models table over.
+
+On PostgreSQL one plpgsql function, qs_bump_revision(), bumps the row of the table
+it fires on (TG_TABLE_NAME), and each watched table has one statement-level trigger
+qs_revision_<table> (AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ... FOR EACH
+STATEMENT) calling it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,30 @@ END
 """
 
 
+# Kept in step with quart_service/data/markers.py (which may install it too).
+PG_BUMP_FUNCTION = """
+CREATE OR REPLACE FUNCTION qs_bump_revision() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE table_revisions SET revision = revision + 1 WHERE table_name = TG_TABLE_NAME;
+    RETURN NULL;
+END
+$$
+"""
+
+_PG_CHANGED_FUNCTION = """
+CREATE FUNCTION qs_bump_change_marker() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE change_marker SET revision = revision + 1 WHERE id = 1;
+    RETURN NULL;
+END
+$$
+"""
+
+
+def _postgres() -> bool:
+    return bool(op.get_bind().dialect.name == "postgresql")
+
+
 def upgrade() -> None:
     op.execute(
         """
@@ -47,6 +76,16 @@ def upgrade() -> None:
         SELECT 'models', revision FROM change_marker WHERE id = 1
         """
     )
+    if _postgres():
+        op.execute("DROP TRIGGER models_changed ON models")
+        op.execute("DROP FUNCTION qs_bump_change_marker()")
+        op.execute("DROP TABLE change_marker")
+        op.execute(PG_BUMP_FUNCTION)
+        op.execute(
+            "CREATE TRIGGER qs_revision_models AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE "
+            "ON models FOR EACH STATEMENT EXECUTE FUNCTION qs_bump_revision()"
+        )
+        return
     for event in _EVENTS:
         op.execute(f"DROP TRIGGER models_changed_{event}")
     op.execute("DROP TABLE change_marker")
@@ -58,6 +97,9 @@ def downgrade() -> None:
     # Every qs_revision_* trigger writes to table_revisions, including those that
     # markers.py installed for the tables of declared datasets: drop them all, or each
     # write to those tables would fail once the table is gone.
+    if _postgres():
+        _downgrade_postgres()
+        return
     triggers = op.get_bind().exec_driver_sql(
         "SELECT name FROM sqlite_master WHERE type = 'trigger'"
         " AND name LIKE 'qs\\_revision\\_%' ESCAPE '\\'"
@@ -83,3 +125,36 @@ def downgrade() -> None:
     op.execute("DROP TABLE table_revisions")
     for event in _EVENTS:
         op.execute(_CHANGED_TRIGGER.format(event=event, EVENT=event.upper()))
+
+
+def _downgrade_postgres() -> None:
+    # '%%': a single '%' whether or not the driver substitutes parameters.
+    triggers = op.get_bind().exec_driver_sql(
+        "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "WHERE NOT t.tgisinternal AND t.tgname LIKE 'qs\\_revision\\_%%'"
+    )
+    for name, table in triggers.fetchall():
+        op.execute(f'DROP TRIGGER "{name}" ON "{table}"')
+    op.execute("DROP FUNCTION qs_bump_revision()")
+    op.execute(
+        """
+        CREATE TABLE change_marker (
+            id       INTEGER PRIMARY KEY CHECK (id = 1),
+            revision INTEGER NOT NULL
+        )
+        """
+    )
+    op.execute(
+        """
+        INSERT INTO change_marker (id, revision)
+        SELECT 1, coalesce(
+            (SELECT revision FROM table_revisions WHERE table_name = 'models'), 0
+        )
+        """
+    )
+    op.execute("DROP TABLE table_revisions")
+    op.execute(_PG_CHANGED_FUNCTION)
+    op.execute(
+        "CREATE TRIGGER models_changed AFTER INSERT OR UPDATE OR DELETE ON models "
+        "FOR EACH STATEMENT EXECUTE FUNCTION qs_bump_change_marker()"
+    )

@@ -45,7 +45,8 @@ MILLISECONDS: Final = SECONDS / 1000
 BYTES: Final = 1
 KIB: Final = 1024 * BYTES
 MIB: Final = 1024 * KIB
-_SECRETS = frozenset({"admin_token"})
+_SECRETS = frozenset({"admin_token", "database_url"})  # a URL may hold a password
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -123,6 +124,14 @@ class Settings:
     )
     database_busy_timeout: float = _setting(
         5 * SECONDS, "How long a query waits for a lock held by another writer.", minimum=0
+    )
+    database_url: str = _setting(
+        "",
+        "postgresql://user:password@host:5432/db to use PostgreSQL (asyncpg); empty means "
+        "the SQLite file (database_path).",
+    )
+    database_pool_size: int = _setting(
+        4, "Most PostgreSQL connections a worker opens (its asyncpg pool's max).", minimum=1
     )
     auto_migrate: bool = _setting(
         True, "Workers apply pending migrations at start-up (one of them, under a lock)."
@@ -243,6 +252,11 @@ class Settings:
             for item in split_list(getattr(self, key)):
                 if "=" not in item:
                     raise SettingsError(f"setting {key!r}: expected name=value pairs, got {item!r}")
+        if self.database_url and not self.database_url.startswith(_POSTGRES_SCHEMES):
+            raise SettingsError(
+                "setting 'database_url': expected postgresql://... (or empty for the "
+                f"SQLite file), got a URL starting {self.database_url.split(':')[0]!r}"
+            )
         if self.log_format not in {"text", "json"}:
             raise SettingsError(
                 f"setting 'log_format': expected 'text' or 'json', got {self.log_format!r}"
@@ -296,6 +310,12 @@ class Settings:
     def database_file(self) -> Path:
         """The SQLite file: ``database_path``, or its default inside ``data_dir``."""
         return Path(self.database_path or Path(self.data_dir) / "quart_service.db")
+
+    @property
+    def database_target(self) -> Path | str:
+        """What the data layer connects to: the ``database_url`` (PostgreSQL) when set,
+        else the SQLite file."""
+        return self.database_url or self.database_file
 
     @property
     def metrics_root(self) -> Path:

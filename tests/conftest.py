@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import Settings, create_app
 
+from .support.data import Backend
+from .support.postgres import PostgresServer, postgres_server
+from .support.postgres import available as postgres_available
 from .support.redis import RedisServer, running_redis
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "team_blueprint"
@@ -69,3 +73,33 @@ def redis_url(redis_server: RedisServer) -> str:
     redis_server.start()  # in case a test stopped it
     redis_server.flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (skipped when not installed;
+    .ci/run installs it)."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL (initdb, postgres, psql) is not installed")
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database on the session's server; its URL."""
+    name = "t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    postgres.psql(f'DROP DATABASE IF EXISTS "{name}"', database="postgres")
+    return postgres.create_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each database backend in turn (PostgreSQL: a fresh database on the session's
+    server), for the data-plane tests that must hold on both."""
+    data_dir = tmp_path / "data"
+    if request.param == "sqlite":
+        return Backend("sqlite", data_dir)
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url: str = request.getfixturevalue("pg_url")
+    return Backend("postgresql", data_dir, url, server)

@@ -21,7 +21,7 @@ import pytest
 from quart_service.data.migrations import discover
 
 from .conftest import read_events
-from .support.data import put_model, wait_all
+from .support.data import Backend, put_model, wait_all
 from .support.server import (
     ROOT,
     pinned_workers,
@@ -88,10 +88,12 @@ def test_four_workers_on_an_empty_database_migrate_once_and_become_ready(
 
 
 @pytest.mark.slow
-def test_database_queries_do_not_grow_with_the_worker_count(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def test_database_queries_do_not_grow_with_the_worker_count(
+    tmp_path: Path, backend: Backend
+) -> None:
+    env = {**_env(backend.data_dir), **backend.env}
     with (
-        running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
+        running_server(tmp_path, workers=4, env=env) as server,
         pinned_workers(server, 4) as clients,
     ):
         before = _identities(clients)
@@ -117,17 +119,20 @@ def test_database_queries_do_not_grow_with_the_worker_count(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_a_change_from_the_sqlite3_shell_reaches_every_worker(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    database = data_dir / "quart_service.db"
+def test_a_change_from_the_sqlite3_shell_reaches_every_worker(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """The sqlite3 shell, or psql on PostgreSQL (where the four workers also migrate
+    the empty database under the advisory lock)."""
+    env = {**_env(backend.data_dir), **backend.env}
     with (
-        running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
+        running_server(tmp_path, workers=4, env=env) as server,
         pinned_workers(server, 4) as clients,
     ):
         delays: list[float] = []
         for n in range(5):
             expected = {"v": n}
-            put_model(database, "m", expected)
+            put_model(backend, "m", expected)
 
             def arrived(answer: dict[str, Any], expected: dict[str, int] = expected) -> bool:
                 return bool(answer["models"].get("m") == expected)

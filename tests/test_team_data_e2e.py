@@ -1,7 +1,7 @@
-"""A team's own data under a real Hypercorn with 4 workers and the real SQLite file:
-its migrations, its dataset changed from the sqlite3 shell, the resource built from
-it, and a broken team migration. The example team package is pip-installed as a real
-distribution."""
+"""A team's own data under a real Hypercorn with 4 workers, on the real SQLite file
+(and on PostgreSQL): its migrations, its dataset changed from the sqlite3 shell (or
+psql), the resource built from it, and a broken team migration. The example team
+package is pip-installed as a real distribution."""
 
 from __future__ import annotations
 
@@ -18,14 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
-from .support.data import wait_all
+from .support.data import Backend, wait_all
 from .support.server import (
     ROOT,
     free_port,
     pinned_workers,
     running_server,
     server_env,
-    sqlite3_shell,
     wait_for,
 )
 
@@ -54,17 +53,17 @@ def _renderer_builds(client: httpx.Client) -> int:
 
 @pytest.mark.slow
 def test_a_team_table_changed_in_the_shell_reaches_every_worker_and_rebuilds_once(
-    tmp_path: Path,
+    tmp_path: Path, backend: Backend
 ) -> None:
-    data_dir = tmp_path / "data"
-    database = data_dir / "quart_service.db"
+    """From the sqlite3 shell, or psql on PostgreSQL."""
     with (
-        running_server(tmp_path, workers=4, env=_env(data_dir)) as server,
+        running_server(
+            tmp_path, workers=4, env={**_env(backend.data_dir), **backend.env}
+        ) as server,
         pinned_workers(server, 4) as clients,
     ):
         # The team's migration ran once, with its own history, after the service's.
-        with contextlib.closing(sqlite3.connect(database)) as db:
-            (team,) = db.execute("SELECT version_num FROM alembic_version_team_example").fetchone()
+        team = backend.scalar("SELECT version_num FROM alembic_version_team_example")
         assert team == "0001"
         wait_all(clients, "/team/prompts/greeting",
                  lambda a: a["rendered"] == "Hello, world!", timeout=15)  # fmt: skip
@@ -73,8 +72,8 @@ def test_a_team_table_changed_in_the_shell_reaches_every_worker_and_rebuilds_onc
         changes = 50
         for n in range(changes):
             template = f"Hi $who, #{n}"
-            sqlite3_shell(
-                database, f"UPDATE team_prompts SET template = '{template}' WHERE name = 'greeting'"
+            backend.shell(
+                f"UPDATE team_prompts SET template = '{template}' WHERE name = 'greeting'"
             )
             reached = wait_all(clients, "/team/prompts/greeting", has("template", template), 5)
             delays.append(max(reached.values()))

@@ -1,4 +1,5 @@
-"""The data plane: SQLite, migrations, datasets and their refresh, snapshots, the cache."""
+"""The data plane: the database (SQLite, or PostgreSQL), migrations, datasets and their
+refresh, snapshots, the cache."""
 
 from ..errors import MigrationError
 from .cache import ServiceCache

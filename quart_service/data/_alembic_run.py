@@ -18,11 +18,12 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, Engine, create_engine, event, exc
+from sqlalchemy import URL, Connection, Engine, create_engine, event, exc, make_url
 from sqlalchemy.pool import NullPool
 
 from ..errors import MigrationError
-from .migrations import Migration
+from .database import is_postgres
+from .migrations import Migration, Target
 
 if TYPE_CHECKING:
     from .migrations import _State
@@ -30,9 +31,17 @@ if TYPE_CHECKING:
 __all__ = ["migrate"]
 
 
-def _engine(database: Path, busy_timeout: float) -> Engine:
+def _engine(database: Target, busy_timeout: float) -> Engine:
     """A SQLAlchemy engine on which DDL is transactional.
 
+    PostgreSQL: DDL is transactional as it is. The driver is psycopg 3, synchronous:
+    the migrator runs in a pool thread or the CLI, where a blocking driver is the
+    plain fit (SQLAlchemy's asyncpg dialect would need an event loop in that thread
+    and ``run_sync`` around every Alembic call), and the same driver reads the version
+    tables and installs the markers without SQLAlchemy. The service's requests still
+    go through asyncpg (:mod:`quart_service.data.postgres`).
+
+    SQLite:
     sqlite3's legacy transaction control (Python < 3.12, and the default up to
     3.15) neither begins a transaction before DDL, so a failed revision would leave
     its CREATE TABLEs behind. SQLAlchemy's recipe: turn sqlite3's own BEGIN off
@@ -43,6 +52,19 @@ def _engine(database: Path, busy_timeout: float) -> Engine:
     write lock is taken up front, so a revision that reads before it writes cannot
     fail with SQLITE_BUSY when a worker commits meanwhile (WAL mode).
     """
+    if is_postgres(database):
+        assert isinstance(database, str)
+        url = make_url(database).set(drivername="postgresql+psycopg")
+        return create_engine(
+            url,
+            poolclass=NullPool,
+            connect_args={
+                "options": f"-c lock_timeout={int(busy_timeout * 1000)}",
+                "connect_timeout": max(1, int(busy_timeout)),
+                "application_name": "quart_service migrate",
+            },
+        )
+    database = Path(database)
     database.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         URL.create("sqlite", database=str(database)),
@@ -76,7 +98,7 @@ def _reason(error: BaseException) -> str:
 
 
 def migrate(
-    database: Path, busy_timeout: float, state: _State, target: int, done: list[Migration]
+    database: Target, busy_timeout: float, state: _State, target: int, done: list[Migration]
 ) -> None:
     """Move ``state.source`` from ``state.current`` to ``target``, one transaction per
     revision, appending each script run (applied, or reverted) to ``done`` as its

@@ -1,171 +1,105 @@
-"""This worker's one SQLite connection (aiosqlite): opened on first use, every statement
-counted, SQLite's lock and file errors turned into the service's 503 errors.
+"""What the service asks of a database, whichever engine holds the data.
 
-aiosqlite runs one thread per connection (https://github.com/omnilib/aiosqlite/issues/2),
-so each worker keeps exactly one. Workers that only follow the leader's snapshot never open
-it at all. The handle is built once per worker by the data layer and passed to whoever
-queries (the refresh plane, the models repository); nobody fetches it back through
-the resource registry.
+The data plane, the models repository, the datasets' loaders and the admin API use a
+:class:`Database`; two backends implement it:
+
+* :class:`~quart_service.data.sqlite.SQLiteDatabase`: one aiosqlite connection to the
+  SQLite file (the default, ``database_url`` empty);
+* :class:`~quart_service.data.postgres.PostgresDatabase`: a bounded asyncpg pool
+  (``database_url = postgresql://...``), opened on first use.
+
+SQL is written with ``?`` placeholders everywhere; the PostgreSQL backend turns them
+into ``$1..$n``. A row supports ``row["col"]``, ``row[0]`` and ``dict(row)``. Lock
+waits become :class:`~quart_service.errors.DatabaseBusy` (retry after 1 s), an
+unreachable database :class:`~quart_service.errors.DatabaseUnavailable` (5 s). The
+data layer (:mod:`quart_service.data.layer`) is the only place that builds one.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import sqlite3
-from collections.abc import Iterable, Iterator
+import abc
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-import aiosqlite
-
-from ..errors import DatabaseBusy, DatabaseUnavailable, ServiceError
 from ..observability.metrics import Counts
-from .published import Published, copy_query
+from .published import Published
 
-__all__ = ["BUSY_RETRY_AFTER", "UNAVAILABLE_RETRY_AFTER", "Database"]
+__all__ = [
+    "BUSY_RETRY_AFTER",
+    "POSTGRES_SCHEMES",
+    "UNAVAILABLE_RETRY_AFTER",
+    "Database",
+    "is_postgres",
+    "redact",
+]
 
 # Seconds a client is told to wait: a lock passes quickly, a missing file does not.
 BUSY_RETRY_AFTER = 1.0
 UNAVAILABLE_RETRY_AFTER = 5.0
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
-class Database:
-    """A counted, lazily opened ``aiosqlite`` connection to one file."""
 
-    def __init__(self, path: Path, busy_timeout: float, queries: Counts | None = None) -> None:
-        self.path = path
-        self._busy_timeout = busy_timeout
-        # By kind (poll, load, startup, read, write): owned here, so the counts
-        # survive a reconnect.
-        self.queries = queries if queries is not None else Counts()
-        self._connection: aiosqlite.Connection | None = None
-        self._file: tuple[int, int] | None = None
-        self._opening = asyncio.Lock()
+def is_postgres(target: Path | str) -> bool:
+    """Whether a database target (a SQLite path, or a URL) names PostgreSQL."""
+    return isinstance(target, str) and target.startswith(POSTGRES_SCHEMES)
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs, errors and ``/debug/identity``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Database(abc.ABC):
+    """A worker's counted handle on the database; opens its connection(s) on first use."""
+
+    #: ``sqlite`` or ``postgresql``.
+    dialect: str
+    #: Statements run, by kind (poll, load, startup, read, write); survives a reconnect.
+    queries: Counts
 
     @property
+    @abc.abstractmethod
     def is_open(self) -> bool:
         """Whether this worker holds a connection now."""
-        return self._connection is not None
 
+    @abc.abstractmethod
     async def fetchall(
         self, sql: str, parameters: Iterable[Any] = (), *, kind: str = "read"
-    ) -> list[aiosqlite.Row]:
+    ) -> list[Any]:
         """Run a query and return all rows; counted under ``kind``."""
-        connection = await self._connect()
-        self.queries.inc(kind)
-        with _service_errors():
-            async with connection.execute(sql, tuple(parameters)) as cursor:
-                return list(await cursor.fetchall())
 
+    @abc.abstractmethod
     async def fetchone(
         self, sql: str, parameters: Iterable[Any] = (), *, kind: str = "read"
-    ) -> aiosqlite.Row | None:
+    ) -> Any | None:
         """Run a query and return its first row, if any."""
-        connection = await self._connect()
-        self.queries.inc(kind)
-        with _service_errors():
-            async with connection.execute(sql, tuple(parameters)) as cursor:
-                row: aiosqlite.Row | None = await cursor.fetchone()
-                return row
 
+    @abc.abstractmethod
     async def execute(
         self, sql: str, parameters: Iterable[Any] = (), *, kind: str = "write"
     ) -> int:
         """Run a statement in autocommit mode; returns the rows it changed."""
-        connection = await self._connect()
-        self.queries.inc(kind)
-        with _service_errors():
-            async with connection.execute(sql, tuple(parameters)) as cursor:
-                return cursor.rowcount
 
+    @abc.abstractmethod
     async def copy_query(self, sql: str, path: Path, key: str | None = None) -> Published:
-        """Run ``sql`` and write its result to a new published dataset file, inside
-        SQLite and on the pool (a big result never becomes Python objects); counted
+        """Run ``sql`` and write its result to a new published dataset file; counted
         as a ``load``."""
-        self.queries.inc("load")
-        loop = asyncio.get_running_loop()
-        with _service_errors():
-            return await loop.run_in_executor(
-                None, copy_query, self.path, self._busy_timeout, sql, path, key
-            )
 
-    async def reopen_if_replaced(self) -> None:
-        """Close the connection if its file was replaced or deleted since it was opened
-        (a connection never sees the new file, e.g. after a restore); the next query
-        opens the file that is there now."""
-        if self._connection is None:
-            return
-        try:
-            current: tuple[int, int] | None = _file_identity(self.path)
-        except OSError:
-            current = None
-        if current != self._file:
-            await self.close()
+    async def reopen_if_replaced(self) -> None:  # noqa: B027 (a no-op unless a file)
+        """Drop the connection if what it points at was replaced (a SQLite file)."""
 
+    @abc.abstractmethod
     async def close(self) -> None:
-        """Close the connection (and stop its thread); the next query reopens it."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
+        """Close the connection(s); the next query reopens."""
 
+    @abc.abstractmethod
     def identity(self) -> dict[str, Any]:
-        """The file, whether it is open here, and the statements this worker ran."""
-        return {"path": str(self.path), "open": self.is_open}
-
-    async def _connect(self) -> aiosqlite.Connection:
-        if self._connection is not None:
-            return self._connection
-        async with self._opening:
-            if self._connection is None:
-                with _service_errors():
-                    self._connection = await self._open()
-            return self._connection
-
-    async def _open(self) -> aiosqlite.Connection:
-        # mode=rw: a missing file is an error, not a new empty database.
-        connection = await aiosqlite.connect(
-            f"file:{self.path}?mode=rw", uri=True, timeout=self._busy_timeout, isolation_level=None
-        )
-        try:
-            await connection.execute("PRAGMA journal_mode=WAL")
-            await connection.execute("PRAGMA foreign_keys=ON")
-            self._file = _file_identity(self.path)
-        except BaseException:
-            await connection.close()
-            raise
-        connection.row_factory = aiosqlite.Row
-        return connection
-
-
-def _file_identity(path: Path) -> tuple[int, int]:
-    """(device, inode) of the file; raises if it is gone."""
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
-
-
-@contextlib.contextmanager
-def _service_errors() -> Iterator[None]:
-    """Turn SQLite's lock and file errors into the service's 503 errors."""
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        error = _as_service_error(exc)
-        if error is None:
-            raise
-        raise error from exc
-
-
-def _as_service_error(exc: sqlite3.OperationalError) -> ServiceError | None:
-    """The 503 error a client should see for ``exc``, if it is one of those."""
-    text = str(exc).lower()
-    if "locked" in text or "busy" in text:
-        return DatabaseBusy(
-            "The database is locked by another writer; retry.", retry_after=BUSY_RETRY_AFTER
-        )
-    if "unable to open" in text or "disk i/o" in text or "readonly" in text:
-        return DatabaseUnavailable(
-            "The database cannot be reached; retry.", retry_after=UNAVAILABLE_RETRY_AFTER
-        )
-    return None
+        """Where the data is and whether this worker has it open (no secrets)."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import Settings
 from ..errors import MigrationError
-from ..observability.metrics import Metrics
+from ..observability.metrics import Counts, Metrics
 from ..part import Readiness
 from ..singletons import Resource, ResourceRegistry
 from .cache import CacheBackend, ServiceCache
@@ -31,11 +31,12 @@ from .migrations import (
 from .models import MODELS, ModelRepository
 from .plane import DataPlane, Freshness, PlaneCounts
 from .snapshot import Snapshot
+from .sqlite import SQLiteDatabase
 
 if TYPE_CHECKING:
     from .cluster import ClusterFeed, Poll
 
-__all__ = ["SNAPSHOT", "DataLayer"]
+__all__ = ["SNAPSHOT", "DataLayer", "open_database"]
 
 _log = logging.getLogger("quart_service.data")
 T = TypeVar("T")
@@ -43,6 +44,23 @@ T = TypeVar("T")
 # The first snapshot, as a required resource: /readyz waits for it, and a failed
 # first load is retried on the next use.
 SNAPSHOT = "snapshot"
+
+
+def open_database(settings: Settings, queries: Counts | None = None) -> Database:
+    """The backend the settings name (the one place that builds one): PostgreSQL
+    through an asyncpg pool when ``database_url`` is set, else the SQLite file. Opens
+    nothing: the first query does."""
+    if settings.database_url:
+        # Imported only here: a SQLite deployment needs no asyncpg.
+        from .postgres import PostgresDatabase
+
+        return PostgresDatabase(
+            settings.database_url,
+            settings.database_busy_timeout,
+            settings.database_pool_size,
+            queries,
+        )
+    return SQLiteDatabase(settings.database_file, settings.database_busy_timeout, queries)
 
 
 class DataLayer:
@@ -131,11 +149,7 @@ class DataLayer:
         then start the refresh loop."""
         settings = self.settings
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._database = Database(
-            settings.database_file,
-            settings.database_busy_timeout,
-            metrics.counts(metrics.database_queries),
-        )
+        self._database = open_database(settings, metrics.counts(metrics.database_queries))
         counts = PlaneCounts(
             metrics.count(metrics.refresh_runs),
             metrics.count(metrics.refresh_failures),
@@ -157,7 +171,7 @@ class DataLayer:
             None,
             partial(
                 watch_tables,
-                settings.database_file,
+                settings.database_target,
                 settings.database_busy_timeout,
                 tables,
                 install=settings.auto_migrate,
@@ -202,7 +216,7 @@ class DataLayer:
         """Compare the database with the migration files (in the pool: it blocks)."""
         loop = asyncio.get_running_loop()
         self.schema = await loop.run_in_executor(
-            None, schema_status, self.settings.database_file, self.settings.database_busy_timeout
+            None, schema_status, self.settings.database_target, self.settings.database_busy_timeout
         )
         return self.schema
 
@@ -348,7 +362,7 @@ class DataLayer:
             self.failed_sources[source.name] = str(error)
 
         return apply_migrations(
-            self.settings.database_file,
+            self.settings.database_target,
             self.settings.database_busy_timeout,
             self.sources,
             on_failure=failed if self._on_source_failure is not None else None,

@@ -24,6 +24,11 @@ it. A database that the SQL-file migrator of earlier releases migrated (rows in
 ``schema_migrations``, no ``alembic_version``) is adopted: stamped at its last
 version, then upgraded; ``schema_migrations`` stays as it was.
 
+The database is a SQLite file (a :class:`~pathlib.Path`) or a ``postgresql://`` URL
+(``Settings.database_target``). On PostgreSQL the version tables are read with
+``psycopg`` (no Alembic either), Alembic runs on SQLAlchemy's psycopg dialect, and
+the lock is a session ``pg_advisory_lock`` shared by every host.
+
 These functions block: call them from the pool or a CLI, not on the event loop.
 """
 
@@ -38,21 +43,26 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import MigrationError
+from .database import is_postgres, redact
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "MIGRATION_LOCK_KEY",
     "SERVICE",
     "FailureHandler",
     "Migration",
     "MigrationSource",
     "SchemaStatus",
+    "Target",
     "apply_migrations",
     "discover",
     "downgrade",
     "migrate_to",
     "migration_lock",
+    "pg_connect",
     "schema_status",
 ]
 
@@ -70,6 +80,8 @@ _SLUG = re.compile(r"[^a-z0-9]")
 _LEGACY_TABLE = "schema_migrations"
 
 FailureHandler = Callable[["MigrationSource", MigrationError], None]
+#: A SQLite file, or a ``postgresql://`` URL (``Settings.database_target``).
+Target = Path | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,27 +221,52 @@ class _State:
 _held = threading.local()
 
 
-@contextlib.contextmanager
-def migration_lock(database: Path) -> Iterator[None]:
-    """Hold the exclusive ``flock`` on ``<database>.migrate.lock`` (blocking).
+#: pg_advisory_lock's key for the migration lock: "quart_se" as a 64-bit number.
+MIGRATION_LOCK_KEY = int.from_bytes(b"quart_se", "big") - (1 << 63)
 
-    The kernel releases it if the holder dies. It is not re-entrant (a second
-    ``open()`` of the file is another lock), so taking it twice in one thread is an
-    error rather than a deadlock; :func:`apply_migrations` releases it before it
+
+@contextlib.contextmanager
+def migration_lock(database: Target, busy_timeout: float = 5.0) -> Iterator[None]:
+    """Hold the migration lock (blocking) while migrating or installing markers.
+
+    SQLite: the exclusive ``flock`` on ``<database>.migrate.lock``. PostgreSQL: a
+    session ``pg_advisory_lock`` on a connection of its own, shared by every host that
+    uses the database. Either is released if the holder dies (the kernel closes the
+    file, the server ends the session). Not re-entrant: taking it twice in one thread
+    is an error rather than a deadlock; :func:`apply_migrations` releases it before it
     returns."""
-    database.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = database.with_name(database.name + ".migrate.lock").resolve()
-    held: set[Path] = _held.__dict__.setdefault("paths", set())
-    if lock_path in held:
-        raise MigrationError(f"{lock_path} is already held by this thread (not re-entrant)")
-    with open(lock_path, "a+b") as lock:
+    held: set[str] = _held.__dict__.setdefault("keys", set())
+    if is_postgres(database):
+        key = str(database)
+    else:
+        path = Path(database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(path.with_name(path.name + ".migrate.lock").resolve())
+    if key in held:
+        shown = redact(key) if is_postgres(database) else key
+        raise MigrationError(f"{shown} is already held by this thread (not re-entrant)")
+    if is_postgres(database):
+        with contextlib.closing(pg_connect(key, busy_timeout)) as pg:
+            # Wait for the holder however long it migrates, as flock does: lock_timeout
+            # (the busy timeout) bounds advisory lock waits too, so it is off here.
+            pg.execute("SET lock_timeout = 0")
+            pg.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            held.add(key)
+            try:
+                yield
+            finally:
+                held.discard(key)
+                with contextlib.suppress(Exception):  # closing the session releases it too
+                    pg.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        return
+    with open(key, "a+b") as lock:
         # Blocks while another process migrates; released by the kernel if it dies.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        held.add(lock_path)
+        held.add(key)
         try:
             yield
         finally:
-            held.discard(lock_path)
+            held.discard(key)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
@@ -242,14 +279,33 @@ def _check_sources(sources: Sequence[MigrationSource]) -> None:
         raise MigrationError("a migration source needs a name")
 
 
-def _read_version(connection: sqlite3.Connection, table: str) -> int | None:
+class _Catalog:
+    """Reads a database's version tables with its own driver (no Alembic): stdlib
+    ``sqlite3`` for a SQLite file, ``psycopg`` for PostgreSQL."""
+
+    def __init__(self, connection: Any, postgres: bool) -> None:
+        self._connection = connection
+        self._postgres = postgres
+
+    def has_table(self, table: str) -> bool:
+        if self._postgres:
+            sql = (
+                "SELECT 1 FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_name = %s"
+            )
+        else:
+            sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self._connection.execute(sql, (table,)).fetchone() is not None
+
+    def rows(self, sql: str) -> list[Any]:
+        return list(self._connection.execute(sql).fetchall())
+
+
+def _read_version(catalog: _Catalog, table: str) -> int | None:
     """The number in a version table; None when the table does not exist."""
-    exists = connection.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchone()
-    if not exists:
+    if not catalog.has_table(table):
         return None
-    rows = connection.execute(f'SELECT version_num FROM "{table}"').fetchall()
+    rows = catalog.rows(f'SELECT version_num FROM "{table}"')
     if not rows:
         return 0
     if len(rows) > 1 or not re.fullmatch(r"\d{4}", str(rows[0][0])):
@@ -258,44 +314,65 @@ def _read_version(connection: sqlite3.Connection, table: str) -> int | None:
     return int(rows[0][0])
 
 
-def _legacy_version(connection: sqlite3.Connection) -> int | None:
+def _legacy_version(catalog: _Catalog) -> int | None:
     """The last version the SQL-file migrator recorded; None without its table."""
-    exists = connection.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)
-    ).fetchone()
-    if not exists:
+    if not catalog.has_table(_LEGACY_TABLE):
         return None
-    row = connection.execute(f"SELECT max(version) FROM {_LEGACY_TABLE}").fetchone()
+    (row,) = catalog.rows(f"SELECT max(version) FROM {_LEGACY_TABLE}")
     return int(row[0]) if row[0] is not None else None
 
 
-def _state(connection: sqlite3.Connection | None, source: MigrationSource) -> _State:
+def _state(catalog: _Catalog | None, source: MigrationSource) -> _State:
     migrations = discover(source.directory, source.name)
-    if connection is None:  # no database file yet
+    if catalog is None:  # no database file yet
         return _State(source, migrations, 0)
-    current = _read_version(connection, source.version_table)
+    current = _read_version(catalog, source.version_table)
     if current is not None or source.name != SERVICE.name:
         return _State(source, migrations, current or 0)
-    legacy = _legacy_version(connection)
+    legacy = _legacy_version(catalog)
     if legacy is None:
         return _State(source, migrations, 0)
     return _State(source, migrations, legacy, adopt=legacy)
 
 
+def pg_connect(url: str, busy_timeout: float = 5.0) -> Any:
+    """A blocking ``psycopg`` connection in autocommit mode (the migrator's and the
+    markers' driver on PostgreSQL; imported only when PostgreSQL is configured)."""
+    import psycopg
+
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=True,
+            connect_timeout=max(1, int(busy_timeout)),
+            options=f"-c lock_timeout={int(busy_timeout * 1000)}",
+            application_name="quart_service migrate",
+        )
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        raise MigrationError(f"cannot connect to the PostgreSQL database: {reason}") from exc
+
+
 @contextlib.contextmanager
-def _reader(database: Path, busy_timeout: float) -> Iterator[sqlite3.Connection | None]:
-    """A read-only stdlib connection, or None when the file does not exist."""
-    if not database.exists():
+def _reader(database: Target, busy_timeout: float) -> Iterator[_Catalog | None]:
+    """A read-only look at the database, or None when the SQLite file does not exist."""
+    if is_postgres(database):
+        assert isinstance(database, str)
+        with contextlib.closing(pg_connect(database, busy_timeout)) as pg:
+            yield _Catalog(pg, postgres=True)
+        return
+    path = Path(database)
+    if not path.exists():
         yield None
         return
-    uri = database.resolve().as_uri() + "?mode=ro"
+    uri = path.resolve().as_uri() + "?mode=ro"
     # closing(): sqlite3's own context manager commits but leaves the connection open.
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=busy_timeout)) as connection:
-        yield connection
+        yield _Catalog(connection, postgres=False)
 
 
 def schema_status(
-    database: Path,
+    database: Target,
     busy_timeout: float = 5.0,
     sources: Sequence[MigrationSource] = (SERVICE,),
 ) -> SchemaStatus:
@@ -313,7 +390,7 @@ def schema_status(
 
 
 def apply_migrations(
-    database: Path,
+    database: Target,
     busy_timeout: float = 5.0,
     sources: Sequence[MigrationSource] = (SERVICE,),
     *,
@@ -328,7 +405,7 @@ def apply_migrations(
     the next source is applied, or raises when there is no ``on_failure``."""
     _check_sources(sources)
     applied: list[Migration] = []
-    with migration_lock(database):
+    with migration_lock(database, busy_timeout):
         pending: list[_State] = []
         with _reader(database, busy_timeout) as connection:
             for source in sources:
@@ -366,7 +443,7 @@ def _failed(
 
 
 def migrate_to(
-    database: Path, busy_timeout: float, source: MigrationSource, target: int
+    database: Target, busy_timeout: float, source: MigrationSource, target: int
 ) -> list[Migration]:
     """Move one source to version ``target`` (0 = before its first script), up or
     down, under the lock; returns the scripts applied or reverted, in that order."""
@@ -374,7 +451,7 @@ def migrate_to(
 
 
 def downgrade(
-    database: Path, busy_timeout: float, source: MigrationSource, target: int
+    database: Target, busy_timeout: float, source: MigrationSource, target: int
 ) -> list[Migration]:
     """Revert one source's scripts down to version ``target`` (0 = base), under the
     lock; returns the reverted scripts, newest first."""
@@ -382,10 +459,10 @@ def downgrade(
 
 
 def _move(
-    database: Path, busy_timeout: float, source: MigrationSource, target: int, *, down_only: bool
+    database: Target, busy_timeout: float, source: MigrationSource, target: int, *, down_only: bool
 ) -> list[Migration]:
     _check_sources([source])
-    with migration_lock(database):
+    with migration_lock(database, busy_timeout):
         with _reader(database, busy_timeout) as connection:
             state = _state(connection, source)
         if not 0 <= target <= state.latest:

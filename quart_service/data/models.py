@@ -10,13 +10,11 @@ per host like any other dataset, its value is a read-only mapping of name to
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
-
-import aiosqlite
 
 from ..errors import Conflict
 from .database import Database
@@ -26,7 +24,12 @@ from .published import DatasetView
 __all__ = ["MODELS", "ModelConfig", "ModelRepository"]
 
 _COLUMNS = "name, engine, parameters, enabled, updated_at"
-_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+
+def _now() -> str:
+    """The time as the tables store it, ``2026-11-25T18:56:48.123Z`` (UTC, ms): passed as
+    a parameter, so the statements run on SQLite and PostgreSQL alike."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _freeze(value: Any) -> Any:
@@ -67,8 +70,9 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_row(cls, row: aiosqlite.Row | sqlite3.Row) -> ModelConfig:
-        """From a database row (``parameters`` stored as JSON text)."""
+    def from_row(cls, row: Any) -> ModelConfig:
+        """From a database row (``sqlite3.Row``, ``aiosqlite.Row``, ``asyncpg.Record``:
+        anything ``dict()`` takes; ``parameters`` stored as JSON text)."""
         return cls.from_mapping({**dict(row), "parameters": json.loads(row["parameters"])})
 
     def as_dict(self) -> dict[str, Any]:
@@ -123,9 +127,11 @@ class ModelRepository:
         """Add a model; :class:`Conflict` if the name is taken."""
         if await self.get(name) is not None:
             raise Conflict(f"a model named {name!r} exists; PATCH /admin/models/{name}")
+        now = _now()
         await self._database.execute(
-            "INSERT INTO models (name, engine, parameters, enabled) VALUES (?, ?, ?, ?)",
-            (name, engine, json.dumps(parameters), int(enabled)),
+            "INSERT INTO models (name, engine, parameters, enabled, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (name, engine, json.dumps(parameters), int(enabled), now, now),
             kind="write",
         )
         created = await self.get(name)
@@ -152,8 +158,8 @@ class ModelRepository:
             # Column names come from the keys above, never from the request.
             assignments = ", ".join(f"{column} = ?" for column in changes)
             updated = await self._database.execute(
-                f"UPDATE models SET {assignments}, updated_at = {_NOW} WHERE name = ?",
-                (*changes.values(), name),
+                f"UPDATE models SET {assignments}, updated_at = ? WHERE name = ?",
+                (*changes.values(), _now(), name),
                 kind="write",
             )
             if updated == 0:

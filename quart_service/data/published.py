@@ -81,7 +81,8 @@ def write_rows(path: Path, rows: Iterable[Mapping[str, Any]], key: str | None = 
     """Write rows (mappings with the same keys) to a new published file."""
     iterator = iter(rows)
     first = next(iterator, None)
-    columns: tuple[str, ...] = tuple(first) if first is not None else ()
+    # keys(), not iteration: an asyncpg Record is a mapping that iterates its values.
+    columns: tuple[str, ...] = tuple(first.keys()) if first is not None else ()
     if key is not None and first is not None and key not in columns:
         raise ValueError(f"key column {key!r} is not among the columns {list(columns)}")
     count = 0

@@ -127,6 +127,7 @@ def serve(
 def migrate(show_status: bool, target: int | None, source_name: str) -> None:
     """Apply pending database migrations (safe while workers run or start): the
     service's, then each team plugin's."""
+    from ..data.database import redact
     from ..data.markers import watch_tables
     from ..data.migrations import SERVICE, apply_migrations, migrate_to, schema_status
     from ..data.models import MODELS
@@ -136,7 +137,7 @@ def migrate(show_status: bool, target: int | None, source_name: str) -> None:
     if source_name != "service" and target is None:
         raise click.UsageError("--source goes with --to")
     settings = _settings_or_exit()
-    database, timeout = settings.database_file, settings.database_busy_timeout
+    database, timeout = settings.database_target, settings.database_busy_timeout
     plugins = _installed_plugins(settings)
     sources = [SERVICE, *plugins.migration_sources()]
     failed = False
@@ -172,8 +173,9 @@ def migrate(show_status: bool, target: int | None, source_name: str) -> None:
     except MigrationError as exc:
         click.echo(f"quart_service: {exc}", err=True)
         sys.exit(1)
+    shown = redact(database) if isinstance(database, str) else database
     for name, (current, latest) in status.sources.items():
-        click.echo(f"{database}: {name} schema at version {current} (latest {latest})")
+        click.echo(f"{shown}: {name} schema at version {current} (latest {latest})")
     if failed:
         sys.exit(1)
 

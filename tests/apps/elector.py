@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from quart_service.data.database import Database
 from quart_service.data.migrations import apply_migrations
 from quart_service.data.models import MODELS
 from quart_service.data.plane import DataPlane
+from quart_service.data.sqlite import SQLiteDatabase
 
 
 async def main(data_dir: Path, interval: float, events: Path) -> None:
@@ -29,7 +29,7 @@ async def main(data_dir: Path, interval: float, events: Path) -> None:
 
     database_file = data_dir / "quart_service.db"
     apply_migrations(database_file)
-    database = Database(database_file, 5.0)
+    database = SQLiteDatabase(database_file, 5.0)
     plane = DataPlane(data_dir, interval, database, [MODELS])
     plane.on_swap(
         lambda old, new: record("swap", generation=new.generation, versions=new.versions())
