@@ -22,7 +22,9 @@ from quart_service.data.migrations import apply_migrations
 
 from .apps.datasets import SCHEMA
 from .support.cluster import ADMIN_TOKEN, INTERVAL, Cluster, running_cluster
-from .support.data import wait_all
+from .support.data import Backend, wait_all
+from .support.postgres import available as postgres_available
+from .support.postgres import postgres_server
 from .support.redis import RedisServer, running_redis
 from .support.server import wait_for
 
@@ -37,7 +39,11 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-def _shared_database(root: Path) -> dict[str, str]:
+def _shared_database(root: Path, backend: Backend | None = None) -> dict[str, str]:
+    """One database for every host: a PostgreSQL database, or one SQLite file."""
+    if backend is not None and backend.url:
+        apply_migrations(backend.target)
+        return {"QUART_SERVICE_DATABASE_URL": backend.url}
     database = root / "shared" / "quart_service.db"
     apply_migrations(database)
     return {"QUART_SERVICE_DATABASE_PATH": str(database)}
@@ -68,9 +74,10 @@ def _assert_one_leader_per_generation(cluster: Cluster) -> None:
 
 
 def test_an_admin_write_on_one_host_reaches_every_worker_of_every_host(
-    tmp_path: Path, redis: RedisServer
+    tmp_path: Path, redis: RedisServer, backend: Backend
 ) -> None:
-    with running_cluster(tmp_path, 3, redis.url, extra=_shared_database(tmp_path)) as cluster:
+    extra = _shared_database(tmp_path, backend)
+    with running_cluster(tmp_path, 3, redis.url, extra=extra) as cluster:
         writer = next(iter(cluster.workers(0).values()))
         delays: list[float] = []
         for value in range(50):
@@ -84,14 +91,24 @@ def test_an_admin_write_on_one_host_reaches_every_worker_of_every_host(
 
 @pytest.mark.parametrize("hosts", [1, 2, 3])
 def test_the_cluster_polls_the_database_once_per_interval(
-    tmp_path: Path, redis: RedisServer, hosts: int
+    tmp_path: Path, redis: RedisServer, hosts: int, backend: Backend
 ) -> None:
-    extra = _shared_database(tmp_path)
+    extra = _shared_database(tmp_path, backend)
     trace = tmp_path / "trace"
     trace.mkdir()
-    with contextlib.closing(sqlite3.connect(extra["QUART_SERVICE_DATABASE_PATH"])) as db:
-        db.executescript(SCHEMA)
-    extra["TEST_TRACE_DIR"] = str(trace)
+    if backend.url:
+        backend.shell(SCHEMA)
+    else:
+        with contextlib.closing(sqlite3.connect(extra["QUART_SERVICE_DATABASE_PATH"])) as db:
+            db.executescript(SCHEMA)
+        extra["TEST_TRACE_DIR"] = str(trace)
+
+    def statements() -> dict[str, list[str]]:
+        # PostgreSQL: the server's own statement log; SQLite: a trace in every worker.
+        if backend.url:
+            return {"server log": backend.statements()}
+        return {log.name: log.read_text().splitlines() for log in trace.glob("*.log")}
+
     with running_cluster(
         tmp_path, hosts, redis.url, app="tests.apps.datasets:app", extra=extra
     ) as cluster:
@@ -103,18 +120,11 @@ def test_the_cluster_polls_the_database_once_per_interval(
             timeout=15,
         )
         time.sleep(2 * INTERVAL)
-
-        def statements() -> dict[str, int]:
-            return {log.name: len(log.read_text().splitlines()) for log in trace.glob("*.log")}
-
-        before = statements()
+        before = {name: len(lines) for name, lines in statements().items()}
         window = 10 * INTERVAL
         time.sleep(window)
-        after = statements()
         quiet = [
-            line
-            for log in trace.glob("*.log")
-            for line in log.read_text().splitlines()[before.get(log.name, 0) : after[log.name]]
+            line for name, lines in statements().items() for line in lines[before.get(name, 0) :]
         ]
     assert set(quiet) == {MARKERS_QUERY}, set(quiet)
     polls = window / INTERVAL
@@ -205,3 +215,39 @@ def test_the_leaders_host_killed_another_leads(tmp_path: Path, redis: RedisServe
         # Lease TTL (2 s) + one interval, plus a follower's stat and this poll.
         assert took <= 2 + INTERVAL + 0.75, took
         _assert_one_leader_per_generation(cluster)
+
+
+def test_postgres_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer) -> None:
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    with postgres_server() as pg:  # this test's own server: it is stopped
+        url = pg.url()
+        apply_migrations(url)
+        extra = {"QUART_SERVICE_DATABASE_URL": url}
+        with running_cluster(tmp_path, 3, redis.url, extra=extra) as cluster:
+            writer = next(iter(cluster.workers(0).values()))
+            _write(writer, 1)
+            wait_all(cluster.clients, "/data", _has_model(1), timeout=10)
+            with _reading(cluster.clients) as reader:
+                pg.stop()
+                stopped = time.monotonic()
+                refused = writer.patch(
+                    "/admin/models/m", json={"parameters": {"v": 2}}, headers=AUTH
+                )
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "database_unavailable"
+                assert int(refused.headers["Retry-After"]) >= 1
+                time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))
+                pg.start()
+
+                def written() -> bool:
+                    answer = writer.patch(
+                        "/admin/models/m", json={"parameters": {"v": 2}}, headers=AUTH
+                    )
+                    return answer.status_code == 200
+
+                wait_for(written, "a write accepted once PostgreSQL is back", 15)
+                wait_all(cluster.clients, "/data", _has_model(2), timeout=15)
+            assert reader.reads > 100
+            assert reader.failures == []
+            _assert_one_leader_per_generation(cluster)
