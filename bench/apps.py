@@ -42,6 +42,16 @@ def _service_routes() -> Blueprint:
 
         return sse(produce())
 
+    @bp.get("/paced")
+    async def paced() -> Response:
+        # As a model yields: one token per loop turn, an await between them.
+        async def produce() -> AsyncIterator[dict[str, str]]:
+            for _ in range(EVENTS):
+                yield _ITEM
+                await asyncio.sleep(0)
+
+        return sse(produce())
+
     @bp.get("/sync")
     async def sync_stream() -> Response:
         def produce() -> Iterator[dict[str, str]]:
@@ -74,6 +84,17 @@ def _bare() -> Quart:
         async def produce() -> AsyncIterator[bytes]:
             for _ in range(EVENTS):
                 yield _EVENT
+
+        response = Response(produce(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    @app.get("/paced")
+    async def paced() -> Response:
+        async def produce() -> AsyncIterator[bytes]:
+            for _ in range(EVENTS):
+                yield _EVENT
+                await asyncio.sleep(0)
 
         response = Response(produce(), content_type="text/event-stream")
         response.timeout = None

@@ -8,8 +8,11 @@ Stacks (2 worker processes each, on loopback, wrk as the client):
 * ``bare-tuned``     a bare Quart app under the same hypercorn.toml
 * ``bare-default``   the bare Quart app under Hypercorn's default settings (asyncio)
 
-Routes: JSON hello; SSE of 100 small events from an async generator; the same 100
-events from a sync generator (the service's pool bridge vs Quart's run_sync_iterable).
+Routes: JSON hello; SSE of 100 small events from an async generator, all ready at
+once (``sse``, a burst: coalescing wins) and paced with an ``await asyncio.sleep(0)``
+between events (``paced``: one event per loop turn, as a model yields tokens); the same
+100 events from a sync generator (the service's pool bridge vs Quart's
+run_sync_iterable).
 ``--before DIR`` adds ``service-before``: the same service app from another checkout
 (``git worktree add DIR <commit>``), so a change is compared with the code before it
 in the same run. Rounds are interleaved because requests/s move by up to 2x between runs on a shared
@@ -32,7 +35,7 @@ from statistics import median
 from tests.support.server import ROOT, SHIPPED_CONFIG, Server, peak_threads, running_server
 
 EVENTS_PER_STREAM = 100
-ROUTES = {"json": "/hello", "sse": "/sse", "sync": "/sync"}
+ROUTES = {"json": "/hello", "sse": "/sse", "paced": "/paced", "sync": "/sync"}
 
 
 @dataclass(frozen=True)
@@ -145,17 +148,20 @@ def run(seconds: float, rounds: int, connections: int, stacks: list[Stack]) -> R
 
 
 def report(results: Results, stacks: list[Stack]) -> None:
-    print("\nmedians over rounds (2 workers each; SSE and sync: 100 events per request)")
-    print(f"{'stack':13} {'JSON req/s':>11} {'SSE ev/s':>11} {'sync ev/s':>11} "
-          f"{'us/JSON':>8} {'us/SSE ev':>10} {'threads':>8}")  # fmt: skip
+    print("\nmedians over rounds (2 workers each; streams: 100 events per request)")
+    print(f"{'stack':13} {'JSON req/s':>11} {'SSE ev/s':>11} {'paced ev/s':>11} "
+          f"{'sync ev/s':>11} {'us/JSON':>8} {'us/SSE ev':>10} {'us/paced ev':>12} "
+          f"{'threads':>8}")  # fmt: skip
     for stack in stacks:
         name = stack.name
         print(
             f"{name:13} {results.rps(name, 'json'):11.0f} "
             f"{results.rps(name, 'sse') * EVENTS_PER_STREAM:11.0f} "
+            f"{results.rps(name, 'paced') * EVENTS_PER_STREAM:11.0f} "
             f"{results.rps(name, 'sync') * EVENTS_PER_STREAM:11.0f} "
             f"{results.cpu(name, 'json'):8.1f} "
             f"{results.cpu(name, 'sse') / EVENTS_PER_STREAM:10.2f} "
+            f"{results.cpu(name, 'paced') / EVENTS_PER_STREAM:12.2f} "
             f"{max(results.threads(name, r) for r in ROUTES):8d}"
         )
     print("\nratios (target)")
@@ -163,6 +169,7 @@ def report(results: Results, stacks: list[Stack]) -> None:
         ("service / bare-tuned, JSON req/s", "service", "json", "bare-tuned", 0.9),
         ("service-nolog / bare-tuned, JSON req/s", "service-nolog", "json", "bare-tuned", 0.9),
         ("service / bare-tuned, SSE events/s", "service", "sse", "bare-tuned", 0.9),
+        ("service / bare-tuned, paced events/s", "service", "paced", "bare-tuned", 0.9),
         ("service / bare-default, JSON req/s", "service", "json", "bare-default", 2.0),
         ("service / bare-tuned, sync-bridge events/s", "service", "sync", "bare-tuned", 5.0),
     ]
