@@ -36,6 +36,8 @@ _log = logging.getLogger("quart_service.streaming")
 
 # Bound on how long a stopped producer may take to run its finally blocks.
 _STOP_GRACE = 5.0
+# How often a stream moves its event and write tallies to the metrics (and at its end).
+_FLUSH_EVERY = 0.25
 # Why a stream ended (the label of quart_service_stream_ends_total).
 END_REASONS = ("completed", "disconnected", "idle_timeout", "total_timeout", "error", "shutdown")
 
@@ -179,13 +181,18 @@ class StreamBody(ResponseBody):
         self._started = self._last_data = self._last_write = 0.0
         self._final: bytes | None = None  # an error frame still to send
         self._ended_as = "completed"  # or why it ended early, for the metrics
+        # Events and writes are tallied here and moved to the worker's counts (and
+        # their metrics) at most every _FLUSH_EVERY s and at the end: one metric
+        # update per write cost as much as the write itself on a paced stream.
+        self._events = self._writes = 0
+        self._flushed_at = 0.0
         self._done = False
         self._shutdown = False
 
     async def __aenter__(self) -> StreamBody:
         loop = self._loop = asyncio.get_running_loop()
         channel = self._channel = Channel(loop, self._policy.buffer_bytes)
-        self._started = self._last_data = self._last_write = loop.time()
+        self._started = self._last_data = self._last_write = self._flushed_at = loop.time()
         source = self._source
         if isinstance(source, AsyncIterable):
             coro = pump_async(source, self._encoder.encode, channel)
@@ -211,6 +218,7 @@ class StreamBody(ResponseBody):
         if exc_type is not None:
             # The send failed or our task was cancelled: the client went away.
             self._ended_as = "disconnected"
+        self._flush()
         self._counts.ended(self._ended_as)
         await self._stop_producer()
 
@@ -239,12 +247,23 @@ class StreamBody(ResponseBody):
 
     def _sent(self, taken: tuple[bytes, int]) -> bytes:
         data, count = taken
-        counts = self._counts
-        counts.events.inc(count)
-        counts.writes.inc()
+        self._events += count
+        self._writes += 1
         assert self._loop is not None
-        self._last_data = self._last_write = self._loop.time()
+        now = self._last_data = self._last_write = self._loop.time()
+        if now - self._flushed_at >= _FLUSH_EVERY:
+            self._flush(now)
         return data
+
+    def _flush(self, now: float | None = None) -> None:
+        """Move this stream's tallies to the worker's counts."""
+        if self._events:
+            self._counts.events.inc(self._events)
+        if self._writes:
+            self._counts.writes.inc(self._writes)
+        self._events = self._writes = 0
+        if now is not None:
+            self._flushed_at = now
 
     async def _wait_for_more(self, channel: Channel) -> bytes:
         loop = self._loop
