@@ -34,6 +34,8 @@ class Channel:
         "_parked",
         "_size",
         "_space",
+        "_timer",
+        "_timer_at",
         "_waiter",
         "closed",
     )
@@ -51,6 +53,11 @@ class Channel:
         self._notified = False  # a thread already scheduled a wake-up
         self._parked = False  # a thread producer stopped for room; resume via _on_space
         self._on_space: Callable[[], None] | None = None
+        # One timer per stream, moved only to an *earlier* deadline: a stream whose
+        # deadline moves later with every event (heartbeats, idle timeout) keeps the
+        # timer it has and wakes once, early, to look again; no timer per wait.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.closed = False  # the consumer is gone; producers stop at their next step
 
     # -- producer side, on the loop ------------------------------------------------------
@@ -143,19 +150,29 @@ class Channel:
         return None if self._end is _OPEN else self._end  # type: ignore[return-value]
 
     async def wait(self, deadline: float | None) -> None:
-        """Wait for data or an end, or until the loop time ``deadline``."""
+        """Wait for data or an end, or until the loop time ``deadline`` (or earlier: the
+        caller looks at the clock again and waits on)."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter = waiter
-        timer = None if deadline is None else self._loop.call_at(deadline, _release, waiter)
+        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
 
     def close(self) -> bool:
         """The consumer is gone. True if a thread producer is parked (nobody runs it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         with self._lock:
             self.closed = True
             parked, self._parked, self._on_space = self._parked, False, None
@@ -179,8 +196,3 @@ class Channel:
         with self._lock:
             self._notified = False
         self._wake()
-
-
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
