@@ -97,15 +97,23 @@ def downgrade() -> None:
     # Every qs_revision_* trigger writes to table_revisions, including those that
     # markers.py installed for the tables of declared datasets: drop them all, or each
     # write to those tables would fail once the table is gone.
-    if _postgres():
-        _downgrade_postgres()
-        return
-    triggers = op.get_bind().exec_driver_sql(
-        "SELECT name FROM sqlite_master WHERE type = 'trigger'"
-        " AND name LIKE 'qs\\_revision\\_%' ESCAPE '\\'"
-    )
-    for (name,) in triggers.fetchall():
-        op.execute(f'DROP TRIGGER "{name}"')
+    postgres = _postgres()
+    if postgres:
+        # '%%': a single '%' whether or not the driver substitutes parameters.
+        triggers = op.get_bind().exec_driver_sql(
+            "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE NOT t.tgisinternal AND t.tgname LIKE 'qs\\_revision\\_%%'"
+        )
+        for name, table in triggers.fetchall():
+            op.execute(f'DROP TRIGGER "{name}" ON "{table}"')
+        op.execute("DROP FUNCTION qs_bump_revision()")
+    else:
+        triggers = op.get_bind().exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+            " AND name LIKE 'qs\\_revision\\_%' ESCAPE '\\'"
+        )
+        for (name,) in triggers.fetchall():
+            op.execute(f'DROP TRIGGER "{name}"')
     op.execute(
         """
         CREATE TABLE change_marker (
@@ -123,38 +131,12 @@ def downgrade() -> None:
         """
     )
     op.execute("DROP TABLE table_revisions")
-    for event in _EVENTS:
-        op.execute(_CHANGED_TRIGGER.format(event=event, EVENT=event.upper()))
-
-
-def _downgrade_postgres() -> None:
-    # '%%': a single '%' whether or not the driver substitutes parameters.
-    triggers = op.get_bind().exec_driver_sql(
-        "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "WHERE NOT t.tgisinternal AND t.tgname LIKE 'qs\\_revision\\_%%'"
-    )
-    for name, table in triggers.fetchall():
-        op.execute(f'DROP TRIGGER "{name}" ON "{table}"')
-    op.execute("DROP FUNCTION qs_bump_revision()")
-    op.execute(
-        """
-        CREATE TABLE change_marker (
-            id       INTEGER PRIMARY KEY CHECK (id = 1),
-            revision INTEGER NOT NULL
+    if postgres:
+        op.execute(_PG_CHANGED_FUNCTION)
+        op.execute(
+            "CREATE TRIGGER models_changed AFTER INSERT OR UPDATE OR DELETE ON models "
+            "FOR EACH STATEMENT EXECUTE FUNCTION qs_bump_change_marker()"
         )
-        """
-    )
-    op.execute(
-        """
-        INSERT INTO change_marker (id, revision)
-        SELECT 1, coalesce(
-            (SELECT revision FROM table_revisions WHERE table_name = 'models'), 0
-        )
-        """
-    )
-    op.execute("DROP TABLE table_revisions")
-    op.execute(_PG_CHANGED_FUNCTION)
-    op.execute(
-        "CREATE TRIGGER models_changed AFTER INSERT OR UPDATE OR DELETE ON models "
-        "FOR EACH STATEMENT EXECUTE FUNCTION qs_bump_change_marker()"
-    )
+    else:
+        for event in _EVENTS:
+            op.execute(_CHANGED_TRIGGER.format(event=event, EVENT=event.upper()))

@@ -352,7 +352,12 @@ async def test_the_fallback_read_finds_a_lost_message(client: Redis) -> None:
     try:
         await _eventually(lambda: watcher.connected, "subscribed")
         await client.set(store.generation_key, 7)  # stored, never announced
+        set_at = time.monotonic()
         await _eventually(lambda: seen == [7], "the fallback read", timeout=2)
+        # Found by the periodic read (no message was published), within one period.
+        assert time.monotonic() - set_at <= watcher.fallback_every + 0.5
+        assert watcher.last == 7
+        assert await client.pubsub_numsub(store.channel) == [(store.channel.encode(), 1)]
     finally:
         await _stop(task)
 

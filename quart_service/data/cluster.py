@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -88,7 +89,6 @@ class _Redis:
     connected: bool = True
     since: float | None = None
     error: str | None = None
-    changes: list[float] = field(default_factory=list)
 
     def up(self) -> None:
         if not self.connected:
@@ -124,7 +124,6 @@ class ClusterFeed:
         self._store = SnapshotStore(client, prefix=prefix)
         self._leader_changes = leader_changes or Count()
         self.latest: ClusterState | None = None
-        self.changed = asyncio.Event()
         self.redis = _Redis()
         self._published: ClusterState | None = None
 
@@ -212,17 +211,17 @@ class ClusterFeed:
         if previous is not None and _same(previous, state):
             return
         generation = await self._store.next_generation(
-            after=max(previous.generation if previous else 0, self._store_floor())
+            after=max(
+                previous.generation if previous else 0,
+                self.latest.generation if self.latest else 0,
+            )
         )
         if await self._store.publish(generation, state.to_json(), lease=self._lease):
-            self._published = ClusterState(generation, *_fields(state))
+            self._published = dataclasses.replace(state, generation=generation)
             _log.info("published cluster generation %d (leader %s)", generation, self._lease.token)
         else:
             # Fenced off: another leader published a newer generation; stop leading.
             await self._lease.release()
-
-    def _store_floor(self) -> int:
-        return self.latest.generation if self.latest else 0
 
     # -- every host leader -------------------------------------------------------------
 
@@ -239,18 +238,7 @@ class ClusterFeed:
             if payload is None or stored < generation:
                 continue
             self.latest = ClusterState.from_json(stored, payload)
-            self.changed.set()
 
 
 def _same(a: ClusterState, b: ClusterState) -> bool:
     return (a.revisions, a.failing_since, a.error) == (b.revisions, b.failing_since, b.error)
-
-
-def _fields(state: ClusterState) -> tuple[Any, ...]:
-    return (
-        state.revisions,
-        state.checked_at,
-        state.failing_since,
-        state.error,
-        state.leader,
-    )

@@ -264,7 +264,9 @@ class DataPlane:
             self._remove_partial_files()
             next_poll = 0.0
         if self._lock.held and self._cluster is not None:
-            if await self._from_cluster(retry=loop.time() >= next_poll):
+            retry = loop.time() >= next_poll
+            await self._from_cluster(retry=retry)
+            if retry:
                 next_poll = loop.time() + self.interval
         elif self._lock.held and loop.time() >= next_poll:
             succeeded = await self._poll()
@@ -285,9 +287,9 @@ class DataPlane:
             raise
         return {str(row[0]): int(row[1]) for row in rows}
 
-    async def _from_cluster(self, *, retry: bool) -> bool:
-        """A host leader in a cluster: apply what the cluster leader published; retry
-        the datasets that failed here when ``retry``. True when it retried."""
+    async def _from_cluster(self, *, retry: bool) -> None:
+        """A host leader in a cluster: apply what the cluster leader published, or
+        retry the datasets that failed here when ``retry``."""
         assert self._cluster is not None
         if self.feed is None:
             self.feed = self._cluster(self._markers)
@@ -296,23 +298,18 @@ class DataPlane:
         state = feed.latest
         health = feed.health()
         if state is not None and state.generation > self._applied:
-            self._applied = state.generation
             self._revisions = dict(state.revisions)
             status = {"failing_since": state.failing_since, "error": state.error}
             self._write_status(status, checked_at=state.checked_at, coordination=health)
             self._health = health
-            try:
-                await self._refresh(self._revisions)
-            except OSError as exc:
-                _log.warning("cannot publish this host's snapshot: %s", exc)
-            return False
+            await self._refresh(self._revisions)  # if it raises, the next turn tries again
+            self._applied = state.generation
+            return
         if health != self._health:
             self._health = health
             self._write_status(self.freshness().data, coordination=health)
         if retry and self._manifest is not None and self._manifest.trouble:
             await self._refresh(self._revisions)
-            return True
-        return retry
 
     async def _poll(self) -> bool:
         """One leader round: 1 statement, plus a load of each dataset that moved."""

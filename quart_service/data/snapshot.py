@@ -44,6 +44,13 @@ class Snapshot:
     loaded_at: float
     datasets: Mapping[str, DatasetView[Any]] = field(default_factory=lambda: MappingProxyType({}))
     trouble: Mapping[str, DatasetTrouble] = field(default_factory=lambda: MappingProxyType({}))
+    #: A digest of every dataset's stamp: names this data on every host (computed once
+    #: here; every cached() call scopes its key with it).
+    stamp: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        text = ";".join(f"{name}@{stamp}" for name, stamp in self.stamps().items())
+        object.__setattr__(self, "stamp", hashlib.blake2b(text.encode(), digest_size=6).hexdigest())
 
     @overload
     def dataset(self, spec: Dataset[T]) -> DatasetView[T]: ...
@@ -72,9 +79,3 @@ class Snapshot:
     def stamps(self) -> dict[str, str]:
         """Each loaded dataset's revision stamp (the same on every host)."""
         return {name: view.stamp for name, view in sorted(self.datasets.items())}
-
-    @property
-    def stamp(self) -> str:
-        """A digest of every dataset's stamp: names this data on every host."""
-        text = ";".join(f"{name}@{stamp}" for name, stamp in self.stamps().items())
-        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()

@@ -107,21 +107,7 @@ class PostgresServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"postgres exited: {self.log_file.read_text()[-2000:]}")
             ok = subprocess.run(
-                [
-                    _binary("psql") or "psql",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    ROLE,
-                    "-d",
-                    "postgres",
-                    "-Atc",
-                    "SELECT 1",
-                ],
-                capture_output=True,
-                check=False,
+                self._psql("postgres", "SELECT 1"), capture_output=True, check=False, timeout=30
             )
             if ok.returncode == 0:
                 return
@@ -143,24 +129,7 @@ class PostgresServer:
     def psql(self, sql: str, database: str = DATABASE) -> str:
         """Run SQL with ``psql`` as an operator would (stops on the first error)."""
         done = subprocess.run(
-            [
-                _binary("psql") or "psql",
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                ROLE,
-                "-d",
-                database,
-                "-At",
-                "-c",
-                sql,
-            ],
+            self._psql(database, sql),
             capture_output=True,
             text=True,
             check=False,
@@ -169,6 +138,14 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"psql failed: {done.stderr.strip()}")
         return done.stdout
+
+    def _psql(self, database: str, sql: str) -> list[str]:
+        """psql's command line: this server, one command, unaligned tuples only."""
+        return [
+            *(_binary("psql") or "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"),
+            *("-h", "127.0.0.1", "-p", str(self.port), "-U", ROLE, "-d", database),
+            *("-At", "-c", sql),
+        ]
 
     def create_database(self, name: str) -> str:
         """A fresh, empty database; returns its URL."""
