@@ -117,10 +117,18 @@ async def test_a_string_is_refused_as_a_stream_source(test_app: RunningApp) -> N
 POLICY = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0, buffer_bytes=1000)
 
 
-async def _produced_while_nobody_reads(source: Any, produced: list[int]) -> int:
+async def test_a_sync_producer_waits_when_the_buffer_is_full() -> None:
+    produced: list[int] = []
+    event = 100  # bytes per encoded event, about
+
+    def produce() -> Iterator[str]:
+        for n in range(1_000_000):
+            produced.append(n)
+            yield f"{n}".ljust(event - 8)
+
     executor = BoundedExecutor(2, 2)
     try:
-        body = StreamBody(source, SSE, StreamHub(POLICY), executor, copy_context())
+        body = StreamBody(produce(), SSE, StreamHub(POLICY), executor, copy_context())
         async with body:
             await asyncio.sleep(0.3)  # the client reads nothing meanwhile
             stalled_at = len(produced)
@@ -129,27 +137,100 @@ async def _produced_while_nobody_reads(source: Any, produced: list[int]) -> int:
             assert chunk.count(b"\n\n") == stalled_at
             await asyncio.sleep(0.3)
             assert len(produced) > stalled_at  # the producer resumed
-        return stalled_at
     finally:
         executor.shutdown(wait=True)
-
-
-@pytest.mark.parametrize("kind", ["async", "sync"])
-async def test_producer_waits_when_the_buffer_is_full(kind: str) -> None:
-    produced: list[int] = []
-    event = 100  # bytes per encoded event, about
-
-    async def produce_async() -> AsyncIterator[str]:
-        for n in range(1_000_000):
-            produced.append(n)
-            yield f"{n}".ljust(event - 8)
-
-    def produce_sync() -> Iterator[str]:
-        for n in range(1_000_000):
-            produced.append(n)
-            yield f"{n}".ljust(event - 8)
-
-    source = produce_async() if kind == "async" else produce_sync()
-    stalled_at = await _produced_while_nobody_reads(source, produced)
     # 1000 buffered bytes hold ~10 events: the producer stopped right there.
     assert 5 <= stalled_at <= 15
+
+
+async def test_an_async_producer_runs_only_as_fast_as_the_client_reads() -> None:
+    produced: list[int] = []
+
+    async def produce() -> AsyncIterator[str]:
+        for n in range(1_000_000):
+            produced.append(n)
+            yield f"{n}".ljust(92)
+
+    body = StreamBody(produce(), SSE, StreamHub(POLICY), BoundedExecutor(1, 1), copy_context())
+    async with body:
+        await asyncio.sleep(0.1)
+        assert produced == []  # pulled by the response, not pushed ahead of it
+        chunk = await body.__anext__()
+        # Every ready item leaves in one write, up to the buffer (~10 events).
+        assert chunk.startswith(b"data: 0 ")
+        assert 5 <= chunk.count(b"\n\n") <= 15
+        assert len(produced) == chunk.count(b"\n\n")
+        await asyncio.sleep(0.1)
+        assert len(produced) == chunk.count(b"\n\n")
+
+
+async def test_paced_items_leave_one_per_write_and_queued_ones_together() -> None:
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def produce() -> AsyncIterator[str]:
+        while (item := await queue.get()) is not None:
+            yield item
+
+    hub = StreamHub(POLICY)
+    body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
+    async with body:
+        queue.put_nowait("a")
+        assert await body.__anext__() == b"data: a\n\n"  # not held back for more
+        later = asyncio.get_running_loop().call_later(0.05, queue.put_nowait, "b")
+        assert await body.__anext__() == b"data: b\n\n"  # waited for, then sent at once
+        later.cancel()
+        for item in ("c", "d", "e"):  # queued while the last write was in flight
+            queue.put_nowait(item)
+        assert await body.__anext__() == b"data: c\n\ndata: d\n\ndata: e\n\n"
+        queue.put_nowait(None)
+        with pytest.raises(StopAsyncIteration):
+            await body.__anext__()
+    assert hub.counts.events.value == 5
+    assert hub.counts.writes.value == 3
+
+
+async def test_heartbeats_interrupt_a_wait_without_disturbing_the_producer() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    closed: list[str] = []
+
+    async def produce() -> AsyncIterator[str]:
+        try:
+            yield await gate
+        finally:
+            closed.append("finally")
+
+    policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
+    hub = StreamHub(policy)
+    body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
+    async with body:
+        assert await body.__anext__() == SSE.heartbeat
+        assert await body.__anext__() == SSE.heartbeat
+        gate.set_result("token")  # the same await goes on and delivers
+        assert await body.__anext__() == b"data: token\n\n"
+        with pytest.raises(StopAsyncIteration):
+            await body.__anext__()
+    assert closed == ["finally"]
+    assert hub.counts.heartbeats.value == 2
+
+
+async def test_an_idle_timeout_cancels_the_awaiting_producer() -> None:
+    closed: list[str] = []
+
+    async def produce() -> AsyncIterator[str]:
+        try:
+            yield "first"
+            await asyncio.sleep(30)
+            yield "never"
+        except asyncio.CancelledError:
+            closed.append("cancelled")
+            raise
+
+    policy = StreamPolicy(idle_timeout=0.1, total_timeout=0, heartbeat=0, buffer_bytes=1000)
+    body = StreamBody(produce(), SSE, StreamHub(policy), BoundedExecutor(1, 1), copy_context())
+    async with body:
+        assert await body.__anext__() == b"data: first\n\n"
+        frame = await asyncio.wait_for(body.__anext__(), 2)
+        assert b'"code":"stream_idle_timeout"' in frame
+        with pytest.raises(StopAsyncIteration):
+            await body.__anext__()
+    assert closed == ["cancelled"]

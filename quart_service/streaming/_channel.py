@@ -1,8 +1,8 @@
-"""A bounded byte channel from one producer to one streaming response.
+"""A bounded byte channel from a sync iterator on the pool to one streaming response.
 
-The producer is either a task on the event loop (async generator) or a job on the
-shared pool (sync iterator), so every operation that a thread may call takes the lock
-and wakes the loop with ``call_soon_threadsafe``, at most once per batch. The consumer
+(An async generator needs none: the response's task pulls it inline, see _inline.py.)
+The producer runs in a pool thread, so every operation it calls takes the lock and
+wakes the loop with ``call_soon_threadsafe``, at most once per batch. The consumer
 takes everything buffered in one go, which is how events produced together leave in
 one write while none waits for more.
 """
@@ -33,9 +33,6 @@ class Channel:
         "_on_space",
         "_parked",
         "_size",
-        "_space",
-        "_timer",
-        "_timer_at",
         "_waiter",
         "closed",
     )
@@ -49,42 +46,10 @@ class Channel:
         self._count = 0
         self._end: object = _OPEN
         self._waiter: asyncio.Future[None] | None = None  # the consumer, waiting for data
-        self._space: asyncio.Future[None] | None = None  # an async producer, waiting for room
         self._notified = False  # a thread already scheduled a wake-up
         self._parked = False  # a thread producer stopped for room; resume via _on_space
         self._on_space: Callable[[], None] | None = None
-        # One timer per stream, moved only to an *earlier* deadline: a stream whose
-        # deadline moves later with every event (heartbeats, idle timeout) keeps the
-        # timer it has and wakes once, early, to look again; no timer per wait.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self.closed = False  # the consumer is gone; producers stop at their next step
-
-    # -- producer side, on the loop ------------------------------------------------------
-
-    def put(self, data: bytes) -> bool:
-        """Buffer ``data``; True means the producer must ``await wait_space()``."""
-        self._chunks.append(data)
-        self._size += len(data)
-        self._count += 1
-        self._wake()
-        return self._size >= self._limit
-
-    async def wait_space(self) -> None:
-        """Wait until the consumer has taken what is buffered."""
-        if self._size < self._limit or self.closed:
-            return
-        self._space = self._loop.create_future()
-        try:
-            await self._space
-        finally:
-            self._space = None
-
-    def finish(self, reason: EndReason) -> None:
-        """The producer is done (cleanly when ``reason`` is None)."""
-        if self._end is _OPEN:
-            self._end = reason
-        self._wake()
 
     # -- producer side, from a pool thread ----------------------------------------------
 
@@ -132,9 +97,6 @@ class Channel:
             self._size = self._count = 0
             resume, self._on_space = self._on_space if self._parked else None, None
             self._parked = False
-        space = self._space
-        if space is not None and not space.done():
-            space.set_result(None)
         if resume is not None:
             resume()
         return data, count
@@ -149,36 +111,20 @@ class Channel:
         """Why the producer ended; only meaningful once :attr:`ended`."""
         return None if self._end is _OPEN else self._end  # type: ignore[return-value]
 
-    async def wait(self, deadline: float | None) -> None:
-        """Wait for data or an end, or until the loop time ``deadline`` (or earlier: the
-        caller looks at the clock again and waits on)."""
+    async def wait(self) -> None:
+        """Wait for data, an end, or :meth:`interrupt`."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter = waiter
-        if deadline is not None and (self._timer is None or deadline < self._timer_at):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
         try:
             await waiter
         finally:
             self._waiter = None
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._wake()
-
     def close(self) -> bool:
         """The consumer is gone. True if a thread producer is parked (nobody runs it)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         with self._lock:
             self.closed = True
             parked, self._parked, self._on_space = self._parked, False, None
-        space = self._space
-        if space is not None and not space.done():
-            space.set_result(None)
         return parked
 
     def interrupt(self) -> None:

@@ -1,4 +1,4 @@
-"""Producers that feed a :class:`Channel`: an async generator, or a sync iterator.
+"""A sync iterator as a stream's source: run on the shared pool, through a :class:`Channel`.
 
 The sync bridge does not hop to a thread for every item, as Quart's
 ``run_sync_iterable`` does (quart/utils.py; docs/design.md, pitfall 4): one pool job
@@ -15,40 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextvars import Context
 from typing import Any
 
 from ..executor import BoundedExecutor
 from ._channel import Channel
+from ._inline import FAILED
 
 _log = logging.getLogger("quart_service.streaming")
-
-FAILED = ("stream_failed", "The stream's producer failed; the error was logged.")
-
-
-async def pump_async(
-    source: AsyncIterable[Any], encode: Callable[[Any], bytes], channel: Channel
-) -> None:
-    """Run in its own task: move items from ``source`` into ``channel``."""
-    iterator = aiter(source)
-    try:
-        async for item in iterator:
-            if channel.put(encode(item)):
-                await channel.wait_space()
-                if channel.closed:
-                    break
-    except Exception:
-        _log.exception("stream producer failed")
-        channel.finish(FAILED)
-    else:
-        channel.finish(None)
-    finally:
-        # Cancelled while waiting for room, the generator is suspended at a yield:
-        # aclose() runs its finally blocks now, not at garbage collection.
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 class ThreadPump:
@@ -122,3 +97,49 @@ class ThreadPump:
                 close()
             except Exception:
                 _log.exception("closing a stream's iterator failed")
+
+
+class ThreadSource:
+    """A sync iterator pulled like :class:`~._inline.InlineSource`: ``pull`` waits for
+    what the pool thread buffered and takes all of it."""
+
+    __slots__ = ("_channel", "_pump", "failure", "finished")
+
+    def __init__(
+        self,
+        iterator: Iterator[Any],
+        encode: Callable[[Any], bytes],
+        limit: int,
+        executor: BoundedExecutor,
+        context: Context,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._channel = Channel(loop, limit)
+        self._pump = ThreadPump(iterator, encode, self._channel, executor, context, loop)
+        self._pump.start()
+        self.finished = False
+        self.failure: tuple[str, str] | None = None
+
+    async def pull(self, limit: int, stop: Callable[[], bool]) -> tuple[bytes, int]:
+        """Everything buffered, once there is something; ``(b"", 0)`` at the end (see
+        :attr:`finished`) or when ``stop()`` turned true while it waited."""
+        channel = self._channel
+        while True:
+            taken = channel.take()
+            if taken is not None:
+                return taken
+            if channel.ended:
+                self.finished, self.failure = True, channel.end_reason
+                return b"", 0
+            if stop():
+                return b"", 0
+            await channel.wait()
+
+    def interrupt(self) -> None:
+        """Cut the current wait short."""
+        self._channel.interrupt()
+
+    async def aclose(self) -> None:
+        """Stop the iterator (closed in a pool thread, never on the loop)."""
+        self.finished = True
+        self._pump.stop()

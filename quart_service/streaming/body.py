@@ -1,13 +1,19 @@
 """The body of a streaming response: timeouts, heartbeats, coalescing, clean stops.
 
 Quart sends a response body by iterating it (``async with body: async for chunk``) and
-awaits each ``send``; Hypercorn's send waits while the socket is full, so a slow client
-slows this iterator, which stops taking from the bounded channel, which stops the
-producer: memory stays bounded end to end.
+awaits each ``send``; the server's send waits while the socket is full. An async
+generator is pulled inline, in that same task (``_inline.py``), so a slow client slows
+the generator itself; a sync iterator runs on the pool and fills a bounded channel
+(``_pumps.py``). Either way memory stays bounded end to end.
 
-Each step takes *everything* the producer has buffered and returns it as one chunk, so
-events produced together cost one ``send`` (Hypercorn's per-send cost dominates SSE,
-docs/benchmarks.md) while an event produced alone is sent at once.
+Each step returns every event that is ready as one chunk, so events produced together
+(a burst, or tokens that arrived while the last write was in flight) cost one
+``send`` (the server's per-send cost dominates SSE, docs/benchmarks.md), while an event
+produced alone is sent at once.
+
+Timeouts, heartbeats and the metrics tallies run on one clock per worker
+(:class:`StreamHub`): a periodic tick looks at every open stream, so a stream's own
+step costs no timer, no clock read and no metric update per event.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import AsyncIterable, Iterable
 from contextvars import Context
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from quart.wrappers.response import ResponseBody
 
@@ -26,8 +32,8 @@ from ..config import Settings
 from ..executor import BoundedExecutor, Pool
 from ..observability.metrics import Count, Counts, Metrics
 from ..part import Readiness
-from ._channel import Channel
-from ._pumps import ThreadPump, pump_async
+from ._inline import InlineSource
+from ._pumps import ThreadSource
 from .events import Encoder
 
 __all__ = ["END_REASONS", "StreamBody", "StreamCounts", "StreamHub", "StreamPolicy"]
@@ -36,10 +42,14 @@ _log = logging.getLogger("quart_service.streaming")
 
 # Bound on how long a stopped producer may take to run its finally blocks.
 _STOP_GRACE = 5.0
-# How often a stream moves its event and write tallies to the metrics (and at its end).
-_FLUSH_EVERY = 0.25
+# The clock's longest tick: tallies reach the metrics at least this often.
+_TICK = 0.25
 # Why a stream ended (the label of quart_service_stream_ends_total).
 END_REASONS = ("completed", "disconnected", "idle_timeout", "total_timeout", "error", "shutdown")
+# What the clock found due on a stream.
+_HEARTBEAT: Final = "heartbeat"
+_IDLE: Final = "idle_timeout"
+_TOTAL: Final = "total_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +120,8 @@ class StreamCounts:
 
 class StreamHub:
     """This process's streams as a part of the worker: their policy and counts, the
-    open ones, and the shutdown that ends all of them at the drain deadline."""
+    open ones, the clock that keeps their deadlines, and the shutdown that ends all of
+    them at the drain deadline."""
 
     name = "streams"
 
@@ -123,6 +134,11 @@ class StreamHub:
         self.shutting_down = False
         self.open: set[StreamBody] = set()
         self._pool = pool
+        # A quarter of the shortest limit, so a deadline is kept within 25 %; at most
+        # _TICK, the metrics' delay. 10k open streams cost ~10 ms of CPU per second.
+        limits = [x / 4 for x in (policy.heartbeat, policy.idle_timeout, policy.total_timeout)]
+        self.tick = max(0.01, min([_TICK, *(x for x in limits if x > 0)]))
+        self._clock: asyncio.TimerHandle | None = None
 
     @property
     def executor(self) -> BoundedExecutor:
@@ -130,6 +146,18 @@ class StreamHub:
         if self._pool is None:
             raise RuntimeError("this StreamHub has no pool: give it one to bridge sync iterators")
         return self._pool.executor
+
+    def opened(self, body: StreamBody, loop: asyncio.AbstractEventLoop) -> None:
+        """``body`` started: keep its deadlines (the clock runs while streams are open)."""
+        self.open.add(body)
+        self.counts.began()
+        if self._clock is None:
+            self._clock = loop.call_later(self.tick, self._on_tick, loop)
+
+    def closed(self, body: StreamBody, reason: str) -> None:
+        """``body`` ended, for ``reason``."""
+        self.open.discard(body)
+        self.counts.ended(reason)
 
     def shut_down(self) -> int:
         """End every open stream (and any opened later) with a shutdown event that
@@ -145,7 +173,10 @@ class StreamHub:
         self.counts = StreamCounts(metrics)
 
     async def stop(self) -> None:
-        """Nothing to release: open streams end with their connections."""
+        """Stop the clock; open streams end with their connections."""
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
 
     async def readiness(self) -> Readiness:
         """Streams never make a worker unready (the drain does)."""
@@ -154,6 +185,15 @@ class StreamHub:
     def identity(self) -> dict[str, int | float]:
         """This worker's stream counts."""
         return self.counts.as_dict()
+
+    def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for body in list(self.open):
+            try:
+                body.tick(now)
+            except Exception:  # one stream's bug must not stop every stream's clock
+                _log.exception("a stream's clock tick failed")
+        self._clock = loop.call_later(self.tick, self._on_tick, loop) if self.open else None
 
 
 class StreamBody(ResponseBody):
@@ -167,43 +207,34 @@ class StreamBody(ResponseBody):
         executor: BoundedExecutor,
         context: Context,
     ) -> None:
-        self._source = source
+        self._given = source
         self._encoder = encoder
         self._policy = hub.policy
         self._hub = hub
-        self._counts = hub.counts
         self._executor = executor
         self._context = context
-        self._channel: Channel | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._pump: ThreadPump | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._source: InlineSource | ThreadSource | None = None
         self._started = self._last_data = self._last_write = 0.0
-        self._final: bytes | None = None  # an error frame still to send
         self._ended_as = "completed"  # or why it ended early, for the metrics
-        # Events and writes are tallied here and moved to the worker's counts (and
-        # their metrics) at most every _FLUSH_EVERY s and at the end: one metric
-        # update per write cost as much as the write itself on a paced stream.
+        # Tallied here per step; the clock moves them to the worker's counts (and
+        # their metrics) every tick and notes from them when data last moved.
         self._events = self._writes = 0
-        self._flushed_at = 0.0
+        self._pulling = False  # waiting for the producer (not for the client)
+        self._due: str | None = None  # what the clock found due
         self._done = False
         self._shutdown = False
 
     async def __aenter__(self) -> StreamBody:
-        loop = self._loop = asyncio.get_running_loop()
-        channel = self._channel = Channel(loop, self._policy.buffer_bytes)
-        self._started = self._last_data = self._last_write = self._flushed_at = loop.time()
-        source = self._source
-        if isinstance(source, AsyncIterable):
-            coro = pump_async(source, self._encoder.encode, channel)
-            self._task = loop.create_task(coro, context=self._context)
+        loop = asyncio.get_running_loop()
+        given, limit = self._given, self._policy.buffer_bytes
+        if isinstance(given, AsyncIterable):
+            self._source = InlineSource(given, self._encoder.encode, loop)
         else:
-            self._pump = ThreadPump(
-                iter(source), self._encoder.encode, channel, self._executor, self._context, loop
+            self._source = ThreadSource(
+                iter(given), self._encoder.encode, limit, self._executor, self._context, loop
             )
-            self._pump.start()
-        self._counts.began()
-        self._hub.open.add(self)
+        self._started = self._last_data = self._last_write = loop.time()
+        self._hub.opened(self, loop)
         if self._hub.shutting_down:
             self._shutdown = True
         return self
@@ -214,111 +245,110 @@ class StreamBody(ResponseBody):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._hub.open.discard(self)
         if exc_type is not None:
             # The send failed or our task was cancelled: the client went away.
             self._ended_as = "disconnected"
         self._flush()
-        self._counts.ended(self._ended_as)
+        self._hub.closed(self, self._ended_as)
         await self._stop_producer()
 
     def __aiter__(self) -> StreamBody:
         return self
 
     async def __anext__(self) -> bytes:
-        channel = self._channel
-        assert channel is not None, "iterate a StreamBody inside 'async with'"
-        if self._shutdown or self._done:
+        source = self._source
+        assert source is not None, "iterate a StreamBody inside 'async with'"
+        while True:
             if self._done:  # the final frame went out: nothing may follow it
                 raise StopAsyncIteration
-            return await self._end_for_shutdown()
-        taken = channel.take()
-        if taken is None:
-            return await self._wait_for_more(channel)
-        return self._sent(taken)
+            if self._shutdown:
+                return await self._end_for_shutdown()
+            due = self._due
+            if due is not None:
+                self._due = None
+                frame = await self._on_due(due)
+                if frame is not None:
+                    return frame
+            if source.finished:
+                return self._end(source.failure)
+            self._pulling = True
+            try:
+                data, count = await source.pull(self._policy.buffer_bytes, self._stop_wanted)
+            finally:
+                self._pulling = False
+            if count:
+                self._events += count
+                self._writes += 1
+                return data
 
     def shut_down(self) -> None:
         """End this stream at its next step with a shutdown event (drain deadline)."""
         self._shutdown = True
-        if self._channel is not None:
-            self._channel.interrupt()
+        if self._source is not None:
+            self._source.interrupt()
+
+    def tick(self, now: float) -> None:
+        """The hub's clock: move the tallies to the metrics, and find what is due."""
+        if self._events:
+            self._last_data = now
+        if self._writes:
+            self._last_write = now
+        self._flush()
+        if not self._pulling:
+            # Sending (a slow client): the producer is not silent, it is held back.
+            self._last_data = self._last_write = now
+        policy = self._policy
+        if policy.total_timeout > 0 and now >= self._started + policy.total_timeout:
+            due: str | None = _TOTAL
+        elif policy.idle_timeout > 0 and now >= self._last_data + policy.idle_timeout:
+            due = _IDLE
+        elif policy.heartbeat > 0 and now >= self._last_write + policy.heartbeat:
+            due = _HEARTBEAT
+        else:
+            return
+        self._due = due
+        if self._source is not None:
+            self._source.interrupt()
 
     # -- internals ----------------------------------------------------------------------
 
-    def _sent(self, taken: tuple[bytes, int]) -> bytes:
-        data, count = taken
-        self._events += count
-        self._writes += 1
-        assert self._loop is not None
-        now = self._last_data = self._last_write = self._loop.time()
-        if now - self._flushed_at >= _FLUSH_EVERY:
-            self._flush(now)
-        return data
+    def _stop_wanted(self) -> bool:
+        return self._shutdown or self._due is not None
 
-    def _flush(self, now: float | None = None) -> None:
+    def _flush(self) -> None:
         """Move this stream's tallies to the worker's counts."""
+        counts = self._hub.counts
         if self._events:
-            self._counts.events.inc(self._events)
+            counts.events.inc(self._events)
+            self._events = 0
         if self._writes:
-            self._counts.writes.inc(self._writes)
-        self._events = self._writes = 0
-        if now is not None:
-            self._flushed_at = now
+            counts.writes.inc(self._writes)
+            self._writes = 0
 
-    async def _wait_for_more(self, channel: Channel) -> bytes:
-        loop = self._loop
-        assert loop is not None
+    async def _on_due(self, due: str) -> bytes | None:
+        """The final frame for a timeout, a heartbeat, or None (nothing to send)."""
         policy = self._policy
-        heartbeat = self._encoder.heartbeat if policy.heartbeat > 0 else None
-        while True:
-            taken = channel.take()
-            if taken is not None:
-                return self._sent(taken)
-            if self._done:
-                raise StopAsyncIteration
-            if self._shutdown:
-                return await self._end_for_shutdown()
-            if channel.ended:
-                return self._end(channel)
-            now = loop.time()
-            deadline: float | None = None
-            if policy.total_timeout > 0:
-                total_at = self._started + policy.total_timeout
-                if now >= total_at:
-                    return await self._end_early(
-                        "stream_total_timeout",
-                        f"The stream reached its limit of {policy.total_timeout:g} s.",
-                    )
-                deadline = total_at
-            if policy.idle_timeout > 0:
-                idle_at = self._last_data + policy.idle_timeout
-                if now >= idle_at:
-                    return await self._end_early(
-                        "stream_idle_timeout",
-                        f"No event for {policy.idle_timeout:g} s; the stream was ended.",
-                    )
-                deadline = idle_at if deadline is None else min(deadline, idle_at)
-            if heartbeat is not None:
-                beat_at = self._last_write + policy.heartbeat
-                if now >= beat_at:
-                    self._last_write = now
-                    self._counts.heartbeats.inc()
-                    return heartbeat
-                deadline = beat_at if deadline is None else min(deadline, beat_at)
-            await channel.wait(deadline)
+        if due == _TOTAL:
+            self._ended_as = _TOTAL
+            message = f"The stream reached its limit of {policy.total_timeout:g} s."
+            return await self._finish(self._encoder.error("stream_total_timeout", message))
+        if due == _IDLE:
+            self._ended_as = _IDLE
+            message = f"No event for {policy.idle_timeout:g} s; the stream was ended."
+            return await self._finish(self._encoder.error("stream_idle_timeout", message))
+        heartbeat = self._encoder.heartbeat
+        if heartbeat is None:
+            return None
+        self._last_write = asyncio.get_running_loop().time()
+        self._hub.counts.heartbeats.inc()
+        return heartbeat
 
-    def _end(self, channel: Channel) -> bytes:
+    def _end(self, failure: tuple[str, str] | None) -> bytes:
         self._done = True
-        reason = channel.end_reason
-        if reason is None:
+        if failure is None:
             raise StopAsyncIteration
         self._ended_as = "error"
-        self._final = self._encoder.error(*reason)
-        return self._final
-
-    async def _end_early(self, code: str, message: str) -> bytes:
-        self._ended_as = "idle_timeout" if code == "stream_idle_timeout" else "total_timeout"
-        return await self._finish(self._encoder.error(code, message))
+        return self._encoder.error(*failure)
 
     async def _end_for_shutdown(self) -> bytes:
         self._ended_as = "shutdown"
@@ -329,19 +359,22 @@ class StreamBody(ResponseBody):
     async def _finish(self, frame: bytes) -> bytes:
         self._done = True
         self._shutdown = False  # the final frame is sent once
-        self._final = frame
         await self._stop_producer()
         return frame
 
     async def _stop_producer(self) -> None:
-        if self._pump is not None:
-            self._pump.stop()
-            self._pump = None
-        task, self._task = self._task, None
-        if self._channel is not None:
-            self._channel.close()
-        if task is not None and not task.done():
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=_STOP_GRACE)
-            if not done:
-                _log.warning("a stream producer ignored cancellation for %s s", _STOP_GRACE)
+        source = self._source
+        if source is None or source.finished:
+            return
+        if isinstance(source, ThreadSource):
+            await source.aclose()
+            return
+        # The generator may await in its finally blocks: give it _STOP_GRACE, in a task
+        # of its own so that a generator ignoring cancellation cannot hold this one.
+        closing = asyncio.ensure_future(source.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=_STOP_GRACE)
+        if not done:
+            closing.cancel()
+            _log.warning("a stream producer ignored cancellation for %s s", _STOP_GRACE)
+        elif not closing.cancelled() and closing.exception() is not None:
+            _log.error("closing a stream producer failed", exc_info=closing.exception())
