@@ -2,6 +2,10 @@
 
 * ``GET /hello``  — a small JSON answer;
 * ``GET /sse``    — an SSE stream of 100 small events from an async generator;
+* ``GET /paced``  — the same with an ``await asyncio.sleep(0)`` between events (one per
+  loop turn, as a model yields tokens);
+* ``GET /awaited`` — the same, each event awaited on a future that another callback
+  completes a loop turn later (tokens handed over by a model's own task or thread);
 * ``GET /sync``   — the same 100 events from a *sync* generator (bridged to a thread);
 * ``GET /idle``   — one event, then a stream held open with heartbeats only.
 
@@ -27,6 +31,15 @@ _EVENT = b'data: {"token":"hello"}\n\n'
 _ITEM = {"token": "hello"}
 
 
+async def _handed_over() -> None:
+    """Wait for a token the way a model's consumer does: on a future another callback
+    completes (a queue fed by the model's task, a thread's result)."""
+    loop = asyncio.get_running_loop()
+    token = loop.create_future()
+    loop.call_soon(token.set_result, None)
+    await token
+
+
 def _service_routes() -> Blueprint:
     bp = Blueprint("bench", __name__)
 
@@ -49,6 +62,15 @@ def _service_routes() -> Blueprint:
             for _ in range(EVENTS):
                 yield _ITEM
                 await asyncio.sleep(0)
+
+        return sse(produce())
+
+    @bp.get("/awaited")
+    async def awaited() -> Response:
+        async def produce() -> AsyncIterator[dict[str, str]]:
+            for _ in range(EVENTS):
+                await _handed_over()
+                yield _ITEM
 
         return sse(produce())
 
@@ -95,6 +117,17 @@ def _bare() -> Quart:
             for _ in range(EVENTS):
                 yield _EVENT
                 await asyncio.sleep(0)
+
+        response = Response(produce(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    @app.get("/awaited")
+    async def awaited() -> Response:
+        async def produce() -> AsyncIterator[bytes]:
+            for _ in range(EVENTS):
+                await _handed_over()
+                yield _EVENT
 
         response = Response(produce(), content_type="text/event-stream")
         response.timeout = None

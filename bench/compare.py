@@ -35,7 +35,13 @@ from statistics import median
 from tests.support.server import ROOT, SHIPPED_CONFIG, Server, peak_threads, running_server
 
 EVENTS_PER_STREAM = 100
-ROUTES = {"json": "/hello", "sse": "/sse", "paced": "/paced", "sync": "/sync"}
+ROUTES = {
+    "json": "/hello",
+    "sse": "/sse",
+    "paced": "/paced",
+    "awaited": "/awaited",
+    "sync": "/sync",
+}
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,9 @@ def measure(server: Server, route: str, seconds: float, connections: int) -> Sam
     return Sample(completed / elapsed, sum(cpu) / completed * 1e6, max(peak.values()), share)
 
 
-def run(seconds: float, rounds: int, connections: int, stacks: list[Stack]) -> Results:
+def run(
+    seconds: float, rounds: int, connections: int, stacks: list[Stack], routes: dict[str, str]
+) -> Results:
     results = Results()
     with tempfile.TemporaryDirectory() as tmp:
         for round_no in range(1, rounds + 1):
@@ -133,11 +141,11 @@ def run(seconds: float, rounds: int, connections: int, stacks: list[Stack]) -> R
                     env=stack.env,
                     root=stack.root or ROOT,
                 ) as server:
-                    for kind, route in ROUTES.items():
+                    for kind, route in routes.items():
                         sample = measure(server, route, seconds, connections)
                         results.add(stack.name, kind, sample)
                         print(
-                            f"round {round_no} {stack.name:13} {kind:5} "
+                            f"round {round_no} {stack.name:13} {kind:7} "
                             f"{sample.requests_per_s:9.0f} req/s "
                             f"{sample.cpu_us_per_request:8.1f} us CPU/req "
                             f"{sample.peak_threads:3d} threads "
@@ -147,43 +155,34 @@ def run(seconds: float, rounds: int, connections: int, stacks: list[Stack]) -> R
     return results
 
 
-def report(results: Results, stacks: list[Stack]) -> None:
+def report(results: Results, stacks: list[Stack], routes: dict[str, str]) -> None:
     print("\nmedians over rounds (2 workers each; streams: 100 events per request)")
-    print(f"{'stack':13} {'JSON req/s':>11} {'SSE ev/s':>11} {'paced ev/s':>11} "
-          f"{'sync ev/s':>11} {'us/JSON':>8} {'us/SSE ev':>10} {'us/paced ev':>12} "
-          f"{'threads':>8}")  # fmt: skip
+    print("worker CPU: us per JSON request, us per event for the streams")
+    streams = [kind for kind in routes if kind != "json"]
+    kinds = [kind for kind in routes if kind in ("json", *streams)]
+    print(f"{'stack':14}" + "".join(f"{kind + ' /s':>13}{'us':>8}" for kind in kinds))
     for stack in stacks:
-        name = stack.name
-        print(
-            f"{name:13} {results.rps(name, 'json'):11.0f} "
-            f"{results.rps(name, 'sse') * EVENTS_PER_STREAM:11.0f} "
-            f"{results.rps(name, 'paced') * EVENTS_PER_STREAM:11.0f} "
-            f"{results.rps(name, 'sync') * EVENTS_PER_STREAM:11.0f} "
-            f"{results.cpu(name, 'json'):8.1f} "
-            f"{results.cpu(name, 'sse') / EVENTS_PER_STREAM:10.2f} "
-            f"{results.cpu(name, 'paced') / EVENTS_PER_STREAM:12.2f} "
-            f"{max(results.threads(name, r) for r in ROUTES):8d}"
-        )
-    print("\nratios (target)")
-    pairs = [
-        ("service / bare-tuned, JSON req/s", "service", "json", "bare-tuned", 0.9),
-        ("service-nolog / bare-tuned, JSON req/s", "service-nolog", "json", "bare-tuned", 0.9),
-        ("service / bare-tuned, SSE events/s", "service", "sse", "bare-tuned", 0.9),
-        ("service / bare-tuned, paced events/s", "service", "paced", "bare-tuned", 0.9),
-        ("service / bare-default, JSON req/s", "service", "json", "bare-default", 2.0),
-        ("service / bare-tuned, sync-bridge events/s", "service", "sync", "bare-tuned", 5.0),
-    ]
-    if any(stack.name == "service-before" for stack in stacks):
-        pairs += [
-            ("service / service-before, JSON req/s", "service", "json", "service-before", 0.95),
-            ("service / service-before, SSE events/s", "service", "sse", "service-before", 0.95),
-        ]
-    for label, ours, route, other, target in pairs:
-        ratio = results.rps(ours, route) / results.rps(other, route)
-        cpu_ratio = results.cpu(other, route) / results.cpu(ours, route)
-        verdict = "ok" if ratio >= target else "BELOW"
-        print(f"  {label:46} {ratio:5.2f}x (>= {target}x: {verdict}); "
-              f"by CPU per request {cpu_ratio:5.2f}x")  # fmt: skip
+        name, cells = stack.name, []
+        for kind in kinds:
+            per = 1 if kind == "json" else EVENTS_PER_STREAM
+            rate, cpu = results.rps(name, kind) * per, results.cpu(name, kind) / per
+            cells.append(f"{rate:13.0f}{cpu:8.2f}")
+        print(f"{name:14}" + "".join(cells))
+    names = {stack.name for stack in stacks}
+    print("\nworker CPU per request or event, service / bare-tuned (target)")
+    targets = {"json": 1.05, "sse": 1.0, "paced": 1.1, "awaited": 1.1, "sync": 1.0}
+    for ours in ("service", "service-nolog", "service-before"):
+        if ours not in names or "bare-tuned" not in names:
+            continue
+        for kind in kinds:
+            ratio = results.cpu(ours, kind) / results.cpu("bare-tuned", kind)
+            target = targets.get(kind, 1.0)
+            verdict = "ok" if ratio <= target else "ABOVE"
+            print(f"  {ours:14} {kind:8} {ratio:5.2f}x (<= {target}x: {verdict})")
+    if "service-before" in names:
+        for kind in kinds:
+            ratio = results.cpu("service", kind) / results.cpu("service-before", kind)
+            print(f"  service / service-before {kind:8} {ratio:5.2f}x")
 
 
 def main() -> None:
@@ -192,6 +191,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--before", type=Path, help="another checkout to compare with")
+    parser.add_argument("--stacks", help="comma-separated stack names (default: all)")
+    parser.add_argument("--routes", help=f"comma-separated, of {','.join(ROUTES)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench needs wrk: apt-get install wrk")
@@ -200,7 +201,13 @@ def main() -> None:
         stacks.insert(
             1, Stack("service-before", "bench.apps:service", SHIPPED_CONFIG, root=args.before)
         )
-    report(run(args.seconds, args.rounds, args.connections, stacks), stacks)
+    if args.stacks:
+        wanted = args.stacks.split(",")
+        stacks = [stack for stack in stacks if stack.name in wanted]
+    routes = dict(ROUTES)
+    if args.routes:
+        routes = {kind: ROUTES[kind] for kind in args.routes.split(",")}
+    report(run(args.seconds, args.rounds, args.connections, stacks, routes), stacks, routes)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from contextvars import copy_context
 from typing import Any
 
 import pytest
-from quart import Quart
+from quart import Quart, request
 from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import NDJSON, SSE, ServerSentEvent, Settings, create_app, ndjson, sse
@@ -67,6 +67,15 @@ def app(settings: Settings) -> Quart:
 
         return sse(produce())
 
+    @app.get("/echo")
+    async def echo() -> Any:
+        async def produce() -> AsyncIterator[str]:
+            for word in request.args["words"].split():
+                await asyncio.sleep(0)
+                yield f"{word} {request.path}"  # the view's request, inside the producer
+
+        return sse(produce())
+
     @app.get("/not-a-stream")
     async def not_a_stream() -> Any:
         return sse("a string is not a stream of events")
@@ -106,6 +115,11 @@ async def test_sync_iterator_runs_on_the_pool_and_is_coalesced(
     assert streams["events"] == 3000
     # Items produced together left together: far fewer writes than items.
     assert streams["writes"] < 3000 / 10
+
+
+async def test_the_producer_sees_the_views_request(test_app: RunningApp) -> None:
+    response = await test_app.test_client().get("/echo?words=a+b")
+    assert await response.get_data(as_text=True) == "data: a /echo\n\ndata: b /echo\n\n"
 
 
 async def test_a_string_is_refused_as_a_stream_source(test_app: RunningApp) -> None:

@@ -17,6 +17,8 @@ by hand (what ``await`` would do), so it can tell:
   generator's future or :meth:`InlineSource.interrupt` opens, so the generator stays
   suspended, untouched, and is resumed by the next pull.
 
+Each step runs in the view's context (``Context.run``, as a task runs its steps), so
+the generator sees ``request``, the app and the service's accessors as the view did.
 A cancelled task (the client went away) is passed on as :class:`asyncio.Task` would
 pass it: the future the generator waits on is cancelled and the error thrown into it,
 so its ``finally`` blocks run at once.
@@ -28,6 +30,7 @@ import asyncio
 import logging
 import types
 from collections.abc import AsyncIterable, Callable, Coroutine, Generator
+from contextvars import Context
 from typing import Any, Final, cast
 
 _log = logging.getLogger("quart_service.streaming")
@@ -45,6 +48,7 @@ class InlineSource:
 
     __slots__ = (
         "_agen",
+        "_context",
         "_encode",
         "_gate",
         "_loop",
@@ -60,9 +64,11 @@ class InlineSource:
         self,
         source: AsyncIterable[Any],
         encode: Callable[[Any], bytes],
+        context: Context,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._agen = aiter(source)
+        self._context = context
         self._encode = encode
         self._loop = loop
         # The generator's current step (its __anext__ awaitable) while it is suspended
@@ -123,9 +129,13 @@ class InlineSource:
         if gate is not None and not gate.done():
             gate.set_result(None)
 
-    async def aclose(self) -> None:
-        """Stop the generator: a suspended step is cancelled as a task's would be,
-        then the generator is closed, so its ``finally`` blocks run now."""
+    def closing(self) -> asyncio.Task[None]:
+        """A task (in the view's context) that stops the generator: a suspended step is
+        cancelled as a task's would be, then the generator is closed, so its
+        ``finally`` blocks run now."""
+        return self._loop.create_task(self._aclose(), context=self._context)
+
+    async def _aclose(self) -> None:
         step, self._step = self._step, None
         if step is not None:
             self._cancel_awaited()
@@ -142,7 +152,10 @@ class InlineSource:
         """Run ``step`` until it suspends or finishes; returns the item it produced,
         _SUSPENDED or _ENDED."""
         try:
-            yielded = step.send(None) if error is None else step.throw(error)
+            if error is None:
+                yielded = self._context.run(step.send, None)
+            else:
+                yielded = self._context.run(step.throw, error)
         except StopIteration as produced:
             self._step = None
             return produced.value

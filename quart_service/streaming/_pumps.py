@@ -139,7 +139,7 @@ class ThreadSource:
         """Cut the current wait short."""
         self._channel.interrupt()
 
-    async def aclose(self) -> None:
+    def stop(self) -> None:
         """Stop the iterator (closed in a pool thread, never on the loop)."""
         self.finished = True
         self._pump.stop()

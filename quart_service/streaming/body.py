@@ -228,7 +228,7 @@ class StreamBody(ResponseBody):
         loop = asyncio.get_running_loop()
         given, limit = self._given, self._policy.buffer_bytes
         if isinstance(given, AsyncIterable):
-            self._source = InlineSource(given, self._encoder.encode, loop)
+            self._source = InlineSource(given, self._encoder.encode, self._context, loop)
         else:
             self._source = ThreadSource(
                 iter(given), self._encoder.encode, limit, self._executor, self._context, loop
@@ -367,11 +367,11 @@ class StreamBody(ResponseBody):
         if source is None or source.finished:
             return
         if isinstance(source, ThreadSource):
-            await source.aclose()
+            source.stop()
             return
         # The generator may await in its finally blocks: give it _STOP_GRACE, in a task
         # of its own so that a generator ignoring cancellation cannot hold this one.
-        closing = asyncio.ensure_future(source.aclose())
+        closing = source.closing()
         done, _ = await asyncio.wait({closing}, timeout=_STOP_GRACE)
         if not done:
             closing.cancel()
