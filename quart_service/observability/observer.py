@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
@@ -83,7 +83,9 @@ class RequestObserver:
         # No shared-file write per request: the gauge is sampled.
         self.in_progress += 1
 
-        async def observed_send(message: Any) -> None:
+        # A plain function that returns the server's own awaitable: no coroutine of
+        # ours per message (a stream sends one message per token).
+        def observed_send(message: Any) -> Awaitable[None]:
             nonlocal status, sent, first_byte
             kind = message["type"]
             if kind == "http.response.body":
@@ -101,7 +103,7 @@ class RequestObserver:
                     # Keep-alive clients leave this worker after this response.
                     headers.append(_CLOSE)
                 message["headers"] = headers
-            await send(message)
+            return send(message)
 
         try:
             refusal = self._over_limit(scope)

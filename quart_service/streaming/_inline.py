@@ -31,16 +31,11 @@ import logging
 import types
 from collections.abc import AsyncIterable, Callable, Coroutine, Generator
 from contextvars import Context
-from typing import Any, Final, cast
+from typing import Any, Final
 
 _log = logging.getLogger("quart_service.streaming")
 
 FAILED: Final = ("stream_failed", "The stream's producer failed; the error was logged.")
-
-# What one step of the generator came to (besides an item).
-_SUSPENDED: Final = object()  # it awaits something; self._step holds it
-_ENDED: Final = object()  # it returned or raised: self.finished
-_CUT: Final = object()  # a wait was interrupted; the step is still suspended
 
 
 class InlineSource:
@@ -56,6 +51,7 @@ class InlineSource:
         "_turned",
         "_watched",
         "_yielded",
+        "cut",
         "failure",
         "finished",
     )
@@ -80,12 +76,15 @@ class InlineSource:
         self._watched: asyncio.Future[Any] | None = None  # has our done callback
         self.finished = False  # the generator ended (or failed): pull no more
         self.failure: tuple[str, str] | None = None
+        self.cut = False  # interrupted: pull returns instead of waiting
 
     @types.coroutine
-    def pull(self, limit: int, stop: Callable[[], bool]) -> Generator[Any, Any, tuple[bytes, int]]:
+    def pull(self, limit: int) -> Generator[Any, Any, tuple[bytes, int]]:
         """Wait for the next item, then take every item that is ready too, up to
         ``limit`` bytes: ``(data, count)``. ``(b"", 0)`` when the generator ended
-        (see :attr:`finished`) or when ``stop()`` turned true while it waited."""
+        (see :attr:`finished`) or when :meth:`interrupt` cut the wait short.
+
+        One frame per event is the point: this loop is the whole per-token path."""
         parts: list[bytes] = []
         size = 0
         if not self._turned and self._step is None:
@@ -94,23 +93,62 @@ class InlineSource:
             # without this turn, a generator that never awaits would hold the worker.
             yield None
         self._turned = False
+        run = self._context.run
         while not self.finished:
-            if self._step is None:
+            step = self._step
+            error: BaseException | None = None
+            if step is None:
                 # An async generator's __anext__() awaitable has send() and throw().
-                step = cast("Coroutine[Any, Any, Any]", self._agen.__anext__())
-                outcome = self._advance(step, None)
-            elif parts or stop():
+                step = self._agen.__anext__()  # type: ignore[assignment]
+            elif parts or self.cut:
                 break  # send what is ready; the step stays suspended for next time
             else:
-                outcome = yield from self._wait()
-                if outcome is _CUT:
-                    break
-            if outcome is _SUSPENDED:
-                continue
-            if outcome is _ENDED:
-                break
+                # Wait for what the step awaits, as its task would.
+                self._turned = True
+                awaited = self._yielded
+                if not isinstance(awaited, asyncio.Future):
+                    try:  # a bare yield (asyncio.sleep(0)): one loop turn
+                        yield awaited
+                    except BaseException as cancelled:
+                        error = cancelled
+                elif not awaited.done():
+                    gate = self._gate = self._loop.create_future()
+                    if self._watched is not awaited:
+                        self._watched = awaited
+                        awaited.add_done_callback(self._on_awaited)
+                    try:
+                        yield from gate
+                    except BaseException as cancelled:
+                        self._cancel_awaited()
+                        error = cancelled
+                    finally:
+                        self._gate = None
+                    if error is None and not awaited.done():
+                        break  # cut short; the step still waits
+                self._watched = None
+            assert step is not None
             try:
-                data = self._encode(outcome)
+                yielded = run(step.send, None) if error is None else run(step.throw, error)
+            except StopIteration as produced:
+                self._step = None
+                item = produced.value
+            except StopAsyncIteration:
+                self._step, self.finished = None, True
+                break
+            except Exception:
+                _log.exception("stream producer failed")
+                self._step, self.finished, self.failure = None, True, FAILED
+                break
+            except BaseException:
+                # Cancellation (the client left) or an exit: the generator is done;
+                # the caller's task goes on raising it.
+                self._step, self.finished = None, True
+                raise
+            else:
+                self._step, self._yielded = step, yielded
+                continue
+            try:
+                data = self._encode(item)
             except Exception:
                 _log.exception("a stream item could not be encoded")
                 self.finished, self.failure = True, FAILED
@@ -124,7 +162,9 @@ class InlineSource:
         return (parts[0] if len(parts) == 1 else b"".join(parts)), len(parts)
 
     def interrupt(self) -> None:
-        """Cut the current wait short (the caller has something else to do)."""
+        """Cut the current wait short, and the next ones until :attr:`cut` is reset
+        (the caller has something else to do)."""
+        self.cut = True
         gate = self._gate
         if gate is not None and not gate.done():
             gate.set_result(None)
@@ -148,63 +188,10 @@ class InlineSource:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _advance(self, step: Coroutine[Any, Any, Any], error: BaseException | None) -> Any:
-        """Run ``step`` until it suspends or finishes; returns the item it produced,
-        _SUSPENDED or _ENDED."""
-        try:
-            if error is None:
-                yielded = self._context.run(step.send, None)
-            else:
-                yielded = self._context.run(step.throw, error)
-        except StopIteration as produced:
-            self._step = None
-            return produced.value
-        except StopAsyncIteration:
-            self._step, self.finished = None, True
-            return _ENDED
-        except Exception:
-            _log.exception("stream producer failed")
-            self._step, self.finished, self.failure = None, True, FAILED
-            return _ENDED
-        except BaseException:
-            # Cancellation (the client left) or an exit: the generator is done; the
-            # caller's task goes on raising it.
-            self._step, self.finished = None, True
-            raise
-        self._step, self._yielded = step, yielded
-        return _SUSPENDED
-
-    def _wait(self) -> Generator[Any, Any, Any]:
-        """Resume the suspended step once what it awaits is done, or return _CUT."""
-        step, awaited = self._step, self._yielded
-        assert step is not None
-        self._turned = True
-        if awaited is None or not isinstance(awaited, asyncio.Future):
-            # A bare yield (asyncio.sleep(0)): one loop turn, no future to watch.
-            try:
-                yield awaited
-            except BaseException as error:  # cancelled: pass it on, as a task would
-                return self._advance(step, error)
-            return self._advance(step, None)
-        if not awaited.done():
-            gate = self._gate = self._loop.create_future()
-            if self._watched is not awaited:
-                self._watched = awaited
-                awaited.add_done_callback(self._on_awaited)
-            try:
-                yield from gate
-            except BaseException as error:
-                self._cancel_awaited()
-                return self._advance(step, error)
-            finally:
-                self._gate = None
-            if not awaited.done():
-                return _CUT
-        self._watched = None
-        return self._advance(step, None)
-
     def _on_awaited(self, _: asyncio.Future[Any]) -> None:
-        self.interrupt()
+        gate = self._gate
+        if gate is not None and not gate.done():
+            gate.set_result(None)
 
     def _cancel_awaited(self) -> None:
         # What Task.cancel() does to the future its coroutine waits on.

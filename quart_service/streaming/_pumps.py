@@ -103,7 +103,7 @@ class ThreadSource:
     """A sync iterator pulled like :class:`~._inline.InlineSource`: ``pull`` waits for
     what the pool thread buffered and takes all of it."""
 
-    __slots__ = ("_channel", "_pump", "failure", "finished")
+    __slots__ = ("_channel", "_pump", "cut", "failure", "finished")
 
     def __init__(
         self,
@@ -119,10 +119,11 @@ class ThreadSource:
         self._pump.start()
         self.finished = False
         self.failure: tuple[str, str] | None = None
+        self.cut = False
 
-    async def pull(self, limit: int, stop: Callable[[], bool]) -> tuple[bytes, int]:
+    async def pull(self, limit: int) -> tuple[bytes, int]:
         """Everything buffered, once there is something; ``(b"", 0)`` at the end (see
-        :attr:`finished`) or when ``stop()`` turned true while it waited."""
+        :attr:`finished`) or when :meth:`interrupt` cut the wait short."""
         channel = self._channel
         while True:
             taken = channel.take()
@@ -131,12 +132,13 @@ class ThreadSource:
             if channel.ended:
                 self.finished, self.failure = True, channel.end_reason
                 return b"", 0
-            if stop():
+            if self.cut:
                 return b"", 0
             await channel.wait()
 
     def interrupt(self) -> None:
-        """Cut the current wait short."""
+        """Cut the current wait short, and the next ones until :attr:`cut` is reset."""
+        self.cut = True
         self._channel.interrupt()
 
     def stop(self) -> None:

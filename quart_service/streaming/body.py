@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Iterable
+import types
+from collections.abc import AsyncIterable, Awaitable, Generator, Iterable
 from contextvars import Context
 from dataclasses import dataclass
 from types import TracebackType
@@ -255,31 +256,45 @@ class StreamBody(ResponseBody):
     def __aiter__(self) -> StreamBody:
         return self
 
-    async def __anext__(self) -> bytes:
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._next()
+
+    @types.coroutine
+    def _next(self) -> Generator[Any, Any, bytes]:
+        # A generator-based coroutine, not ``async def``: one frame less on every event.
         source = self._source
         assert source is not None, "iterate a StreamBody inside 'async with'"
         while True:
             if self._done:  # the final frame went out: nothing may follow it
                 raise StopAsyncIteration
-            if self._shutdown:
-                return await self._end_for_shutdown()
-            due = self._due
-            if due is not None:
-                self._due = None
-                frame = await self._on_due(due)
+            if self._shutdown or self._due is not None or source.finished:
+                frame = yield from self._special(source).__await__()
                 if frame is not None:
                     return frame
-            if source.finished:
-                return self._end(source.failure)
             self._pulling = True
             try:
-                data, count = await source.pull(self._policy.buffer_bytes, self._stop_wanted)
+                pulled: tuple[bytes, int] = yield from source.pull(self._policy.buffer_bytes)
             finally:
                 self._pulling = False
+            data, count = pulled
             if count:
                 self._events += count
                 self._writes += 1
                 return data
+
+    async def _special(self, source: InlineSource | ThreadSource) -> bytes | None:
+        """The frame for a shutdown, a due deadline or the producer's end; None: go on."""
+        if self._shutdown:
+            return await self._end_for_shutdown()
+        due, self._due = self._due, None
+        source.cut = False
+        if due is not None:
+            frame = await self._on_due(due)
+            if frame is not None:
+                return frame
+        if source.finished:
+            return self._end(source.failure)
+        return None
 
     def shut_down(self) -> None:
         """End this stream at its next step with a shutdown event (drain deadline)."""
@@ -311,9 +326,6 @@ class StreamBody(ResponseBody):
             self._source.interrupt()
 
     # -- internals ----------------------------------------------------------------------
-
-    def _stop_wanted(self) -> bool:
-        return self._shutdown or self._due is not None
 
     def _flush(self) -> None:
         """Move this stream's tallies to the worker's counts."""

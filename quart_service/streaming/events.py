@@ -6,7 +6,8 @@ frames (heartbeat, error, end). Producers may yield:
 * :class:`ServerSentEvent` — full control of ``event``, ``id`` and ``retry``;
 * ``str`` — sent as the data as it is;
 * ``bytes`` — sent as already-encoded wire bytes (no framing added);
-* anything else — encoded as compact JSON.
+* anything else — encoded as compact JSON (orjson: a stream encodes every token, and
+  the standard library's encoder cost ~1.8 µs of the ~20 µs a token costs a worker).
 """
 
 from __future__ import annotations
@@ -15,9 +16,21 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import orjson
+
 __all__ = ["NDJSON", "SSE", "Encoder", "ServerSentEvent", "error_payload"]
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _dumps(item: Any) -> bytes:
+    """Compact UTF-8 JSON, as ``json.dumps(separators=(",", ":"), ensure_ascii=False)``."""
+    try:
+        return orjson.dumps(item, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        # What orjson refuses and the standard library takes (an int beyond 64 bits,
+        # a dict key of another type); anything else raises the same TypeError again.
+        return _json(item).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +82,7 @@ class _SSE:
             return item
         if isinstance(item, ServerSentEvent):
             return _sse_event(item)
-        return b"data: " + _dumps(item).encode() + b"\n\n"
+        return b"data: " + _dumps(item) + b"\n\n"
 
     def error(self, code: str, message: str, retry: int | None = None) -> bytes:
         payload = error_payload(code, message)
@@ -85,13 +98,13 @@ class _NDJSON:
             return item
         if isinstance(item, str):
             return item.encode() + b"\n"
-        return _dumps(item).encode() + b"\n"
+        return _dumps(item) + b"\n"
 
     def error(self, code: str, message: str, retry: int | None = None) -> bytes:
         payload = error_payload(code, message)
         if retry is not None:
             payload["error"]["retry_after_ms"] = retry
-        return _dumps(payload).encode() + b"\n"
+        return _dumps(payload) + b"\n"
 
 
 def _data_lines(text: str) -> bytes:
@@ -110,7 +123,7 @@ def _sse_event(event: ServerSentEvent) -> bytes:
         parts.append(b"id: " + _field(event.id) + b"\n")
     if event.retry is not None:
         parts.append(b"retry: " + str(int(event.retry)).encode() + b"\n")
-    data = event.data if isinstance(event.data, str) else _dumps(event.data)
+    data = event.data if isinstance(event.data, str) else _dumps(event.data).decode()
     parts.append(_data_lines(data))
     parts.append(b"\n")
     return b"".join(parts)
