@@ -14,6 +14,7 @@ from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import NDJSON, SSE, ServerSentEvent, Settings, create_app, ndjson, sse
 from quart_service.executor import BoundedExecutor
+from quart_service.observability.observer import RESPONSE_SEND
 from quart_service.streaming import StreamHub, StreamPolicy
 from quart_service.streaming.body import StreamBody
 
@@ -203,9 +204,10 @@ async def test_paced_items_leave_one_per_write_and_queued_ones_together() -> Non
     assert hub.counts.writes.value == 3
 
 
-async def test_heartbeats_interrupt_a_wait_without_disturbing_the_producer() -> None:
+async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
     gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     closed: list[str] = []
+    written: list[bytes] = []
 
     async def produce() -> AsyncIterator[str]:
         try:
@@ -213,18 +215,28 @@ async def test_heartbeats_interrupt_a_wait_without_disturbing_the_producer() -> 
         finally:
             closed.append("finally")
 
+    async def send(message: Any) -> None:
+        written.append(message["body"])
+
     policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
     hub = StreamHub(policy)
-    body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
+    token = RESPONSE_SEND.set(send)  # what the request observer gives every request
+    try:
+        body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
+    finally:
+        RESPONSE_SEND.reset(token)
     async with body:
-        assert await body.__anext__() == SSE.heartbeat
-        assert await body.__anext__() == SSE.heartbeat
+        waiting = asyncio.ensure_future(body.__anext__())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the producer still waits, undisturbed
+        assert 3 <= len(written) <= 7
+        assert set(written) == {SSE.heartbeat}
         gate.set_result("token")  # the same await goes on and delivers
-        assert await body.__anext__() == b"data: token\n\n"
+        assert await waiting == b"data: token\n\n"
         with pytest.raises(StopAsyncIteration):
             await body.__anext__()
     assert closed == ["finally"]
-    assert hub.counts.heartbeats.value == 2
+    assert hub.counts.heartbeats.value == len(written)
 
 
 async def test_an_idle_timeout_cancels_the_awaiting_producer() -> None:
@@ -243,7 +255,7 @@ async def test_an_idle_timeout_cancels_the_awaiting_producer() -> None:
     body = StreamBody(produce(), SSE, StreamHub(policy), BoundedExecutor(1, 1), copy_context())
     async with body:
         assert await body.__anext__() == b"data: first\n\n"
-        frame = await asyncio.wait_for(body.__anext__(), 2)
+        frame = await body.__anext__()  # in this task: the timeout cancels its wait
         assert b'"code":"stream_idle_timeout"' in frame
         with pytest.raises(StopAsyncIteration):
             await body.__anext__()

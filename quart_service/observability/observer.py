@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
@@ -24,7 +25,13 @@ from .access import AccessLog
 from .metrics import Metrics
 from .request_id import REQUEST_ID
 
-__all__ = ["ROUTE_KEY", "UNMATCHED", "RequestObserver", "mark_route"]
+__all__ = ["RESPONSE_SEND", "ROUTE_KEY", "UNMATCHED", "RequestObserver", "mark_route"]
+
+# The send of the response being handled (the observer's own, so every byte is
+# counted): a stream writes its heartbeats with it beside a generator that waits.
+RESPONSE_SEND: ContextVar[ASGISendCallable | None] = ContextVar(
+    "quart_service_response_send", default=None
+)
 
 ROUTE_KEY = "quart_service.route"
 UNMATCHED = "<unmatched>"
@@ -105,6 +112,7 @@ class RequestObserver:
                 message["headers"] = headers
             return send(message)
 
+        send_token = RESPONSE_SEND.set(observed_send)
         try:
             refusal = self._over_limit(scope)
             if refusal is None:
@@ -123,6 +131,7 @@ class RequestObserver:
                 self.access_log.write(
                     scope["method"], scope["path"], route, final, elapsed, sent, request_id
                 )
+            RESPONSE_SEND.reset(send_token)
             REQUEST_ID.reset(token)
 
     def _over_limit(self, scope: Any) -> tuple[int, str, str] | None:

@@ -103,7 +103,7 @@ class ThreadSource:
     """A sync iterator pulled like :class:`~._inline.InlineSource`: ``pull`` waits for
     what the pool thread buffered and takes all of it."""
 
-    __slots__ = ("_channel", "_pump", "cut", "failure", "finished")
+    __slots__ = ("_channel", "_cut", "_pump", "failure", "finished")
 
     def __init__(
         self,
@@ -119,11 +119,11 @@ class ThreadSource:
         self._pump.start()
         self.finished = False
         self.failure: tuple[str, str] | None = None
-        self.cut = False
+        self._cut = False
 
     async def pull(self, limit: int) -> tuple[bytes, int]:
         """Everything buffered, once there is something; ``(b"", 0)`` at the end (see
-        :attr:`finished`) or when :meth:`interrupt` cut the wait short."""
+        :attr:`finished`) or when :meth:`cut` cut the wait short."""
         channel = self._channel
         while True:
             taken = channel.take()
@@ -132,13 +132,14 @@ class ThreadSource:
             if channel.ended:
                 self.finished, self.failure = True, channel.end_reason
                 return b"", 0
-            if self.cut:
+            if self._cut:
+                self._cut = False
                 return b"", 0
             await channel.wait()
 
-    def interrupt(self) -> None:
-        """Cut the current wait short, and the next ones until :attr:`cut` is reset."""
-        self.cut = True
+    def cut(self) -> None:
+        """End the current wait (the response has something else to send)."""
+        self._cut = True
         self._channel.interrupt()
 
     def stop(self) -> None:

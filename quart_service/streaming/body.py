@@ -22,16 +22,18 @@ import asyncio
 import logging
 import types
 from collections.abc import AsyncIterable, Awaitable, Generator, Iterable
-from contextvars import Context
+from contextvars import Context, ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
+from hypercorn.typing import ASGISendCallable
 from quart.wrappers.response import ResponseBody
 
 from ..config import Settings
 from ..executor import BoundedExecutor, Pool
 from ..observability.metrics import Count, Counts, Metrics
+from ..observability.observer import RESPONSE_SEND
 from ..part import Readiness
 from ._inline import InlineSource
 from ._pumps import ThreadSource
@@ -224,12 +226,22 @@ class StreamBody(ResponseBody):
         self._due: str | None = None  # what the clock found due
         self._done = False
         self._shutdown = False
+        # The server's send, for heartbeats written beside a waiting generator.
+        self._send = RESPONSE_SEND.get()
+        self._beat: asyncio.Task[None] | None = None
+        self._restore: list[tuple[ContextVar[Any], Token[Any]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> StreamBody:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         given, limit = self._given, self._policy.buffer_bytes
         if isinstance(given, AsyncIterable):
-            self._source = InlineSource(given, self._encoder.encode, self._context, loop)
+            task = asyncio.current_task()
+            assert task is not None
+            # The generator runs in this task: give it the view's context (request,
+            # app, the service's accessors) for the stream's life, set once.
+            self._restore = [(var, var.set(value)) for var, value in self._context.items()]
+            self._source = InlineSource(given, self._encoder.encode, task, loop)
         else:
             self._source = ThreadSource(
                 iter(given), self._encoder.encode, limit, self._executor, self._context, loop
@@ -251,7 +263,13 @@ class StreamBody(ResponseBody):
             self._ended_as = "disconnected"
         self._flush()
         self._hub.closed(self, self._ended_as)
-        await self._stop_producer()
+        if self._beat is not None:
+            self._beat.cancel()
+        try:
+            await self._stop_producer()
+        finally:
+            for var, token in reversed(self._restore):
+                var.reset(token)
 
     def __aiter__(self) -> StreamBody:
         return self
@@ -280,6 +298,9 @@ class StreamBody(ResponseBody):
             if count:
                 self._events += count
                 self._writes += 1
+                beat = self._beat
+                if beat is not None and not beat.done():
+                    yield from beat  # one write at a time: the heartbeat's first
                 return data
 
     async def _special(self, source: InlineSource | ThreadSource) -> bytes | None:
@@ -287,7 +308,6 @@ class StreamBody(ResponseBody):
         if self._shutdown:
             return await self._end_for_shutdown()
         due, self._due = self._due, None
-        source.cut = False
         if due is not None:
             frame = await self._on_due(due)
             if frame is not None:
@@ -299,8 +319,8 @@ class StreamBody(ResponseBody):
     def shut_down(self) -> None:
         """End this stream at its next step with a shutdown event (drain deadline)."""
         self._shutdown = True
-        if self._source is not None:
-            self._source.interrupt()
+        if self._pulling and self._source is not None:
+            self._source.cut()
 
     def tick(self, now: float) -> None:
         """The hub's clock: move the tallies to the metrics, and find what is due."""
@@ -318,14 +338,36 @@ class StreamBody(ResponseBody):
         elif policy.idle_timeout > 0 and now >= self._last_data + policy.idle_timeout:
             due = _IDLE
         elif policy.heartbeat > 0 and now >= self._last_write + policy.heartbeat:
+            if isinstance(self._source, InlineSource):
+                self._write_beside(now)  # never interrupt the generator for it
+                return
             due = _HEARTBEAT
         else:
             return
         self._due = due
-        if self._source is not None:
-            self._source.interrupt()
+        if self._pulling and self._source is not None:
+            self._source.cut()
 
     # -- internals ----------------------------------------------------------------------
+
+    def _write_beside(self, now: float) -> None:
+        """A heartbeat written by a task of its own while the generator waits."""
+        send, heartbeat = self._send, self._encoder.heartbeat
+        if send is None or heartbeat is None or self._loop is None:
+            return  # no server send to write with (a body driven by hand)
+        if self._beat is not None and not self._beat.done():
+            return
+        self._last_write = now
+        self._beat = self._loop.create_task(self._send_heartbeat(send, heartbeat))
+
+    async def _send_heartbeat(self, send: ASGISendCallable, heartbeat: bytes) -> None:
+        if not self._pulling or self._done:
+            return  # the response is writing again: the heartbeat is not needed
+        self._hub.counts.heartbeats.inc()
+        try:
+            await send({"type": "http.response.body", "body": heartbeat, "more_body": True})
+        except Exception:  # the client left: the response's own write will see it
+            _log.debug("a heartbeat could not be written", exc_info=True)
 
     def _flush(self) -> None:
         """Move this stream's tallies to the worker's counts."""
@@ -384,6 +426,8 @@ class StreamBody(ResponseBody):
         # The generator may await in its finally blocks: give it _STOP_GRACE, in a task
         # of its own so that a generator ignoring cancellation cannot hold this one.
         closing = source.closing()
+        if closing is None:
+            return
         done, _ = await asyncio.wait({closing}, timeout=_STOP_GRACE)
         if not done:
             closing.cancel()
