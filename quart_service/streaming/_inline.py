@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import types
-from collections.abc import AsyncIterable, Callable, Generator
+from collections.abc import AsyncIterable, Awaitable, Callable, Generator
 from typing import Any, Final
 
 _log = logging.getLogger("quart_service.streaming")
 
 FAILED: Final = ("stream_failed", "The stream's producer failed; the error was logged.")
+_NOTHING: Final = object()
 
 
 class InlineSource:
@@ -39,27 +40,42 @@ class InlineSource:
     __slots__ = (
         "_agen",
         "_encode",
+        "_limit",
         "_loop",
+        "_on_empty",
         "_step",
         "_task",
         "_turned",
         "_yielded",
+        "beat",
         "cutting",
+        "events",
         "failure",
         "finished",
+        "pulling",
+        "writes",
     )
 
     def __init__(
         self,
         source: AsyncIterable[Any],
         encode: Callable[[Any], bytes],
+        limit: int,
+        on_empty: Callable[[], Awaitable[bytes]],
         task: asyncio.Task[Any],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._agen = aiter(source)
         self._encode = encode
+        self._limit = limit
+        self._on_empty = on_empty  # the body's next frame when a pull brought nothing
         self._task = task
         self._loop = loop
+        # Tallies the body's clock moves to the metrics; whether the response waits
+        # for the generator now (not for the client); a heartbeat being written.
+        self.events = self.writes = 0
+        self.pulling = False
+        self.beat: asyncio.Task[None] | None = None
         # A step started by hand that suspended: the generator's __anext__ awaitable,
         # and what it yielded to the event loop (a future, or None for one turn).
         self._step: Generator[Any, Any, Any] | None = None
@@ -70,11 +86,15 @@ class InlineSource:
         self.failure: tuple[str, str] | None = None
 
     @types.coroutine
-    def pull(self, limit: int) -> Generator[Any, Any, tuple[bytes, int]]:
-        """Wait for the next item, then take every item that is ready too, up to
-        ``limit`` bytes: ``(data, count)``. ``(b"", 0)`` when the generator ended
-        (see :attr:`finished`) or when :meth:`cut` cut the wait short."""
+    def pull(self) -> Generator[Any, Any, bytes]:
+        """The next chunk: wait for the next item, then take every item that is ready
+        too, up to the byte limit. When the generator ended, or :meth:`cut` cut the
+        wait short, the body's ``on_empty`` decides what to send instead.
+
+        This generator is the whole per-token path of a stream: one frame per event."""
+        item: Any = _NOTHING
         touched = False  # the generator ran in this pull
+        self.pulling = True
         try:
             step = self._step
             if step is not None:
@@ -104,23 +124,33 @@ class InlineSource:
                 item = yield from self._agen.__anext__().__await__()
         except StopAsyncIteration:
             self.finished = True
-            return b"", 0
         except asyncio.CancelledError:
             if touched:
                 self.finished = True  # the cancellation went through the generator
-            if self.cutting:
-                self.cutting = False
-                if self._task.uncancel() == 0:  # ours alone, not the client leaving
-                    return b"", 0
-            raise
+            if not self.cutting:
+                raise
+            self.cutting = False
+            if self._task.uncancel() > 0:  # the client left too
+                raise
         except Exception:
             _log.exception("stream producer failed")
             self.finished, self.failure = True, FAILED
-            return b"", 0
+        finally:
+            self.pulling = False
+        if item is _NOTHING:
+            return (yield from self._on_empty().__await__())
         if self.cutting:  # the generator swallowed our cancellation and went on
             self.cutting = False
             self._task.uncancel()
-        return self._gather(item, limit)
+        data, count = self._gather(item)
+        if not count:
+            return (yield from self._on_empty().__await__())
+        self.events += count
+        self.writes += 1
+        beat = self.beat
+        if beat is not None and not beat.done():
+            yield from beat  # one write at a time: the heartbeat's first
+        return data
 
     def cut(self) -> None:
         """End the current wait (called while the task waits inside :meth:`pull`)."""
@@ -139,7 +169,7 @@ class InlineSource:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _gather(self, item: Any, limit: int) -> tuple[bytes, int]:
+    def _gather(self, item: Any) -> tuple[bytes, int]:
         """``item``, and after it every item that is ready without waiting."""
         try:
             data = self._encode(item)
@@ -148,7 +178,7 @@ class InlineSource:
             self.finished, self.failure = True, FAILED
             return b"", 0
         parts: list[bytes] | None = None
-        size = len(data)
+        size, limit = len(data), self._limit
         while size < limit:
             step = self._agen.__anext__().__await__()
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import Context
 from typing import Any
 
@@ -103,17 +103,33 @@ class ThreadSource:
     """A sync iterator pulled like :class:`~._inline.InlineSource`: ``pull`` waits for
     what the pool thread buffered and takes all of it."""
 
-    __slots__ = ("_channel", "_cut", "_pump", "failure", "finished")
+    __slots__ = (
+        "_channel",
+        "_cut",
+        "_on_empty",
+        "_pump",
+        "beat",
+        "events",
+        "failure",
+        "finished",
+        "pulling",
+        "writes",
+    )
 
     def __init__(
         self,
         iterator: Iterator[Any],
         encode: Callable[[Any], bytes],
         limit: int,
+        on_empty: Callable[[], Awaitable[bytes]],
         executor: BoundedExecutor,
         context: Context,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        self._on_empty = on_empty
+        self.events = self.writes = 0
+        self.pulling = False
+        self.beat: asyncio.Task[None] | None = None  # unused: heartbeats come from pull
         self._channel = Channel(loop, limit)
         self._pump = ThreadPump(iterator, encode, self._channel, executor, context, loop)
         self._pump.start()
@@ -121,21 +137,29 @@ class ThreadSource:
         self.failure: tuple[str, str] | None = None
         self._cut = False
 
-    async def pull(self, limit: int) -> tuple[bytes, int]:
-        """Everything buffered, once there is something; ``(b"", 0)`` at the end (see
-        :attr:`finished`) or when :meth:`cut` cut the wait short."""
+    async def pull(self) -> bytes:
+        """Everything buffered, once there is something. At the end, or when
+        :meth:`cut` cut the wait short, the body's ``on_empty`` decides instead."""
         channel = self._channel
-        while True:
-            taken = channel.take()
-            if taken is not None:
-                return taken
-            if channel.ended:
-                self.finished, self.failure = True, channel.end_reason
-                return b"", 0
-            if self._cut:
-                self._cut = False
-                return b"", 0
-            await channel.wait()
+        self.pulling = True
+        try:
+            while True:
+                taken = channel.take()
+                if taken is not None:
+                    data, count = taken
+                    self.events += count
+                    self.writes += 1
+                    return data
+                if channel.ended:
+                    self.finished, self.failure = True, channel.end_reason
+                    break
+                if self._cut:
+                    self._cut = False
+                    break
+                await channel.wait()
+        finally:
+            self.pulling = False
+        return await self._on_empty()
 
     def cut(self) -> None:
         """End the current wait (the response has something else to send)."""

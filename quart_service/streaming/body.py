@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import types
-from collections.abc import AsyncIterable, Awaitable, Generator, Iterable
+from collections.abc import AsyncIterable, Awaitable, Iterable
 from contextvars import Context, ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -219,16 +218,11 @@ class StreamBody(ResponseBody):
         self._source: InlineSource | ThreadSource | None = None
         self._started = self._last_data = self._last_write = 0.0
         self._ended_as = "completed"  # or why it ended early, for the metrics
-        # Tallied here per step; the clock moves them to the worker's counts (and
-        # their metrics) every tick and notes from them when data last moved.
-        self._events = self._writes = 0
-        self._pulling = False  # waiting for the producer (not for the client)
         self._due: str | None = None  # what the clock found due
         self._done = False
         self._shutdown = False
         # The server's send, for heartbeats written beside a waiting generator.
         self._send = RESPONSE_SEND.get()
-        self._beat: asyncio.Task[None] | None = None
         self._restore: list[tuple[ContextVar[Any], Token[Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -241,10 +235,18 @@ class StreamBody(ResponseBody):
             # The generator runs in this task: give it the view's context (request,
             # app, the service's accessors) for the stream's life, set once.
             self._restore = [(var, var.set(value)) for var, value in self._context.items()]
-            self._source = InlineSource(given, self._encoder.encode, task, loop)
+            self._source = InlineSource(
+                given, self._encoder.encode, limit, self._after_pull, task, loop
+            )
         else:
             self._source = ThreadSource(
-                iter(given), self._encoder.encode, limit, self._executor, self._context, loop
+                iter(given),
+                self._encoder.encode,
+                limit,
+                self._after_pull,
+                self._executor,
+                self._context,
+                loop,
             )
         self._started = self._last_data = self._last_write = loop.time()
         self._hub.opened(self, loop)
@@ -263,8 +265,8 @@ class StreamBody(ResponseBody):
             self._ended_as = "disconnected"
         self._flush()
         self._hub.closed(self, self._ended_as)
-        if self._beat is not None:
-            self._beat.cancel()
+        if self._source is not None and self._source.beat is not None:
+            self._source.beat.cancel()
         try:
             await self._stop_producer()
         finally:
@@ -275,33 +277,23 @@ class StreamBody(ResponseBody):
         return self
 
     def __anext__(self) -> Awaitable[bytes]:
-        return self._next()
-
-    @types.coroutine
-    def _next(self) -> Generator[Any, Any, bytes]:
-        # A generator-based coroutine, not ``async def``: one frame less on every event.
+        # The source's pull is the whole per-event path; this body steps in only when
+        # something else is due (and when a pull brought nothing: _after_pull).
         source = self._source
         assert source is not None, "iterate a StreamBody inside 'async with'"
-        while True:
-            if self._done:  # the final frame went out: nothing may follow it
-                raise StopAsyncIteration
-            if self._shutdown or self._due is not None or source.finished:
-                frame = yield from self._special(source).__await__()
-                if frame is not None:
-                    return frame
-            self._pulling = True
-            try:
-                pulled: tuple[bytes, int] = yield from source.pull(self._policy.buffer_bytes)
-            finally:
-                self._pulling = False
-            data, count = pulled
-            if count:
-                self._events += count
-                self._writes += 1
-                beat = self._beat
-                if beat is not None and not beat.done():
-                    yield from beat  # one write at a time: the heartbeat's first
-                return data
+        if self._done or self._shutdown or self._due is not None or source.finished:
+            return self._after_pull()
+        return source.pull()
+
+    async def _after_pull(self) -> bytes:
+        source = self._source
+        assert source is not None
+        if self._done:  # the final frame went out: nothing may follow it
+            raise StopAsyncIteration
+        frame = await self._special(source)
+        if frame is not None:
+            return frame
+        return await source.pull()
 
     async def _special(self, source: InlineSource | ThreadSource) -> bytes | None:
         """The frame for a shutdown, a due deadline or the producer's end; None: go on."""
@@ -319,17 +311,20 @@ class StreamBody(ResponseBody):
     def shut_down(self) -> None:
         """End this stream at its next step with a shutdown event (drain deadline)."""
         self._shutdown = True
-        if self._pulling and self._source is not None:
+        if self._source is not None and self._source.pulling:
             self._source.cut()
 
     def tick(self, now: float) -> None:
         """The hub's clock: move the tallies to the metrics, and find what is due."""
-        if self._events:
+        source = self._source
+        if source is None:
+            return
+        if source.events:
             self._last_data = now
-        if self._writes:
+        if source.writes:
             self._last_write = now
         self._flush()
-        if not self._pulling:
+        if not source.pulling:
             # Sending (a slow client): the producer is not silent, it is held back.
             self._last_data = self._last_write = now
         policy = self._policy
@@ -338,30 +333,32 @@ class StreamBody(ResponseBody):
         elif policy.idle_timeout > 0 and now >= self._last_data + policy.idle_timeout:
             due = _IDLE
         elif policy.heartbeat > 0 and now >= self._last_write + policy.heartbeat:
-            if isinstance(self._source, InlineSource):
-                self._write_beside(now)  # never interrupt the generator for it
+            if isinstance(source, InlineSource):
+                self._write_beside(source, now)  # never interrupt the generator for it
                 return
             due = _HEARTBEAT
         else:
             return
         self._due = due
-        if self._pulling and self._source is not None:
-            self._source.cut()
+        if source.pulling:
+            source.cut()
 
     # -- internals ----------------------------------------------------------------------
 
-    def _write_beside(self, now: float) -> None:
+    def _write_beside(self, source: InlineSource, now: float) -> None:
         """A heartbeat written by a task of its own while the generator waits."""
         send, heartbeat = self._send, self._encoder.heartbeat
         if send is None or heartbeat is None or self._loop is None:
             return  # no server send to write with (a body driven by hand)
-        if self._beat is not None and not self._beat.done():
+        if source.beat is not None and not source.beat.done():
             return
         self._last_write = now
-        self._beat = self._loop.create_task(self._send_heartbeat(send, heartbeat))
+        source.beat = self._loop.create_task(self._send_heartbeat(source, send, heartbeat))
 
-    async def _send_heartbeat(self, send: ASGISendCallable, heartbeat: bytes) -> None:
-        if not self._pulling or self._done:
+    async def _send_heartbeat(
+        self, source: InlineSource, send: ASGISendCallable, heartbeat: bytes
+    ) -> None:
+        if not source.pulling or self._done:
             return  # the response is writing again: the heartbeat is not needed
         self._hub.counts.heartbeats.inc()
         try:
@@ -371,13 +368,15 @@ class StreamBody(ResponseBody):
 
     def _flush(self) -> None:
         """Move this stream's tallies to the worker's counts."""
-        counts = self._hub.counts
-        if self._events:
-            counts.events.inc(self._events)
-            self._events = 0
-        if self._writes:
-            counts.writes.inc(self._writes)
-            self._writes = 0
+        source, counts = self._source, self._hub.counts
+        if source is None:
+            return
+        if source.events:
+            counts.events.inc(source.events)
+            source.events = 0
+        if source.writes:
+            counts.writes.inc(source.writes)
+            source.writes = 0
 
     async def _on_due(self, due: str) -> bytes | None:
         """The final frame for a timeout, a heartbeat, or None (nothing to send)."""
