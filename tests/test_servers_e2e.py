@@ -5,9 +5,12 @@ and SIGTERM drains open streams with the ``shutdown`` event."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +20,16 @@ import httpx
 import psutil
 import pytest
 
-from .support.other_servers import OTHER_SERVERS, Kind, OtherServer, running_other_server
-from .support.server import peak_threads, pinned_workers
+from .support.other_servers import (
+    OTHER_SERVERS,
+    Kind,
+    OtherServer,
+    running_other_server,
+    server_command,
+)
+from .support.server import ROOT, free_port, peak_threads, pinned_workers, server_env, wait_for
+
+APP = "quart_service.app:app"
 
 POOL = 4
 DATABASE_CONNECTIONS = 1  # the refresh leader's aiosqlite connection runs one thread
@@ -87,8 +98,8 @@ async def _mixed_load(url: str, rounds: int) -> list[int]:
             if i % 3 == 0:
                 response = await client.post("/v1/chat/completions", json={**CHAT, "seed": i})
             elif i % 3 == 1:
-                params = {"count": 20, "interval": 0.002, "source": "sync"}
-                response = await client.get("/demo/stream", params=params)
+                params = "count=20&interval=0.002&source=sync"
+                response = await client.get("/demo/stream?" + params)
                 assert response.text.count("data: ") == 20
             else:
                 response = await client.get("/livez")
@@ -131,43 +142,90 @@ def test_each_worker_builds_its_own_singletons_and_its_threads_stay_bounded(
     assert all(0 < n <= bound for n in peak.values()), peak
 
 
+def _new_worker_serving(server: OtherServer, gone: set[int]) -> int | None:
+    with contextlib.suppress(httpx.HTTPError):
+        response = httpx.get(server.url + "/livez", headers={"Connection": "close"}, timeout=2)
+        pid: int = response.json()["pid"]
+        if pid not in gone:
+            return pid
+    return None
+
+
+async def _stream_until_cut(client: httpx.AsyncClient, endings: list[str], pids: set[int]) -> None:
+    """A long SSE stream; record its worker and its last lines once it ends."""
+    lines: list[str] = []
+    async with client.stream("GET", "/demo/stream?count=1000&interval=0.1") as response:
+        async for line in response.aiter_lines():
+            lines.append(line)
+    pids.add(json.loads(_sse_data("\n".join(lines))[0])["pid"])
+    endings.append("\n".join(lines[-4:]))
+
+
 @pytest.mark.parametrize("kind", OTHER_SERVERS)
-async def test_sigterm_ends_each_open_stream_with_a_shutdown_event_and_exits_0(
+async def test_serve_hands_over_a_killed_worker_is_replaced_and_sigterm_drains_streams(
     kind: Kind, tmp_path: Path
 ) -> None:
-    streams = 8
-    with running_other_server(kind, tmp_path, env=ENV, extra=GRACEFUL[kind]) as server:
+    """``quart-service serve --server KIND`` becomes the server (the command of
+    docs/servers.md); SIGTERM to it (the parent) ends every open stream with the
+    ``shutdown`` event at the drain deadline, and every process exits."""
+    with running_other_server(kind, tmp_path, env=ENV, via_serve=True) as server:
+        command = psutil.Process(server.process.pid).cmdline()
+        assert command[1:3] == ["-m", kind], command
+        assert " ".join(GRACEFUL[kind]) in " ".join(command), command
+        # Crash replacement: Granian's --respawn-failed-workers, Uvicorn's own.
+        before = set(server.worker_pids())
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        replacement = await asyncio.to_thread(
+            wait_for, lambda: _new_worker_serving(server, before), "a new worker serves"
+        )
+        replaced_in = time.monotonic() - killed
+        assert server.process.poll() is None, server.log()
+        workers = server.worker_pids()
+        assert set(workers) == before - {victim} | {replacement}
+        # The drain.
         endings: list[str] = []
         pids: set[int] = set()
-
-        async def one_stream(client: httpx.AsyncClient) -> None:
-            lines: list[str] = []
-            async with client.stream("GET", "/demo/stream?count=1000&interval=0.1") as response:
-                async for line in response.aiter_lines():
-                    lines.append(line)
-            pids.add(json.loads(_sse_data("\n".join(lines))[0])["pid"])
-            endings.append("\n".join(lines[-4:]))
-
-        limits = httpx.Limits(max_connections=streams)
+        limits = httpx.Limits(max_connections=8)
         async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-            tasks = [asyncio.create_task(one_stream(client)) for _ in range(streams)]
+            tasks = [
+                asyncio.create_task(_stream_until_cut(client, endings, pids)) for _ in range(8)
+            ]
             await asyncio.sleep(1.0)  # every stream is open and sending
-            workers = server.worker_pids()
-            # The parent: each server hands SIGTERM on to its workers.
             server.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             code = await asyncio.to_thread(server.process.wait, DRAIN + 10)
             exited_in = time.monotonic() - signalled
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
     log = server.log()
-    assert not [pid for pid in workers if psutil.pid_exists(pid)], "the workers exited"
     assert code == 0, log
+    assert not [pid for pid in workers if psutil.pid_exists(pid)], "the workers exited"
     assert DRAIN - 0.5 <= exited_in < DRAIN + 2, f"exited {exited_in:.2f} s after SIGTERM"
-    assert len(endings) == streams
+    assert len(endings) == 8
     for ending in endings:
         assert "event: error\nretry: 1000\n" in ending, ending
         payload = json.loads(ending.split("data: ", 1)[1])
         assert payload["error"]["code"] == "shutdown"
-    # Every worker ran its own shutdown hook (after_serving), not only the streamed ones.
+    # Each worker ran its shutdown hook (after_serving): the killed one could not.
     assert len(re.findall(r"worker \d+ stopping", log)) == 2, log
-    print(f"{kind}: streams on workers {sorted(pids)}, exited {exited_in:.2f} s after SIGTERM")
+    print(
+        f"{kind}: a killed worker served again after {replaced_in:.2f} s; streams on "
+        f"workers {sorted(pids)} got the shutdown event; exit {exited_in:.2f} s after SIGTERM"
+    )
+
+
+@pytest.mark.parametrize("kind", OTHER_SERVERS)
+def test_serve_refuses_bad_settings_before_starting_the_server(kind: Kind) -> None:
+    result = subprocess.run(
+        server_command(kind, APP, port=free_port(), workers=2, via_serve=True),
+        cwd=ROOT,
+        env=server_env({"QUART_SERVICE_EXECUTOR_THREADS": "many"}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "QUART_SERVICE_EXECUTOR_THREADS" in result.stderr
+    assert "exec" not in result.stderr

@@ -28,9 +28,21 @@ _LISTENING = {"granian": "Started worker-", "uvicorn": "Application startup comp
 
 
 def server_command(
-    kind: Kind, app: str, *, port: int, workers: int, extra: Sequence[str] = ()
+    kind: Kind,
+    app: str,
+    *,
+    port: int,
+    workers: int,
+    extra: Sequence[str] = (),
+    via_serve: bool = False,
 ) -> list[str]:
-    """The command line docs/servers.md gives for ``kind``, on 127.0.0.1:``port``."""
+    """The command line docs/servers.md gives for ``kind``, on 127.0.0.1:``port``;
+    ``via_serve``: ``quart-service serve --server KIND`` (the shipped hypercorn.toml)."""
+    if via_serve:
+        return [
+            sys.executable, "-m", "quart_service.server.cli", "serve", "--server", kind,
+            "--bind", f"127.0.0.1:{port}", "--workers", str(workers), *extra, app,
+        ]  # fmt: skip
     bind = ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     if kind == "granian":
         program = ["-m", "granian", "--interface", "asgi", "--loop", "uvloop"]
@@ -67,14 +79,18 @@ def running_other_server(
     workers: int = 2,
     env: Mapping[str, str] | None = None,
     extra: Sequence[str] = (),
+    via_serve: bool = False,
     start_timeout: float = 30.0,
 ) -> Iterator[OtherServer]:
-    """Run ``kind`` with ``workers`` processes (``extra``: more of its own options) until
-    every worker listens; stop it by PID afterwards."""
+    """Run ``kind`` with ``workers`` processes (``extra``: more of its own options;
+    ``via_serve``: started by ``quart-service serve --server KIND``) until every worker
+    listens; stop it by PID afterwards."""
     port = free_port()
     log_path = tmp_path / f"{kind}-{port}.log"
     env = {"QUART_SERVICE_DATA_DIR": str(tmp_path / f"data-{port}"), **(env or {})}
-    command = server_command(kind, app, port=port, workers=workers, extra=extra)
+    command = server_command(
+        kind, app, port=port, workers=workers, extra=extra, via_serve=via_serve
+    )
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             command, cwd=ROOT, env=server_env(env), stdout=log_file, stderr=subprocess.STDOUT
