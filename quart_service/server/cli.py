@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["main", "other_server_argv"]
 
 # Servers that ``serve --server`` hands over to (docs/servers.md).
-OTHER_SERVERS = ("granian", "uvicorn")
+_OTHER_SERVERS = ("granian", "uvicorn")
 
 
 @click.group()
@@ -57,7 +57,7 @@ def check() -> None:
 @click.argument("app", default="quart_service.app:app")
 @click.option(
     "--server",
-    type=click.Choice(["hypercorn", *OTHER_SERVERS]),
+    type=click.Choice(["hypercorn", *_OTHER_SERVERS]),
     default="hypercorn",
     show_default=True,
     help="granian or uvicorn: check the settings, then become that server's own process "
