@@ -18,15 +18,29 @@ Why a worker handles SIGTERM itself: Hypercorn's parent, on SIGTERM, waits for t
 the server stop accepting, so after the drain it closes its resources and exits 0 on
 its own if nobody stopped it (Hypercorn replaces a worker that exits 0; any other
 code stops the whole server).
+
+Under servers whose worker handles SIGTERM itself (Granian, Uvicorn, Hypercorn with
+``workers = 0``), the drain runs beside the server's own graceful shutdown instead of
+replacing it: the server's handler still runs, so the server stops accepting and
+lets open responses finish, and the drain ends the open streams at the deadline;
+then the server closes the connections and runs the shutdown hook. A handler that
+belongs to the event loop (Granian's, Hypercorn's) runs at once; a plain one
+(Uvicorn's) runs after the first second, as the "stop accepting" step above. The
+server's own timeout (Granian's ``--workers-kill-timeout``, Uvicorn's
+``--timeout-graceful-shutdown``) must exceed the drain, or it cuts the streams
+first (docs/servers.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
+from types import FrameType
 
 from .observability.metrics import Metrics
 from .part import Readiness
@@ -72,15 +86,28 @@ class Drain:
         self._stopping = stopping
         self._shutdown = shutdown
         self._task: asyncio.Task[None] | None = None
+        # The server's own SIGTERM handler, deferred to the "stop accepting" step.
+        self._server_stops: list[Callable[[], object]] = []
+        self._server_told = False
+        self._previous: Callable[[int, FrameType | None], object] | None = None
 
     async def start(self, metrics: Metrics) -> None:
-        """Handle SIGTERM in this worker unless the server already does
-        (single-process Hypercorn installs its own; spawned workers have none)."""
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.begin)
+        """Handle SIGTERM in this worker: alone where nobody else does (Hypercorn's
+        spawned workers, ``quart-service serve``), chained before the server's own
+        handler where the server has one (Granian, Uvicorn)."""
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_DFL:
+            loop.add_signal_handler(signal.SIGTERM, self.begin)
+        elif callable(previous):
+            self._previous = previous
+            signal.signal(signal.SIGTERM, self._chained(loop, previous))
 
     async def stop(self) -> None:
-        """Nothing to release: the drain ends with the process."""
+        """Give SIGTERM back to the server's handler, if it had one (the loop closes)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     async def readiness(self) -> Readiness:
         """Not ready while draining: load balancers stop sending here."""
@@ -91,6 +118,28 @@ class Drain:
     def identity(self) -> dict[str, bool]:
         """Whether this worker is draining."""
         return {"draining": self.draining}
+
+    def _chained(
+        self, loop: asyncio.AbstractEventLoop, previous: Callable[[int, FrameType | None], object]
+    ) -> Callable[[int, FrameType | None], None]:
+        """A SIGTERM handler that starts the drain, then hands the signal on."""
+        # uvloop's dispatcher is a bound method of the loop; asyncio's is a no-op from
+        # asyncio.unix_events (the loop reads the signal from its wake-up fd). Either
+        # way, the handlers registered on the loop run as soon as this returns.
+        belongs_to_loop = getattr(previous, "__self__", None) is loop or getattr(
+            previous, "__module__", ""
+        ).startswith("asyncio")
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self._server_told = True
+            if belongs_to_loop:
+                previous(signum, frame)
+            else:
+                self._server_stops.append(functools.partial(previous, signum, frame))
+            with contextlib.suppress(RuntimeError):  # the loop closed: nothing to drain
+                loop.call_soon_threadsafe(self.begin)
+
+        return on_sigterm
 
     def begin(self) -> None:
         """Start draining (idempotent)."""
@@ -109,13 +158,17 @@ class Drain:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout
         await asyncio.sleep(min(_SOFT, self.drain_timeout))
-        for stop in _server_stops:
+        for stop in (*_server_stops, *self._server_stops):
             stop()
         while self.streams.open and loop.time() < deadline:
             await asyncio.sleep(_POLL)
         ended = self.streams.shut_down()
         if ended:
             _log.info("worker %d: drain deadline, ended %d streams", os.getpid(), ended)
+        if self._server_told:
+            # The server's own graceful shutdown closes the connections and runs the
+            # shutdown hook; its timeout bounds what is still open.
+            return
         handover = loop.time() + _HANDOVER
         while not self._stopping() and loop.time() < handover:
             await asyncio.sleep(_POLL)

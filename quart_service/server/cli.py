@@ -1,10 +1,13 @@
 """The ``quart-service`` command: operator tools around the service.
 
 ``quart-service serve`` runs the service on Hypercorn's workers under a supervisor
-(see :mod:`quart_service.server.supervisor`). ``quart-service check`` validates the settings
-(environment and TOML file) and prints them; it exits 2 with the offending key named
-when they are bad. Run it before ``hypercorn``: Hypercorn 0.18 can exit 0 when all
-of its workers fail at start-up (https://github.com/pgjones/hypercorn/issues/269).
+(see :mod:`quart_service.server.supervisor`); ``--server granian|uvicorn`` checks the
+settings and then execs that server instead, with the file's bind and workers and
+timeouts that let the drain finish (docs/servers.md says what it does not give).
+``quart-service check`` validates the settings (environment and TOML file) and
+prints them; it exits 2 with the offending key named when they are bad. Run it
+before ``hypercorn``: Hypercorn 0.18 can exit 0 when all of its workers fail at
+start-up (https://github.com/pgjones/hypercorn/issues/269).
 ``quart-service migrate`` applies the pending migrations of the service (then of each
 team plugin), ``--status`` prints where each source stands, and ``--to N [--source
 NAME]`` moves one source down or up to version N; one line per action.
@@ -12,6 +15,8 @@ NAME]`` moves one source down or up to version N; one line per action.
 
 from __future__ import annotations
 
+import math
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
@@ -22,9 +27,14 @@ from ..errors import MigrationError, SettingsError
 from ..observability.logs import configure_logging
 
 if TYPE_CHECKING:
+    from hypercorn.config import Config
+
     from ..plugins.loader import LoadedPlugins
 
-__all__ = ["main"]
+__all__ = ["main", "other_server_argv"]
+
+# Servers that ``serve --server`` hands over to (docs/servers.md).
+_OTHER_SERVERS = ("granian", "uvicorn")
 
 
 @click.group()
@@ -46,6 +56,15 @@ def check() -> None:
 @main.command()
 @click.argument("app", default="quart_service.app:app")
 @click.option(
+    "--server",
+    type=click.Choice(["hypercorn", *_OTHER_SERVERS]),
+    default="hypercorn",
+    show_default=True,
+    help="granian or uvicorn: check the settings, then become that server's own process "
+    "manager with the file's bind, workers and backlog and timeouts that let the drain "
+    "finish (docs/servers.md: what it does not give).",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
@@ -64,12 +83,14 @@ def check() -> None:
 )
 def serve(
     app: str,
+    server: str,
     config_path: str,
     bind: tuple[str, ...],
     workers: int | None,
     max_start_failures: int,
 ) -> None:
-    """Serve APP with supervised Hypercorn workers (replaced when they die)."""
+    """Serve APP with supervised Hypercorn workers (replaced when they die), or hand over
+    to Granian's or Uvicorn's own process manager (--server)."""
     import os
 
     from hypercorn.config import Config
@@ -90,6 +111,10 @@ def serve(
     if workers is not None:
         config.workers = workers
     config.workers = max(config.workers, 1)
+    if server != "hypercorn":
+        argv = other_server_argv(server, app, config, settings.stream_drain_timeout)
+        click.echo(f"quart_service: exec {shlex.join(argv)}", err=True)
+        os.execv(argv[0], argv)
     if config.graceful_timeout < settings.stream_drain_timeout + 1:
         # Hypercorn would cancel open streams before the drain sends their last event.
         config.graceful_timeout = settings.stream_drain_timeout + 1
@@ -178,6 +203,36 @@ def migrate(show_status: bool, target: int | None, source_name: str) -> None:
         click.echo(f"{shown}: {name} schema at version {current} (latest {latest})")
     if failed:
         sys.exit(1)
+
+
+def other_server_argv(server: str, app: str, config: Config, drain_timeout: float) -> list[str]:
+    """The command line that runs ``app`` under Granian or Uvicorn as ``config`` (one TCP
+    address, no TLS) says: their process managers replace crashed workers, and their
+    graceful limits stay above the drain so that it ends the streams."""
+    if len(config.bind) != 1 or config.ssl_enabled:
+        raise click.UsageError(f"--server {server} takes one plain TCP --bind and no TLS")
+    host, _, port = config.bind[0].rpartition(":")
+    if not host or not port.isdigit() or host.startswith(("unix:", "fd:")):
+        raise click.UsageError(f"--server {server} takes --bind HOST:PORT, not {config.bind[0]}")
+    loop = "uvloop" if config.worker_class == "uvloop" else "asyncio"
+    # The drain, the handover to the server's own shutdown, and a margin.
+    graceful = str(math.ceil(drain_timeout) + 5)
+    common = [
+        "--host", host.strip("[]"), "--port", port,
+        "--workers", str(config.workers), "--backlog", str(max(config.backlog, 128)),
+    ]  # fmt: skip
+    if server == "granian":
+        return [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--loop", loop, *common,
+            "--respawn-failed-workers", "--workers-kill-timeout", graceful, app,
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "uvicorn", "--loop", loop, "--http", "httptools", *common,
+        "--lifespan", "on", "--timeout-graceful-shutdown", graceful,
+        "--timeout-keep-alive", str(math.ceil(config.keep_alive_timeout)),
+        # The service writes its own access log (QUART_SERVICE_ACCESS_LOG).
+        "--no-access-log", app,
+    ]  # fmt: skip
 
 
 def _installed_plugins(settings: Settings) -> LoadedPlugins:
