@@ -62,12 +62,19 @@ def check() -> None:
     show_default=True,
     help="Give up after this many workers in a row exit before serving.",
 )
+@click.option(
+    "--shared-socket",
+    is_flag=True,
+    help="All workers accept on one listening socket (plain Hypercorn's way) instead "
+    "of one SO_REUSEPORT socket each; the kernel then does not balance them.",
+)
 def serve(
     app: str,
     config_path: str,
     bind: tuple[str, ...],
     workers: int | None,
     max_start_failures: int,
+    shared_socket: bool,
 ) -> None:
     """Serve APP with supervised Hypercorn workers (replaced when they die)."""
     import os
@@ -100,6 +107,7 @@ def serve(
         drain_timeout=settings.stream_drain_timeout,
         max_start_failures=max_start_failures,
         count_metrics=settings.metrics,
+        socket_per_worker=not shared_socket,
     )
     sys.exit(supervisor.run())
 

@@ -2,13 +2,15 @@
 
 It is Hypercorn's own worker (``worker_serve``: the same protocol, timeouts and
 lifespan handling as the ``hypercorn`` command) with two additions the supervisor
-needs: the worker says when it is serving (one byte on a pipe), and its drain can
-make the server stop accepting (see :mod:`quart_service.drain`).
+needs: the worker says on a pipe when it is serving (``READY``) and when it stops
+accepting (``STOPPING``: drained, or Hypercorn's ``max_requests`` reached), and its
+drain can make the server stop accepting (see :mod:`quart_service.drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -19,9 +21,10 @@ from hypercorn.utils import load_application
 
 from ..drain import on_server_stop
 
-__all__ = ["READY", "run_worker"]
+__all__ = ["READY", "STOPPING", "run_worker"]
 
 READY = b"ready"
+STOPPING = b"stopping"
 
 
 def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
@@ -40,8 +43,14 @@ def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
             # An app without the service's drain still shuts down gracefully.
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         ready.send_bytes(READY)
-        ready.close()
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            # Also when Hypercorn cancels this (max_requests): the server closes its
+            # sockets next, and the supervisor starts this worker's replacement.
+            with contextlib.suppress(OSError):
+                ready.send_bytes(STOPPING)
+            ready.close()
 
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if config.worker_class == "uvloop":
