@@ -68,6 +68,7 @@ class Listeners:
         try:
             if self.per_worker:
                 self._own = _own_binds(self.config)
+                self.per_worker = bool(self._own)
             for _ in range(self.slots):
                 mine = Sockets(
                     list(shared.secure_sockets),
