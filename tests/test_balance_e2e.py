@@ -33,6 +33,7 @@ from tests.support.server import (
     Server,
     free_port,
     server_env,
+    wait_for,
     wait_until_serving,
 )
 
@@ -103,12 +104,18 @@ async def _first_event_pid(lines: AsyncIterator[str]) -> int:
 
 
 @contextlib.contextmanager
-def _serve(tmp_path: Path, *args: str, drain: float = DRAIN) -> Iterator[Server]:
+def _serve(
+    tmp_path: Path,
+    *args: str,
+    drain: float = DRAIN,
+    app: str = APP,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
     """``quart-service serve`` with 2 workers on a free loopback port, plus ``args``."""
     port = free_port()
     log_path = tmp_path / f"serve-{port}.log"
     command = [
-        sys.executable, "-m", "quart_service.server.cli", "serve", APP,
+        sys.executable, "-m", "quart_service.server.cli", "serve", app,
         "--config", str(SHIPPED_CONFIG), "--bind", f"127.0.0.1:{port}",
         "--workers", "2", *args,
     ]  # fmt: skip
@@ -117,6 +124,7 @@ def _serve(tmp_path: Path, *args: str, drain: float = DRAIN) -> Iterator[Server]
             **ENV,
             "QUART_SERVICE_DATA_DIR": str(tmp_path / f"data-{port}"),
             "QUART_SERVICE_STREAM_DRAIN_TIMEOUT": str(drain),
+            **(env or {}),
         }
     )
     with log_path.open("wb") as log_file:
@@ -220,6 +228,24 @@ async def test_connections_waiting_for_a_killed_worker_are_served_by_its_replace
         (replacement,) = set(server.worker_pids()) - {survivor}
         assert set(pids) == {survivor, replacement}, pids
         assert sum(pids.values()) == 24
+
+
+async def test_while_a_replacement_fails_to_start_new_connections_go_to_the_others(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "broken"
+    env = {"BREAK_MARKER": str(marker)}
+    with _serve(tmp_path, app="tests.apps.breaks_on_restart:app", env=env) as server:
+        victim, survivor = server.worker_pids()
+        marker.touch()  # from now on, every worker fails at start-up
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: "1 in a row, next try in 0.5 s" in server.log(), "a failed start")
+        # Until the next try, nobody accepts on the victim's socket: the supervisor
+        # has replaced it with one that does not listen, so the kernel sends every
+        # new connection to the survivor instead of queueing half of them there.
+        counts = await _pids_of_new_connections(server.url, 16, timeout=3)
+        assert counts == {survivor: 16}
+        assert "reopened it" in server.log()
 
 
 async def test_shared_socket_flag_serves_as_before(tmp_path: Path) -> None:

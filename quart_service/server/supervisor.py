@@ -7,7 +7,6 @@ at once. The supervisor runs the same Hypercorn worker code and adds:
 * each worker accepts on its own ``SO_REUSEPORT`` socket, so the kernel spreads new
   connections over the workers (see :mod:`quart_service.server._sockets`; the shared
   socket of plain ``hypercorn`` with ``socket_per_worker=False``);
-
 * a worker that dies, however (a crash, ``kill -9``, the OOM killer), is replaced at
   once while the others keep serving;
 * a worker that dies before it serves is retried with backoff (0.5 s, 1 s, 2 s, ...),
