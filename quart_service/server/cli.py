@@ -81,6 +81,12 @@ def check() -> None:
     show_default=True,
     help="Give up after this many workers in a row exit before serving.",
 )
+@click.option(
+    "--shared-socket",
+    is_flag=True,
+    help="All workers accept on one listening socket (plain Hypercorn's way) instead "
+    "of one SO_REUSEPORT socket each; the kernel then does not balance them.",
+)
 def serve(
     app: str,
     server: str,
@@ -88,6 +94,7 @@ def serve(
     bind: tuple[str, ...],
     workers: int | None,
     max_start_failures: int,
+    shared_socket: bool,
 ) -> None:
     """Serve APP with supervised Hypercorn workers (replaced when they die), or hand over
     to Granian's or Uvicorn's own process manager (--server)."""
@@ -125,6 +132,7 @@ def serve(
         drain_timeout=settings.stream_drain_timeout,
         max_start_failures=max_start_failures,
         count_metrics=settings.metrics,
+        socket_per_worker=not shared_socket,
     )
     sys.exit(supervisor.run())
 

@@ -2,14 +2,18 @@
 
 Plain ``hypercorn`` stops the whole server when one worker crashes (``run()`` in
 hypercorn/run.py, 0.18; docs/design.md, pitfall 2), and its SIGHUP stops every worker
-at once. The supervisor runs the same
-Hypercorn worker code on the same shared sockets and adds:
+at once. The supervisor runs the same Hypercorn worker code and adds:
 
+* each worker accepts on its own ``SO_REUSEPORT`` socket, so the kernel spreads new
+  connections over the workers (see :mod:`quart_service.server._sockets`; the shared
+  socket of plain ``hypercorn`` with ``socket_per_worker=False``);
 * a worker that dies, however (a crash, ``kill -9``, the OOM killer), is replaced at
   once while the others keep serving;
 * a worker that dies before it serves is retried with backoff (0.5 s, 1 s, 2 s, ...),
   and after ``max_start_failures`` in a row the supervisor gives up with one clear
   message and exit code 1, instead of restarting in a tight loop;
+* a worker that stops accepting on its own (SIGTERM sent to it alone, Hypercorn's
+  ``max_requests``) is replaced as soon as it says so, not after its drain;
 * SIGTERM (or Ctrl-C) drains every worker (see :mod:`quart_service.drain`) and exits
   0; a second one kills at once;
 * SIGHUP replaces the workers one at a time: a new worker is serving before an old
@@ -29,11 +33,12 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from hypercorn.config import Config, Sockets
+from hypercorn.config import Config
 from prometheus_client import Counter
 
 from ..observability.metrics import forget_process
-from .worker import run_worker
+from ._sockets import Listeners
+from .worker import READY, STOPPING, run_worker
 
 __all__ = ["Supervisor"]
 
@@ -47,11 +52,13 @@ _KILL_MARGIN = 5.0  # beyond the drain and Hypercorn's graceful timeout
 @dataclass(eq=False)
 class _Worker:
     process: BaseProcess
-    ready_pipe: Connection
+    pipe: Connection  # the worker says READY, then STOPPING
     spawned_at: float
+    slot: int  # which of the listening sockets it accepts on
     replaces: _Worker | None = None
     ready: bool = False
     retiring: bool = False
+    pipe_closed: bool = False
     kill_at: float | None = None
 
     @property
@@ -70,8 +77,10 @@ class Supervisor:
         drain_timeout: float,
         max_start_failures: int = 5,
         count_metrics: bool = False,
+        socket_per_worker: bool = True,
     ) -> None:
         self.config = config
+        self.listeners = Listeners(config, config.workers, per_worker=socket_per_worker)
         self.drain_timeout = drain_timeout
         self.max_start_failures = max_start_failures
         # Only this counter: the supervisor serves nothing, so it has no other metric.
@@ -79,7 +88,7 @@ class Supervisor:
             Counter(
                 "quart_service_worker_restarts",
                 "Workers started by 'quart-service serve' to replace others, by "
-                "reason: crashed, startup_failed, reload.",
+                "reason: crashed, startup_failed, reload, stopped.",
                 ["reason"],
                 registry=None,
             )
@@ -100,7 +109,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
         try:
-            sockets = self.config.create_sockets()
+            self.listeners.open()
         except OSError as exc:
             _log.critical("cannot listen on %s: %s", ", ".join(self.config.bind), exc)
             return 1
@@ -111,30 +120,32 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
         _log.info(
-            "supervisor %d: serving %s with %d workers on %s",
+            "supervisor %d: serving %s with %d workers on %s (%s)",
             os.getpid(),
             self.config.application_path,
             self.config.workers,
             ", ".join(self.config.bind),
+            "a listening socket per worker"
+            if self.listeners.per_worker
+            else "one shared listening socket",
         )
         try:
             while not self._stop:
-                self._step(sockets)
+                self._step()
             return self._shut_down()
         finally:
-            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-                sock.close()
+            self.listeners.close()
 
-    def _step(self, sockets: Sockets) -> None:
+    def _step(self) -> None:
         self._reap()
-        self._notice_ready()
+        self._read_pipes()
         if self._stop:
             return
         if self._reload:
             self._reload = False
             self._begin_reload()
-        self._advance_reload(sockets)
-        self._fill(sockets)
+        self._advance_reload()
+        self._fill()
         self._kill_overdue()
         self._wait()
 
@@ -144,7 +155,7 @@ class Supervisor:
         for worker in [w for w in self.workers if w.process.exitcode is not None]:
             self.workers.remove(worker)
             worker.process.join()
-            worker.ready_pipe.close()
+            worker.pipe.close()
             code = worker.process.exitcode
             forget_process(worker.pid)  # its live gauges no longer count
             if worker.retiring:
@@ -184,48 +195,88 @@ class Supervisor:
             delay,
         )
 
-    def _notice_ready(self) -> None:
-        for worker in self.workers:
-            if worker.ready or not worker.ready_pipe.poll():
-                continue
-            try:
-                worker.ready_pipe.recv_bytes()
-            except (EOFError, OSError):
-                continue  # died before serving: _reap sees it
-            worker.ready = True
-            self._failures = 0
-            _log.info(
-                "worker %d serving (started in %.2f s)",
-                worker.pid,
-                time.monotonic() - worker.spawned_at,
-            )
-            if worker.replaces is not None:
-                self._retire(worker.replaces)
+    def _read_pipes(self) -> None:
+        for worker in list(self.workers):
+            # At most READY and STOPPING, then the end of the pipe.
+            while not (worker.retiring or worker.pipe_closed) and worker.pipe.poll():
+                try:
+                    message = worker.pipe.recv_bytes()
+                except (EOFError, OSError):
+                    worker.pipe_closed = True  # it exited: _reap sees it
+                    break
+                if message == READY:
+                    self._serving(worker)
+                elif message == STOPPING and worker.ready:
+                    self._stopped_on_its_own(worker)
+
+    def _serving(self, worker: _Worker) -> None:
+        worker.ready = True
+        self._failures = 0
+        _log.info(
+            "worker %d serving (started in %.2f s)",
+            worker.pid,
+            time.monotonic() - worker.spawned_at,
+        )
+        if worker.replaces is not None:
+            self._retire(worker.replaces)
+
+    def _stopped_on_its_own(self, worker: _Worker) -> None:
+        # Its socket stays open here, queued connections and all, and its
+        # replacement accepts on it: start that now, not after the drain.
+        _log.warning(
+            "worker %d stopped accepting on its own (a SIGTERM to it alone, or "
+            "max_requests); starting its replacement",
+            worker.pid,
+        )
+        self._count_restart("stopped")
+        worker.retiring = True
+        worker.kill_at = time.monotonic() + self._drain_limit()
 
     # -- actions ------------------------------------------------------------------------
 
-    def _fill(self, sockets: Sockets) -> None:
-        replacing = sum(1 for w in self.workers if w.replaces is not None and not w.ready)
-        wanted = self.config.workers + replacing
-        while sum(1 for w in self.workers if not w.retiring) < wanted:
+    def _fill(self) -> None:
+        for slot in range(self.config.workers):
+            if any(w.slot == slot and not w.retiring for w in self.workers):
+                continue
             # Failing to start: one attempt at a time, after the backoff.
             if self._failures and (
                 time.monotonic() < self._next_spawn
                 or any(not w.ready and not w.retiring for w in self.workers)
             ):
-                return
-            self._spawn(sockets)
+                self._release(slot)
+                continue
+            self._spawn(slot)
 
-    def _spawn(self, sockets: Sockets, replaces: _Worker | None = None) -> _Worker:
+    def _release(self, slot: int) -> None:
+        """Nobody will accept on the slot's socket for a while (the backoff): give it
+        a fresh one, so new connections go to the workers that serve meanwhile."""
+        if any(w.slot == slot for w in self.workers) or not self.listeners.listening(slot):
+            return
+        try:
+            self.listeners.renew(slot)
+        except OSError as exc:
+            _log.error("cannot reopen the listening socket of worker slot %d: %s", slot, exc)
+            return
+        _log.warning(
+            "no worker accepts on the socket of worker slot %d until the next start: "
+            "reopened it (connections waiting in it were reset)",
+            slot,
+        )
+
+    def _spawn(self, slot: int, replaces: _Worker | None = None) -> _Worker:
         reader, writer = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=run_worker,
-            kwargs={"config": self.config, "sockets": sockets, "ready": writer},
+            kwargs={
+                "config": self.config,
+                "sockets": self.listeners.for_slot(slot),
+                "ready": writer,
+            },
             name="quart-service-worker",
         )
         process.start()
         writer.close()  # the worker holds its own copy
-        worker = _Worker(process, reader, time.monotonic(), replaces=replaces)
+        worker = _Worker(process, reader, time.monotonic(), slot, replaces=replaces)
         self.workers.append(worker)
         return worker
 
@@ -233,14 +284,14 @@ class Supervisor:
         self._reload_queue = [w for w in self.workers if not w.retiring]
         _log.info("SIGHUP: replacing %d workers one at a time", len(self._reload_queue))
 
-    def _advance_reload(self, sockets: Sockets) -> None:
+    def _advance_reload(self) -> None:
         if any(w.replaces is not None and not w.ready for w in self.workers):
             return  # the current replacement is still starting
         while self._reload_queue:
             old = self._reload_queue.pop(0)
             if old in self.workers and not old.retiring:
                 self._count_restart("reload")
-                self._spawn(sockets, replaces=old)
+                self._spawn(old.slot, replaces=old)
                 return
         self._reload_queue.clear()
 
@@ -268,8 +319,8 @@ class Supervisor:
         waitables: list[object] = [self._wake_r]
         for worker in self.workers:
             waitables.append(worker.process.sentinel)
-            if not worker.ready:
-                waitables.append(worker.ready_pipe)
+            if not (worker.retiring or worker.pipe_closed):
+                waitables.append(worker.pipe)
         wait(waitables, timeout)  # type: ignore[arg-type]
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)

@@ -2,16 +2,19 @@
 
 It is Hypercorn's own worker (``worker_serve``: the same protocol, timeouts and
 lifespan handling as the ``hypercorn`` command) with two additions the supervisor
-needs: the worker says when it is serving (one byte on a pipe), and its drain can
-make the server stop accepting (see :mod:`quart_service.drain`).
+needs: the worker says on a pipe when it is serving (``READY``) and when it stops
+accepting (``STOPPING``: drained, or Hypercorn's ``max_requests`` reached), and its
+drain can make the server stop accepting (see :mod:`quart_service.drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
@@ -19,9 +22,14 @@ from hypercorn.utils import load_application
 
 from ..drain import on_server_stop
 
-__all__ = ["READY", "run_worker"]
+__all__ = ["READY", "STOPPING", "run_worker"]
 
 READY = b"ready"
+STOPPING = b"stopping"
+
+# After it stops accepting, a worker waits this long before Hypercorn's shutdown, so
+# that connections it accepted just before read their first request (a few loop turns).
+_ACCEPTED_GRACE = 0.2
 
 
 def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
@@ -31,6 +39,7 @@ def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = load_application(config.application_path, config.wsgi_max_body_size)
+    servers: list[asyncio.AbstractServer] = []
 
     async def serving_until_drained() -> None:
         # Hypercorn awaits this once its sockets accept connections.
@@ -40,15 +49,48 @@ def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
             # An app without the service's drain still shuts down gracefully.
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         ready.send_bytes(READY)
-        ready.close()
-        await stop.wait()
+        try:
+            await stop.wait()
+            # Hypercorn's shutdown closes every connection that has not sent a
+            # request yet, at once, also one accepted a moment ago whose request is
+            # waiting unread: its client gets no response. So stop accepting first
+            # and let those connections read their request before Hypercorn's turn.
+            for server in servers:
+                server.close()
+            await asyncio.sleep(_ACCEPTED_GRACE)
+        finally:
+            # Also when Hypercorn cancels this (max_requests): the server closes its
+            # sockets next, and the supervisor starts this worker's replacement.
+            with contextlib.suppress(OSError):
+                ready.send_bytes(STOPPING)
+            ready.close()
 
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     if config.worker_class == "uvloop":
         import uvloop
 
-        loop_factory = uvloop.new_event_loop
+        new_loop = uvloop.new_event_loop
+
+    def loop_factory() -> asyncio.AbstractEventLoop:
+        return _remembering_servers(new_loop(), servers)
+
     with asyncio.Runner(debug=config.debug, loop_factory=loop_factory) as runner:
         runner.run(
             worker_serve(app, config, sockets=sockets, shutdown_trigger=serving_until_drained)
         )
+
+
+def _remembering_servers(
+    loop: asyncio.AbstractEventLoop, servers: list[asyncio.AbstractServer]
+) -> asyncio.AbstractEventLoop:
+    """``loop``, whose ``create_server`` (``asyncio.start_server`` calls it) adds each
+    server to ``servers``: Hypercorn keeps its servers to itself until it shuts down."""
+    create_server = loop.create_server
+
+    async def remembered(*args: Any, **kwargs: Any) -> asyncio.Server:
+        server = await create_server(*args, **kwargs)
+        servers.append(server)
+        return server
+
+    loop.create_server = remembered  # type: ignore[method-assign]
+    return loop
