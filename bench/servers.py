@@ -2,11 +2,14 @@
 
     python -m bench.servers [--seconds 5] [--rounds 2] [--connections 64]
 
-Stacks (``bench.apps:service``, 2 worker processes each, on loopback, wrk as the client):
+Stacks (2 worker processes each, on loopback, wrk as the client), an app under a server:
 
-* ``hypercorn``  the shipped hypercorn.toml (uvloop workers)
-* ``granian``    ``granian --interface asgi --loop uvloop`` (docs/servers.md)
-* ``uvicorn``    ``uvicorn --loop uvloop --http httptools --no-access-log``
+* ``service@hypercorn``  quart_service (``bench.apps:service``), shipped hypercorn.toml
+* ``service@granian``    ``granian --interface asgi --loop uvloop`` (docs/servers.md)
+* ``service@uvicorn``    ``uvicorn --loop uvloop --http httptools --no-access-log``
+* ``bare@hypercorn``, ``bare@granian``  bare Quart (``bench.apps:bare``), the same peers
+* ``fastapi@uvicorn``    FastAPI + sse-starlette (``bench.apps_fastapi:app``), if the
+  ``bench`` extra is installed
 
 Routes: JSON hello, and the paced SSE stream (100 events, an ``await`` between them,
 as a model yields tokens). The steady number is the workers' CPU time (utime+stime
@@ -35,9 +38,20 @@ from tests.support.server import Server, peak_threads, running_server
 
 from .compare import EVENTS_PER_STREAM, cpu_seconds
 
-STACKS = ("hypercorn", "granian", "uvicorn")
+STACKS = (
+    "service@hypercorn",
+    "bare@hypercorn",
+    "service@granian",
+    "bare@granian",
+    "service@uvicorn",
+    "fastapi@uvicorn",
+)
 ROUTES = {"json": "/hello", "paced": "/paced"}
-APP = "bench.apps:service"
+APPS = {
+    "service": "bench.apps:service",
+    "bare": "bench.apps:bare",
+    "fastapi": "bench.apps_fastapi:app",
+}
 
 
 def wrk(url: str, seconds: float, connections: int) -> tuple[int, float]:
@@ -61,14 +75,16 @@ def wrk(url: str, seconds: float, connections: int) -> tuple[int, float]:
 
 @contextlib.contextmanager
 def serving(stack: str, tmp: Path) -> Iterator[Server]:
-    env = {"QUART_SERVICE_DATA_DIR": str(tmp / stack)}
-    if stack == "hypercorn":
-        with running_server(tmp, app=APP, workers=2, env=env) as server:
-            yield server
+    name, server = stack.split("@")
+    app = APPS[name]
+    env = {"QUART_SERVICE_DATA_DIR": str(tmp / name)}
+    if server == "hypercorn":
+        with running_server(tmp, app=app, workers=2, env=env) as hypercorn:
+            yield hypercorn
     else:
-        kind: Kind = "granian" if stack == "granian" else "uvicorn"
+        kind: Kind = "granian" if server == "granian" else "uvicorn"
         extra = ["--no-access-log"] if kind == "uvicorn" else []
-        with running_other_server(kind, tmp, app=APP, env=env, extra=extra) as other:
+        with running_other_server(kind, tmp, app=app, env=env, extra=extra) as other:
             yield other
 
 
@@ -95,35 +111,57 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--stacks", help=f"comma-separated, of {','.join(STACKS)}")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench needs wrk: apt-get install wrk")
+    stacks = tuple(args.stacks.split(",")) if args.stacks else STACKS
+    try:
+        import fastapi  # noqa: F401
+    except ImportError:
+        print("fastapi@uvicorn skipped: pip install -e '.[bench]'")
+        stacks = tuple(s for s in stacks if not s.startswith("fastapi"))
     samples: dict[tuple[str, str], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_no in range(args.rounds):
-            shift = round_no % len(STACKS)  # no stack always first
-            for stack in STACKS[shift:] + STACKS[:shift]:
+            shift = round_no % len(stacks)  # no stack always first
+            for stack in stacks[shift:] + stacks[:shift]:
                 with serving(stack, Path(tmp)) as server:
                     for name, route in ROUTES.items():
                         s = measure(server, route, args.seconds, args.connections)
                         samples.setdefault((stack, name), []).append(s)
                         print(
-                            f"round {round_no + 1} {stack:9} {name:5} {s['per_s']:9.0f}/s "
+                            f"round {round_no + 1} {stack:17} {name:5} {s['per_s']:9.0f}/s "
                             f"{s['us']:7.1f} us worker CPU {s['wrk_us']:6.1f} us wrk CPU "
                             f"{s['threads']:3.0f} threads, busiest worker {s['busiest']:4.0%}",
                             flush=True,
                         )
     print(f"\nmedians over {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'stack':9} {'us/JSON':>8} {'us/paced ev':>12} {'JSON/s':>8} {'paced ev/s':>11}")
-    for stack in STACKS:
+    print(f"{'stack':17} {'us/JSON':>8} {'us/paced ev':>12} {'JSON/s':>8} {'paced ev/s':>11}")
 
-        def med(name: str, key: str, stack: str = stack) -> float:
-            return median(s[key] for s in samples[(stack, name)])
+    def med(stack: str, name: str, key: str) -> float:
+        return median(s[key] for s in samples[(stack, name)])
 
+    for stack in stacks:
         print(
-            f"{stack:9} {med('json', 'us'):8.1f} {med('paced', 'us'):12.2f} "
-            f"{med('json', 'per_s'):8.0f} {med('paced', 'per_s'):11.0f}"
+            f"{stack:17} {med(stack, 'json', 'us'):8.1f} {med(stack, 'paced', 'us'):12.2f} "
+            f"{med(stack, 'json', 'per_s'):8.0f} {med(stack, 'paced', 'per_s'):11.0f}"
         )
+    print("\nworker CPU ratios (target)")
+    for host in ("hypercorn", "granian"):
+        ours, bare = f"service@{host}", f"bare@{host}"
+        if ours in stacks and bare in stacks:
+            for name, target in (("paced", 1.1), ("json", 1.05)):
+                ratio = med(ours, name, "us") / med(bare, name, "us")
+                print(f"  {ours} / {bare}, {name:5} {ratio:5.2f}x (<= {target})")
+    if "fastapi@uvicorn" in stacks:
+        for ours in (s for s in stacks if s.startswith("service@")):
+            ratio = med(ours, "paced", "us") / med("fastapi@uvicorn", "paced", "us")
+            rate = med(ours, "paced", "per_s") / med("fastapi@uvicorn", "paced", "per_s")
+            print(
+                f"  {ours} / fastapi@uvicorn, paced: CPU {ratio:5.2f}x (<= 0.8 under the "
+                f"fastest server), events/s {rate:5.2f}x (>= 1)"
+            )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def test_metrics_after_a_known_sequence_show_exact_counts_summed_over_workers(
             response = httpx.get(server.url + "/demo/stream?count=5&interval=0", headers=close)
             assert response.text.count("data: ") == 5
         assert len(pids) >= 2, "the requests reached several workers"
+        time.sleep(0.35)  # stream counts reach the metrics at the next clock tick
         text = httpx.get(server.url + "/metrics").text
     final = _samples(text)
     samples = {key: value - baseline.get(key, 0.0) for key, value in final.items()}

@@ -48,6 +48,8 @@ STREAM_EVENTS = "quart_service_stream_events_total"
 STREAM_WRITES = "quart_service_stream_writes_total"
 HEARTBEATS = "quart_service_stream_heartbeats_total"
 STREAMS_ACTIVE = "quart_service_streams_active"
+# Stream counts reach the metrics at the worker's next stream clock tick (<= 0.25 s).
+STREAM_TICK = 0.35
 IN_PROGRESS = "quart_service_http_requests_in_progress"
 BUSY = "quart_service_executor_busy"
 QUEUED = "quart_service_executor_queued"
@@ -205,6 +207,7 @@ def test_stream_families_move_by_what_the_clients_received(tmp_path: Path) -> No
         bodies = list(
             pool.map(lambda _: _get_text(server, "/demo/stream?count=5&interval=0.15"), range(4))
         )
+        time.sleep(STREAM_TICK)
         paced = _delta(_scrape(server, scraper), before)
         assert [body.count("data: ") for body in bodies] == [5] * 4
 
@@ -215,6 +218,7 @@ def test_stream_families_move_by_what_the_clients_received(tmp_path: Path) -> No
         completing = [pool.submit(_get_text, server, "/quiet-stream?quiet=1") for _ in range(3)]
         idle = [pool.submit(_get_text, server, "/quiet-stream?quiet=5") for _ in range(2)]
         quiet_bodies = [future.result() for future in [*completing, *idle]]
+        time.sleep(STREAM_TICK)
         quiet = _delta(_scrape(server, scraper), before)
         for future in completing:
             assert "data: second" in future.result()
@@ -227,6 +231,7 @@ def test_stream_families_move_by_what_the_clients_received(tmp_path: Path) -> No
         # A producer that raises: its stream ends with an error event.
         before = _scrape(server, scraper)
         failed = [_get_text(server, "/failing-stream") for _ in range(2)]
+        time.sleep(STREAM_TICK)
         failing = _delta(_scrape(server, scraper), before)
         for body in failed:
             assert "data: before" in body
@@ -358,6 +363,7 @@ def test_pool_load_shedding_and_resource_states_under_a_held_load(tmp_path: Path
         b_answers = [future.result() for future in more_b]
         assert creating.result().json()["pid"] == a
         total_body = total.result()
+        time.sleep(STREAM_TICK)
 
         after = _until(
             server,

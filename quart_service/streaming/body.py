@@ -75,12 +75,23 @@ class StreamPolicy:
 
 
 class StreamCounts:
-    """This process's stream counts; each also moves its metric (summed on /metrics)."""
+    """This process's stream counts. Each also moves its metric (summed on /metrics),
+    at the hub's next clock tick (:meth:`flush`), not on the stream's own path."""
 
-    __slots__ = ("_active_gauge", "active", "ends", "events", "heartbeats", "opened", "writes")
+    __slots__ = (
+        "_active_gauge",
+        "_active_shown",
+        "active",
+        "ends",
+        "events",
+        "heartbeats",
+        "opened",
+        "writes",
+    )
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.active = 0
+        self._active_shown = 0
         if metrics is None:
             self.opened, self.events, self.writes, self.heartbeats = (Count() for _ in range(4))
             self.ends = Counts()
@@ -95,17 +106,22 @@ class StreamCounts:
 
     def began(self) -> None:
         """A stream started."""
-        self.opened.inc()
+        self.opened.add()
         self.active += 1
-        if self._active_gauge is not None:
-            self._active_gauge.inc()
 
     def ended(self, reason: str) -> None:
         """A stream ended, for ``reason`` (one of :data:`END_REASONS`)."""
         self.active -= 1
-        self.ends.inc(reason)
-        if self._active_gauge is not None:
-            self._active_gauge.dec()
+        self.ends.add(reason)
+
+    def flush(self) -> None:
+        """Move the counts to their metrics."""
+        for count in (self.opened, self.events, self.writes, self.heartbeats):
+            count.flush()
+        self.ends.flush()
+        if self._active_gauge is not None and self.active != self._active_shown:
+            self._active_gauge.set(self.active)
+            self._active_shown = self.active
 
     def as_dict(self) -> dict[str, int | float]:
         """A JSON-ready view: every count, every end reason (0 included)."""
@@ -179,6 +195,7 @@ class StreamHub:
         if self._clock is not None:
             self._clock.cancel()
             self._clock = None
+        self.counts.flush()
 
     async def readiness(self) -> Readiness:
         """Streams never make a worker unready (the drain does)."""
@@ -195,6 +212,9 @@ class StreamHub:
                 body.tick(now)
             except Exception:  # one stream's bug must not stop every stream's clock
                 _log.exception("a stream's clock tick failed")
+        # The streams that ended since the last tick are counted here too: the clock
+        # stops only after the tick that follows the last stream.
+        self.counts.flush()
         self._clock = loop.call_later(self.tick, self._on_tick, loop) if self.open else None
 
 
@@ -360,7 +380,7 @@ class StreamBody(ResponseBody):
     ) -> None:
         if not source.pulling or self._done:
             return  # the response is writing again: the heartbeat is not needed
-        self._hub.counts.heartbeats.inc()
+        self._hub.counts.heartbeats.add()
         try:
             await send({"type": "http.response.body", "body": heartbeat, "more_body": True})
         except Exception:  # the client left: the response's own write will see it
@@ -372,10 +392,10 @@ class StreamBody(ResponseBody):
         if source is None:
             return
         if source.events:
-            counts.events.inc(source.events)
+            counts.events.add(source.events)
             source.events = 0
         if source.writes:
-            counts.writes.inc(source.writes)
+            counts.writes.add(source.writes)
             source.writes = 0
 
     async def _on_due(self, due: str) -> bytes | None:
@@ -393,7 +413,7 @@ class StreamBody(ResponseBody):
         if heartbeat is None:
             return None
         self._last_write = asyncio.get_running_loop().time()
-        self._hub.counts.heartbeats.inc()
+        self._hub.counts.heartbeats.add()
         return heartbeat
 
     def _end(self, failure: tuple[str, str] | None) -> bytes:
