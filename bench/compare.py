@@ -57,6 +57,13 @@ STACKS = [
     Stack("service", "bench.apps:service", SHIPPED_CONFIG),
     # The same without the access log line per request (QUART_SERVICE_ACCESS_LOG=0).
     Stack("service-nolog", "bench.apps:service", SHIPPED_CONFIG, {"QUART_SERVICE_ACCESS_LOG": "0"}),
+    # Neither the access log nor the Prometheus metrics: what observability costs.
+    Stack(
+        "service-noobs",
+        "bench.apps:service",
+        SHIPPED_CONFIG,
+        {"QUART_SERVICE_ACCESS_LOG": "0", "QUART_SERVICE_METRICS": "0"},
+    ),
     Stack("bare-tuned", "bench.apps:bare", SHIPPED_CONFIG),
     Stack("bare-default", "bench.apps:bare", None),
 ]
@@ -171,7 +178,7 @@ def report(results: Results, stacks: list[Stack], routes: dict[str, str]) -> Non
     names = {stack.name for stack in stacks}
     print("\nworker CPU per request or event, service / bare-tuned (target)")
     targets = {"json": 1.05, "sse": 1.0, "paced": 1.1, "awaited": 1.1, "sync": 1.0}
-    for ours in ("service", "service-nolog", "service-before"):
+    for ours in ("service", "service-nolog", "service-noobs", "service-before"):
         if ours not in names or "bare-tuned" not in names:
             continue
         for kind in kinds:
