@@ -38,6 +38,8 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import itertools
+import math
 import multiprocessing
 import os
 import resource
@@ -45,6 +47,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -60,10 +63,15 @@ from quart_service.observability.proc import rss_bytes
 from tests.support.server import ROOT, SHIPPED_CONFIG, free_port, server_env
 
 WORKERS = 2
-# Default rates per N: 100 x 20/s, then a fixed total of 10,000 events/s (1,000 x 10/s,
-# 5,000 x 2/s): 5,000 x 20/s = 100k events/s is more than 2 shared cores can write.
 DEFAULT_STREAMS = (100, 1000, 5000)
-DEFAULT_RATES = (20.0, 10.0, 2.0)
+# The default rate per stream: 20 tokens/s, but at most 10,000 events/s in all
+# (100 x 20/s, 1,000 x 10/s, 5,000 x 2/s). 5,000 x 20/s = 100k events/s is more than
+# 2 shared cores can write: every stack fell behind by seconds and cut streams.
+DEFAULT_RATE = 20.0
+MAX_EVENTS_PER_S = 10_000
+# Streams start at 1,000 per second by default (over at least 1 s): 5,000 starts within
+# 1 s were a thundering herd of their own (first tokens after 5-14 s on some stacks).
+STARTS_PER_S = 1000
 
 
 # --- the stacks ---------------------------------------------------------------------
@@ -192,24 +200,30 @@ def running(stack: Stack, tmp: Path) -> Iterator[Running]:
 # --- the load generator -------------------------------------------------------------
 
 
+BUCKET = 0.1  # seconds: the client counts events per bucket, the parent samples /proc
+
+
 @dataclass
 class ClientResult:
-    """What one client process saw; gaps and first-token times in seconds."""
+    """What one client process saw; times in seconds (monotonic where absolute)."""
 
     completed: int = 0  # streams that ended with every event
     failed: int = 0
     events: int = 0
-    first: array[float] = field(default_factory=lambda: array("d"))
-    gaps: array[float] = field(default_factory=lambda: array("d"))
-    ended: float = 0.0  # monotonic time the last stream ended
+    first: array[float] = field(default_factory=lambda: array("d"))  # connect -> 1st event
+    gaps: array[float] = field(default_factory=lambda: array("d"))  # between events
+    buckets: array[int] = field(default_factory=lambda: array("q"))  # events per BUCKET
+    all_first: float = 0.0  # when the last stream got its first event
+    first_end: float = float("inf")  # when the first stream got its last event
+    ended: float = 0.0  # when the last stream ended
     cpu: float = 0.0  # this process's CPU seconds over the run
 
 
 class _Stream(asyncio.Protocol):
     """One stream: counts ``data:`` in what arrives and timestamps each read."""
 
-    def __init__(self, result: ClientResult, request: bytes, began: float) -> None:
-        self.result, self.request, self.began = result, request, began
+    def __init__(self, result: ClientResult, request: bytes, began: float, start_at: float) -> None:
+        self.result, self.request, self.began, self.start_at = result, request, began, start_at
         self.events, self.last, self.tail, self.ok = 0, 0.0, b"", False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -224,15 +238,21 @@ class _Stream(asyncio.Protocol):
         # An event's "data:" may be split across two reads: look at the seam too.
         count = data.count(b"data:") + (self.tail + data[:4]).count(b"data:")
         self.tail = data[-4:]
-        if count:
-            if self.events:
-                self.result.gaps.append(now - self.last)
-            else:
-                self.result.first.append(now - self.began)
-            if count > 1:  # arrived in one read with the one before: no gap
-                self.result.gaps.extend(_ZEROS[: count - 1])
-            self.events += count
-            self.last = now
+        if not count:
+            return
+        result = self.result
+        if self.events:
+            result.gaps.append(now - self.last)
+        else:
+            result.first.append(now - self.began)
+            result.all_first = max(result.all_first, now)
+        if count > 1:  # arrived in one read with the one before: no gap
+            result.gaps.extend(_ZEROS[: count - 1])
+        self.events += count
+        self.last = now
+        bucket = int((now - self.start_at) / BUCKET)
+        if bucket < len(result.buckets):
+            result.buckets[bucket] += count
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -262,6 +282,7 @@ async def _client(load: Load, start_at: float) -> ClientResult:
     """Run ``load`` from ``start_at`` (time.monotonic()) on the running loop."""
     loop = asyncio.get_running_loop()
     result = ClientResult()
+    result.buckets.frombytes(bytes(8 * int((load.stagger + load.timeout) / BUCKET + 2)))
     request = (
         f"GET /tokens?n={load.tokens}&rate={load.rate:g} HTTP/1.1\r\n"
         f"Host: 127.0.0.1:{load.port}\r\nAccept: text/event-stream\r\n"
@@ -274,7 +295,7 @@ async def _client(load: Load, start_at: float) -> ClientResult:
         began = time.monotonic()
         try:
             transport, stream = await loop.create_connection(
-                lambda: _Stream(result, request, began), "127.0.0.1", load.port
+                lambda: _Stream(result, request, began, start_at), "127.0.0.1", load.port
             )
         except OSError:
             result.failed += 1
@@ -284,6 +305,7 @@ async def _client(load: Load, start_at: float) -> ClientResult:
         result.events += stream.events
         if stream.ok and stream.events == load.tokens:
             result.completed += 1
+            result.first_end = min(result.first_end, stream.last)
         else:
             result.failed += 1
         result.ended = max(result.ended, time.monotonic())
@@ -326,10 +348,11 @@ def _raise_fd_limit() -> None:
 
 @dataclass
 class Sample:
-    """One stack at one N in one round."""
+    """One stack at one N in one round (NaN where the run had no steady part)."""
 
-    cpu_per_10k: float  # worker CPU seconds per 10,000 events
-    events_per_s: float
+    cpu_per_10k: float  # worker CPU seconds per 10,000 events, whole run
+    steady_cpu_per_10k: float  # the same over the steady part (see measure)
+    events_per_s: float  # delivered over the steady part
     itl_p50_ms: float
     itl_p99_ms: float
     ttft_p50_ms: float
@@ -356,10 +379,52 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
+@contextlib.contextmanager
+def sampling(pids: list[int]) -> Iterator[list[tuple[float, float, int]]]:
+    """Every BUCKET seconds while the block runs, (time, CPU seconds, RSS bytes) of
+    ``pids`` together, from a thread."""
+    series: list[tuple[float, float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            series.append(
+                (
+                    time.monotonic(),
+                    sum(cpu_seconds(pid) for pid in pids),
+                    sum(rss_bytes(pid) for pid in pids),
+                )
+            )
+            if stop.wait(BUCKET):
+                return
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield series
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def _cpu_at(series: list[tuple[float, float, int]], moment: float) -> float:
+    """The workers' CPU seconds at ``moment``, interpolated between samples."""
+    for (t0, c0, _), (t1, c1, _) in itertools.pairwise(series):
+        if t0 <= moment <= t1:
+            return c0 + (c1 - c0) * (moment - t0) / (t1 - t0)
+    raise ValueError("moment outside the samples")
+
+
 def measure(
     server: Running, streams: int, rate: float, seconds: float, stagger: float, clients: int
 ) -> Sample:
-    """Run ``streams`` paced streams against ``server`` from ``clients`` processes."""
+    """Run ``streams`` paced streams against ``server`` from ``clients`` processes.
+
+    The steady part of the run is from 0.5 s after the last stream got its first
+    event until 0.2 s before the first stream got its last one (whole BUCKETs): every
+    stream open, none starting or ending. Its worker CPU comes from the sampled
+    series, its events from the clients' buckets.
+    """
     tokens = round(rate * seconds) + 1
     context = multiprocessing.get_context("spawn")
     pipes, processes = [], []
@@ -378,19 +443,16 @@ def measure(
             if not pipe.poll(30) or pipe.recv() != "ready":
                 raise RuntimeError("a client process did not start")
         idle_rss = sum(rss_bytes(pid) for pid in server.workers)
-        cpu_before = sum(cpu_seconds(pid) for pid in server.workers)
-        start_at = time.monotonic() + 0.2
-        for pipe in pipes:
-            pipe.send(start_at)
-        # Every stream is open between the last start and the first end: sample there.
-        time.sleep(max(0.0, start_at + (stagger + seconds) / 2 - time.monotonic()))
-        open_rss = sum(rss_bytes(pid) for pid in server.workers)
-        results: list[ClientResult] = []
-        for pipe in pipes:
-            if not pipe.poll(seconds * 3 + 60):
-                raise RuntimeError("a client process did not finish")
-            results.append(pipe.recv())
-        cpu = sum(cpu_seconds(pid) for pid in server.workers) - cpu_before
+        with sampling(server.workers) as series:
+            start_at = time.monotonic() + 0.2
+            for pipe in pipes:
+                pipe.send(start_at)
+            results: list[ClientResult] = []
+            for pipe in pipes:
+                if not pipe.poll(seconds * 3 + 60):
+                    raise RuntimeError("a client process did not finish")
+                results.append(pipe.recv())
+            time.sleep(2 * BUCKET)  # a sample after the last end
     finally:
         for process in processes:
             process.join(timeout=10)
@@ -398,17 +460,29 @@ def measure(
                 process.kill()
                 process.join()
     events = sum(r.events for r in results)
+    cpu = series[-1][1] - _cpu_at(series, start_at)
     elapsed = max(max(r.ended for r in results) - start_at, 1e-9)
-    gaps = array("d")
-    first = array("d")
+    gaps, first = array("d"), array("d")
     for r in results:
         gaps.extend(r.gaps)
         first.extend(r.first)
+    # The steady part, in whole buckets.
+    begin = math.ceil((max(r.all_first for r in results) + 0.5 - start_at) / BUCKET)
+    end = math.floor((min(r.first_end for r in results) - 0.2 - start_at) / BUCKET)
+    steady_cpu = steady_events = steady_rate = float("nan")
+    open_rss = max(rss for _, _, rss in series)
+    if end - begin >= 5:
+        steady_events = sum(sum(r.buckets[begin:end]) for r in results)
+        t0, t1 = start_at + begin * BUCKET, start_at + end * BUCKET
+        steady_cpu = _cpu_at(series, t1) - _cpu_at(series, t0)
+        steady_rate = steady_events / (t1 - t0)
+        open_rss = int(median(rss for t, _, rss in series if t0 <= t <= t1))
     client_cpu = sum(r.cpu for r in results)
     per_10k = 10_000 / max(events, 1)
     return Sample(
         cpu_per_10k=cpu * per_10k,
-        events_per_s=events / elapsed,
+        steady_cpu_per_10k=steady_cpu * 10_000 / steady_events,
+        events_per_s=steady_rate,
         itl_p50_ms=percentile(gaps, 0.50) * 1000,
         itl_p99_ms=percentile(gaps, 0.99) * 1000,
         ttft_p50_ms=percentile(first, 0.50) * 1000,
@@ -424,24 +498,35 @@ def measure(
 # --- the run and its tables ---------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Point:
+    """One load of the run: ``streams`` streams at ``rate`` tokens/s, started evenly
+    over ``stagger`` seconds."""
+
+    streams: int
+    rate: float
+    stagger: float
+
+
 def run(
-    stacks: list[Stack], loads: list[tuple[int, float]], seconds: float, stagger: float,
-    rounds: int, clients: int,
-) -> dict[tuple[str, int], list[Sample]]:  # fmt: skip
-    """Every load over every stack, ``rounds`` times, stacks rotating each round."""
+    stacks: list[Stack], points: list[Point], seconds: float, rounds: int, clients: int
+) -> dict[tuple[str, int], list[Sample]]:
+    """Every point over every stack, ``rounds`` times, stacks rotating each round."""
     samples: dict[tuple[str, int], list[Sample]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_no in range(rounds):
-            for load_no, (streams, rate) in enumerate(loads):
+            for point_no, point in enumerate(points):
+                streams, rate, stagger = point.streams, point.rate, point.stagger
                 # Rotate the order, so no stack always runs first (or last).
-                shift = (round_no * len(loads) + load_no) % len(stacks)
+                shift = (round_no * len(points) + point_no) % len(stacks)
                 for stack in stacks[shift:] + stacks[:shift]:
                     with running(stack, Path(tmp)) as server:
                         sample = measure(server, streams, rate, seconds, stagger, clients)
                     samples.setdefault((stack.name, streams), []).append(sample)
                     print(
                         f"round {round_no + 1} N={streams:<5} R={rate:g}/s {stack.name:18} "
-                        f"{sample.cpu_per_10k:6.2f} s CPU/10k ev {sample.events_per_s:8.0f} ev/s "
+                        f"CPU/10k ev {sample.cpu_per_10k:5.2f} s (steady "
+                        f"{sample.steady_cpu_per_10k:5.2f}) {sample.events_per_s:6.0f} ev/s "
                         f"ITL p50/p99 {sample.itl_p50_ms:6.1f}/{sample.itl_p99_ms:6.1f} ms "
                         f"TTFT p50/p99 {sample.ttft_p50_ms:6.1f}/{sample.ttft_p99_ms:6.1f} ms "
                         f"{sample.kib_per_stream:5.1f} KiB/stream client "
@@ -455,6 +540,7 @@ def run(
 _COLUMNS = (
     ("stack", 18, None),
     ("CPU s/10k ev", 12, "cpu_per_10k"),
+    ("steady CPU", 10, "steady_cpu_per_10k"),
     ("events/s", 9, "events_per_s"),
     ("ITL p50 ms", 10, "itl_p50_ms"),
     ("ITL p99 ms", 10, "itl_p99_ms"),
@@ -468,18 +554,22 @@ _COLUMNS = (
 
 
 def _median(samples: list[Sample], key: str) -> float:
-    return float(median(getattr(s, key) for s in samples))
+    """The median of ``key`` over the rounds that have it (NaN: no steady part)."""
+    values = [getattr(s, key) for s in samples if not math.isnan(getattr(s, key))]
+    return float(median(values)) if values else float("nan")
 
 
 def report(
     samples: dict[tuple[str, int], list[Sample]], stacks: list[Stack],
-    loads: list[tuple[int, float]], seconds: float, rounds: int,
+    points: list[Point], seconds: float, rounds: int,
 ) -> None:  # fmt: skip
     """One table per N (medians over rounds), then the target ratios."""
-    for streams, rate in loads:
+    for point in points:
+        streams, rate = point.streams, point.rate
         print(
-            f"\nN = {streams} streams x {rate:g} tokens/s ({streams * rate:,.0f} events/s "
-            f"offered; ideal ITL {1000 / rate:.0f} ms), {seconds:g} s, median of {rounds}"
+            f"\nN = {streams:,} streams x {rate:g} tokens/s ({streams * rate:,.0f} events/s "
+            f"offered, ideal ITL {1000 / rate:.0f} ms), {seconds:g} s each, started over "
+            f"{point.stagger:g} s; median of {rounds} round(s)"
         )
         print(" ".join(f"{title:>{width}}" for title, width, _ in _COLUMNS))
         for stack in stacks:
@@ -494,20 +584,23 @@ def report(
     services = [n for n in names if n.startswith("service-")]
     if "fastapi-uvicorn" not in names or not services:
         return
-    print("\nratios against fastapi-uvicorn (targets: CPU per event <= 0.8 under the "
-          "fastest server; ITL p99 at 1,000 streams <= 1.0)")  # fmt: skip
-    for streams, _ in loads:
+    print("\nservice / fastapi-uvicorn (targets: CPU per event <= 0.8 under the fastest "
+          "server; ITL p99 at 1,000 streams <= 1.0)")  # fmt: skip
+    for point in points:
+        streams = point.streams
         theirs = samples[("fastapi-uvicorn", streams)]
         fastest = min(services, key=lambda n: _median(samples[(n, streams)], "cpu_per_10k"))
         for name in sorted(services):
             ours = samples[(name, streams)]
-            cpu = _median(ours, "cpu_per_10k") / _median(theirs, "cpu_per_10k")
-            itl = _median(ours, "itl_p99_ms") / _median(theirs, "itl_p99_ms")
-            mark = " (fastest server)" if name == fastest else ""
+            cpu, steady, itl = (
+                _median(ours, key) / _median(theirs, key)
+                for key in ("cpu_per_10k", "steady_cpu_per_10k", "itl_p99_ms")
+            )
+            mark = ", the fastest server" if name == fastest else ""
             verdict = "ok" if cpu <= 0.8 else "above"
             itl_note = (" " + ("ok" if itl <= 1.0 else "above")) if streams == 1000 else ""
-            print(f"  N={streams:<5} {name:18} CPU/event {cpu:5.2f}x ({verdict}){mark}; "
-                  f"ITL p99 {itl:5.2f}x{itl_note}")  # fmt: skip
+            print(f"  N={streams:<5} {name:18} CPU per event {cpu:5.2f}x ({verdict}{mark}; "
+                  f"steady {steady:5.2f}x), ITL p99 {itl:5.2f}x{itl_note}")  # fmt: skip
 
 
 def _floats(text: str) -> list[float]:
@@ -520,9 +613,11 @@ def main() -> None:
                         help="comma-separated stream counts")  # fmt: skip
     parser.add_argument("--rate", default=None,
                         help="tokens/s per stream: one value for every N, or one per N "
-                             "(default 20,10,2 for 100,1000,5000; 20 otherwise)")  # fmt: skip
+                             "(default: 20, at most 10,000 events/s in all)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each stream")
-    parser.add_argument("--stagger", type=float, default=1.0, help="starts spread over this")
+    parser.add_argument("--stagger", type=float, default=None,
+                        help="seconds the starts are spread over (default: 1 s per 1,000 "
+                             "streams, at least 1 s)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     parser.add_argument("--stacks", default=",".join(STACKS), help="comma-separated")
@@ -534,16 +629,12 @@ def main() -> None:
     counts = [int(n) for n in args.streams.split(",") if n]
     if args.rate is not None:
         rates = _floats(args.rate)
-    elif tuple(counts) == DEFAULT_STREAMS[: len(counts)]:
-        rates = list(DEFAULT_RATES[: len(counts)])
     else:
-        rates = [20.0]
+        rates = [min(DEFAULT_RATE, MAX_EVENTS_PER_S / n) for n in counts]
     if len(rates) == 1:
         rates *= len(counts)
     if len(rates) != len(counts):
         sys.exit("--rate takes one value, or one per --streams count")
-    if args.seconds <= args.stagger:
-        sys.exit("--seconds must exceed --stagger (every stream must be open at once)")
     stacks = []
     for name in args.stacks.split(","):
         if name not in STACKS:
@@ -556,10 +647,17 @@ def main() -> None:
             stacks.append(STACKS[name])
     if not stacks:
         sys.exit("no stack to run")
+    points = [
+        Point(n, rate, args.stagger or max(1.0, n / STARTS_PER_S))
+        for n, rate in zip(counts, rates, strict=True)
+    ]
+    for point in points:
+        if args.seconds < point.stagger + 2:
+            sys.exit(f"--seconds must be at least {point.stagger + 2:g} for {point.streams} "
+                     "streams (the starts' spread + 2 s), for a steady part")  # fmt: skip
     _raise_fd_limit()  # the servers inherit it
-    loads = list(zip(counts, rates, strict=True))
-    samples = run(stacks, loads, args.seconds, args.stagger, args.rounds, args.clients)
-    report(samples, stacks, loads, args.seconds, args.rounds)
+    samples = run(stacks, points, args.seconds, args.rounds, args.clients)
+    report(samples, stacks, points, args.seconds, args.rounds)
 
 
 if __name__ == "__main__":
