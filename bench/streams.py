@@ -212,6 +212,7 @@ class ClientResult:
     events: int = 0
     first: array[float] = field(default_factory=lambda: array("d"))  # connect -> 1st event
     gaps: array[float] = field(default_factory=lambda: array("d"))  # between events
+    gaps_at: array[float] = field(default_factory=lambda: array("d"))  # when each ended
     buckets: array[int] = field(default_factory=lambda: array("q"))  # events per BUCKET
     all_first: float = 0.0  # when the last stream got its first event
     first_end: float = float("inf")  # when the first stream got its last event
@@ -243,11 +244,13 @@ class _Stream(asyncio.Protocol):
         result = self.result
         if self.events:
             result.gaps.append(now - self.last)
+            result.gaps_at.append(now)
         else:
             result.first.append(now - self.began)
             result.all_first = max(result.all_first, now)
         if count > 1:  # arrived in one read with the one before: no gap
             result.gaps.extend(_ZEROS[: count - 1])
+            result.gaps_at.extend(array("d", [now]) * (count - 1))
         self.events += count
         self.last = now
         bucket = int((now - self.start_at) / BUCKET)
@@ -352,14 +355,18 @@ class Sample:
 
     cpu_per_10k: float  # worker CPU seconds per 10,000 events, whole run
     steady_cpu_per_10k: float  # the same over the steady part (see measure)
+    ms_per_stream: float  # worker CPU per stream beyond its events (set-up, teardown)
     events_per_s: float  # delivered over the steady part
     itl_p50_ms: float
     itl_p99_ms: float
+    steady_itl_p99_ms: float  # gaps that ended within the steady part
     ttft_p50_ms: float
     ttft_p99_ms: float
     kib_per_stream: float
     client_core: float  # load generator CPU in % of one core
     client_per_10k: float  # load generator CPU seconds per 10,000 events
+    others_cores: float  # CPU of every other process on the machine, in cores
+    listen_overflows: int  # the kernel's (machine-wide) during the run
     completed: int
     failed: int
 
@@ -368,7 +375,24 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` (all its threads) in seconds, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_busy() -> float:
+    """CPU seconds spent by all cores on anything but idle and I/O wait, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because an accept queue was full."""
+    with open("/proc/net/netstat") as netstat:
+        lines = [line.split() for line in netstat if line.startswith("TcpExt:")]
+    return int(lines[1][lines[0].index("ListenOverflows")])
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -379,22 +403,27 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
+@dataclass(frozen=True)
+class Tick:
+    """One sample of the workers and the machine."""
+
+    at: float  # time.monotonic()
+    cpu: float  # the workers' CPU seconds
+    rss: int  # the workers' RSS bytes
+    busy: float  # the machine's busy CPU seconds
+
+
 @contextlib.contextmanager
-def sampling(pids: list[int]) -> Iterator[list[tuple[float, float, int]]]:
-    """Every BUCKET seconds while the block runs, (time, CPU seconds, RSS bytes) of
-    ``pids`` together, from a thread."""
-    series: list[tuple[float, float, int]] = []
+def sampling(pids: list[int]) -> Iterator[list[Tick]]:
+    """A :class:`Tick` every BUCKET seconds while the block runs, from a thread."""
+    series: list[Tick] = []
     stop = threading.Event()
 
     def sample() -> None:
         while True:
-            series.append(
-                (
-                    time.monotonic(),
-                    sum(cpu_seconds(pid) for pid in pids),
-                    sum(rss_bytes(pid) for pid in pids),
-                )
-            )
+            cpu = sum(cpu_seconds(pid) for pid in pids)
+            rss = sum(rss_bytes(pid) for pid in pids)
+            series.append(Tick(time.monotonic(), cpu, rss, machine_busy()))
             if stop.wait(BUCKET):
                 return
 
@@ -407,11 +436,12 @@ def sampling(pids: list[int]) -> Iterator[list[tuple[float, float, int]]]:
         sampler.join()
 
 
-def _cpu_at(series: list[tuple[float, float, int]], moment: float) -> float:
-    """The workers' CPU seconds at ``moment``, interpolated between samples."""
-    for (t0, c0, _), (t1, c1, _) in itertools.pairwise(series):
-        if t0 <= moment <= t1:
-            return c0 + (c1 - c0) * (moment - t0) / (t1 - t0)
+def _at(series: list[Tick], moment: float, key: str) -> float:
+    """``key`` of the series at ``moment``, interpolated between samples."""
+    for before, after in itertools.pairwise(series):
+        if before.at <= moment <= after.at:
+            low, high = getattr(before, key), getattr(after, key)
+            return float(low + (high - low) * (moment - before.at) / (after.at - before.at))
     raise ValueError("moment outside the samples")
 
 
@@ -443,6 +473,8 @@ def measure(
             if not pipe.poll(30) or pipe.recv() != "ready":
                 raise RuntimeError("a client process did not start")
         idle_rss = sum(rss_bytes(pid) for pid in server.workers)
+        overflows = listen_overflows()
+        own_cpu = _own_cpu()
         with sampling(server.workers) as series:
             start_at = time.monotonic() + 0.2
             for pipe in pipes:
@@ -453,6 +485,8 @@ def measure(
                     raise RuntimeError("a client process did not finish")
                 results.append(pipe.recv())
             time.sleep(2 * BUCKET)  # a sample after the last end
+        own_cpu = _own_cpu() - own_cpu  # this process: the sampler, mostly
+        overflows = listen_overflows() - overflows
     finally:
         for process in processes:
             process.join(timeout=10)
@@ -460,36 +494,46 @@ def measure(
                 process.kill()
                 process.join()
     events = sum(r.events for r in results)
-    cpu = series[-1][1] - _cpu_at(series, start_at)
+    cpu = series[-1].cpu - _at(series, start_at, "cpu")
+    client_cpu = sum(r.cpu for r in results)
     elapsed = max(max(r.ended for r in results) - start_at, 1e-9)
-    gaps, first = array("d"), array("d")
+    busy = series[-1].busy - _at(series, start_at, "busy")
+    others = (busy - cpu - client_cpu - own_cpu) / (series[-1].at - start_at)
+    gaps, gaps_at, first = array("d"), array("d"), array("d")
     for r in results:
         gaps.extend(r.gaps)
+        gaps_at.extend(r.gaps_at)
         first.extend(r.first)
     # The steady part, in whole buckets.
     begin = math.ceil((max(r.all_first for r in results) + 0.5 - start_at) / BUCKET)
     end = math.floor((min(r.first_end for r in results) - 0.2 - start_at) / BUCKET)
     steady_cpu = steady_events = steady_rate = float("nan")
-    open_rss = max(rss for _, _, rss in series)
+    steady_gaps: list[float] = []
+    open_rss = max(tick.rss for tick in series)
     if end - begin >= 5:
         steady_events = sum(sum(r.buckets[begin:end]) for r in results)
         t0, t1 = start_at + begin * BUCKET, start_at + end * BUCKET
-        steady_cpu = _cpu_at(series, t1) - _cpu_at(series, t0)
+        steady_cpu = _at(series, t1, "cpu") - _at(series, t0, "cpu")
         steady_rate = steady_events / (t1 - t0)
-        open_rss = int(median(rss for t, _, rss in series if t0 <= t <= t1))
-    client_cpu = sum(r.cpu for r in results)
+        open_rss = int(median(tick.rss for tick in series if t0 <= tick.at <= t1))
+        steady_gaps = [gap for gap, at in zip(gaps, gaps_at, strict=True) if t0 <= at < t1]
+    per_event = steady_cpu / max(steady_events, 1)
     per_10k = 10_000 / max(events, 1)
     return Sample(
         cpu_per_10k=cpu * per_10k,
-        steady_cpu_per_10k=steady_cpu * 10_000 / steady_events,
+        steady_cpu_per_10k=per_event * 10_000,
+        ms_per_stream=(cpu - per_event * events) / streams * 1000,
         events_per_s=steady_rate,
         itl_p50_ms=percentile(gaps, 0.50) * 1000,
         itl_p99_ms=percentile(gaps, 0.99) * 1000,
+        steady_itl_p99_ms=percentile(steady_gaps, 0.99) * 1000,
         ttft_p50_ms=percentile(first, 0.50) * 1000,
         ttft_p99_ms=percentile(first, 0.99) * 1000,
         kib_per_stream=(open_rss - idle_rss) / 1024 / streams,
         client_core=client_cpu / elapsed * 100,
         client_per_10k=client_cpu * per_10k,
+        others_cores=others,
+        listen_overflows=overflows,
         completed=sum(r.completed for r in results),
         failed=sum(r.failed for r in results),
     )
@@ -526,12 +570,15 @@ def run(
                     print(
                         f"round {round_no + 1} N={streams:<5} R={rate:g}/s {stack.name:18} "
                         f"CPU/10k ev {sample.cpu_per_10k:5.2f} s (steady "
-                        f"{sample.steady_cpu_per_10k:5.2f}) {sample.events_per_s:6.0f} ev/s "
-                        f"ITL p50/p99 {sample.itl_p50_ms:6.1f}/{sample.itl_p99_ms:6.1f} ms "
-                        f"TTFT p50/p99 {sample.ttft_p50_ms:6.1f}/{sample.ttft_p99_ms:6.1f} ms "
-                        f"{sample.kib_per_stream:5.1f} KiB/stream client "
-                        f"{sample.client_core:3.0f}% of a core "
-                        f"({sample.completed}/{streams} complete, {sample.failed} failed)",
+                        f"{sample.steady_cpu_per_10k:5.2f}, {sample.ms_per_stream:4.2f} ms "
+                        f"per stream) {sample.events_per_s:6.0f} ev/s ITL p50/p99 "
+                        f"{sample.itl_p50_ms:.0f}/{sample.itl_p99_ms:.0f} ms (steady p99 "
+                        f"{sample.steady_itl_p99_ms:.0f}) TTFT p50/p99 "
+                        f"{sample.ttft_p50_ms:.1f}/{sample.ttft_p99_ms:.0f} ms "
+                        f"{sample.kib_per_stream:.1f} KiB/stream; client "
+                        f"{sample.client_core:.0f}% of a core; others "
+                        f"{sample.others_cores:.2f} cores; {sample.listen_overflows} listen "
+                        f"overflows; {sample.completed}/{streams} complete",
                         flush=True,
                     )
     return samples
@@ -540,17 +587,23 @@ def run(
 _COLUMNS = (
     ("stack", 18, None),
     ("CPU s/10k ev", 12, "cpu_per_10k"),
-    ("steady CPU", 10, "steady_cpu_per_10k"),
-    ("events/s", 9, "events_per_s"),
-    ("ITL p50 ms", 10, "itl_p50_ms"),
-    ("ITL p99 ms", 10, "itl_p99_ms"),
-    ("TTFT p50 ms", 11, "ttft_p50_ms"),
-    ("TTFT p99 ms", 11, "ttft_p99_ms"),
+    ("steady", 6, "steady_cpu_per_10k"),
+    ("ms/stream", 9, "ms_per_stream"),
+    ("events/s", 8, "events_per_s"),
+    ("ITL p50", 7, "itl_p50_ms"),
+    ("ITL p99", 7, "itl_p99_ms"),
+    ("steady p99", 10, "steady_itl_p99_ms"),
+    ("TTFT p50", 8, "ttft_p50_ms"),
+    ("TTFT p99", 8, "ttft_p99_ms"),
     ("KiB/stream", 10, "kib_per_stream"),
     ("client %core", 12, "client_core"),
     ("client s/10k", 12, "client_per_10k"),
-    ("complete", 9, "completed"),
+    ("others cores", 12, "others_cores"),
+    ("overflows", 9, "listen_overflows"),
+    ("complete", 8, "completed"),
 )
+_WHOLE = ("events_per_s", "itl_p50_ms", "itl_p99_ms", "steady_itl_p99_ms", "ttft_p50_ms",
+          "ttft_p99_ms", "client_core", "listen_overflows", "completed")  # fmt: skip
 
 
 def _median(samples: list[Sample], key: str) -> float:
@@ -569,7 +622,9 @@ def report(
         print(
             f"\nN = {streams:,} streams x {rate:g} tokens/s ({streams * rate:,.0f} events/s "
             f"offered, ideal ITL {1000 / rate:.0f} ms), {seconds:g} s each, started over "
-            f"{point.stagger:g} s; median of {rounds} round(s)"
+            f"{point.stagger:g} s; median of {rounds} round(s). CPU: worker seconds per 10,000 "
+            "events (whole run; steady part) and ms per stream beyond its events; "
+            "latencies in ms"
         )
         print(" ".join(f"{title:>{width}}" for title, width, _ in _COLUMNS))
         for stack in stacks:
@@ -577,7 +632,7 @@ def report(
             cells = [f"{stack.name:>18}"]
             for _, width, key in _COLUMNS[1:]:
                 value = _median(rows, key) if key else 0.0
-                digits = 0 if key in ("events_per_s", "completed") else 2
+                digits = 0 if key in _WHOLE else 2
                 cells.append(f"{value:>{width},.{digits}f}")
             print(" ".join(cells))
     names = {stack.name for stack in stacks}
@@ -592,15 +647,16 @@ def report(
         fastest = min(services, key=lambda n: _median(samples[(n, streams)], "cpu_per_10k"))
         for name in sorted(services):
             ours = samples[(name, streams)]
-            cpu, steady, itl = (
+            cpu, steady, itl, steady_itl = (
                 _median(ours, key) / _median(theirs, key)
-                for key in ("cpu_per_10k", "steady_cpu_per_10k", "itl_p99_ms")
+                for key in ("cpu_per_10k", "steady_cpu_per_10k", "itl_p99_ms", "steady_itl_p99_ms")
             )
             mark = ", the fastest server" if name == fastest else ""
             verdict = "ok" if cpu <= 0.8 else "above"
             itl_note = (" " + ("ok" if itl <= 1.0 else "above")) if streams == 1000 else ""
             print(f"  N={streams:<5} {name:18} CPU per event {cpu:5.2f}x ({verdict}{mark}; "
-                  f"steady {steady:5.2f}x), ITL p99 {itl:5.2f}x{itl_note}")  # fmt: skip
+                  f"steady {steady:5.2f}x), ITL p99 {itl:5.2f}x{itl_note} "
+                  f"(steady {steady_itl:5.2f}x)")  # fmt: skip
 
 
 def _floats(text: str) -> list[float]:
