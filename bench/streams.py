@@ -11,6 +11,8 @@ Stream starts are spread evenly over ``--stagger`` seconds. Stacks, 2 workers ea
 on loopback:
 
 * ``service-hypercorn`` — quart_service (``sse()``) under the shipped hypercorn.toml;
+* ``service-serve``     — the same under ``quart-service serve`` (the same file; one
+  ``SO_REUSEPORT`` socket per worker, so the kernel spreads the connections);
 * ``service-granian``   — the same app under Granian (when installed);
 * ``service-uvicorn``   — the same app under Uvicorn, uvloop + httptools (when installed);
 * ``fastapi-uvicorn``   — FastAPI + sse-starlette's EventSourceResponse on Uvicorn;
@@ -96,22 +98,33 @@ def _hypercorn(app: str) -> Callable[[int], list[str]]:
     ]  # fmt: skip
 
 
-def _uvicorn(app: str) -> Callable[[int], list[str]]:
-    # Access log off, as in hypercorn.toml (the service writes its own line per request).
+def _serve(app: str) -> Callable[[int], list[str]]:
+    # The supervised Hypercorn: the same hypercorn.toml, one SO_REUSEPORT socket per worker.
     return lambda port: [
-        sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", str(WORKERS), "--loop", "uvloop", "--http", "httptools",
-        "--no-access-log", app,
+        sys.executable, "-m", "quart_service.server.cli", "serve", "--config",
+        str(SHIPPED_CONFIG), "--bind", f"127.0.0.1:{port}", "--workers", str(WORKERS), app,
+    ]  # fmt: skip
+
+
+def _uvicorn(app: str) -> Callable[[int], list[str]]:
+    # The flags of docs/servers.md (access log off: the service writes its own).
+    return lambda port: [
+        sys.executable, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(WORKERS),
+        "--backlog", "2048", "--lifespan", "on", "--timeout-graceful-shutdown", "30",
+        "--timeout-keep-alive", "75", "--no-access-log", app,
     ]  # fmt: skip
 
 
 def _granian(app: str) -> Callable[[int], list[str]]:
-    # Granian admits at most backlog/workers concurrent requests per worker by default
-    # (512 here): a 5,000-stream run would queue, so its backpressure is raised.
+    # The flags of docs/servers.md, and a raised backpressure: Granian admits at most
+    # backlog/workers concurrent requests per worker (1,024 here), and 5,000 streams
+    # would queue behind it.
     return lambda port: [
-        sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", str(WORKERS), "--loop", "uvloop",
-        "--backlog", "2048", "--backpressure", "16384", "--log-level", "warning", app,
+        sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(WORKERS),
+        "--backlog", "2048", "--backpressure", "16384", "--respawn-failed-workers",
+        "--workers-kill-timeout", "30", "--log-level", "warning", app,
     ]  # fmt: skip
 
 
@@ -120,6 +133,7 @@ STACKS = {
     stack.name: stack
     for stack in (
         Stack("service-hypercorn", _hypercorn(SERVICE), ("hypercorn",)),
+        Stack("service-serve", _serve(SERVICE), ("hypercorn",)),
         Stack("service-granian", _granian(SERVICE), ("granian",)),
         Stack("service-uvicorn", _uvicorn(SERVICE), ("uvicorn", "httptools")),
         Stack(
