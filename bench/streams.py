@@ -7,8 +7,9 @@
 Each stream is ``GET /tokens?n=K&rate=R`` (bench/stream_apps.py): a small SSE event
 (``{"t":"tok"}``) at once, then one every ``1/R`` s from an async generator
 (``await asyncio.sleep(1 / R)`` between tokens), ``K = R * seconds + 1`` events in all.
-Stream starts are spread evenly over ``--stagger`` seconds. Stacks, 2 workers each,
-on loopback:
+The rate is 20/s unless at most 10,000 events/s in all asks for less (1,000 x 10/s,
+5,000 x 2/s). Starts are spread evenly over ``--stagger`` seconds (default: 1 s per
+1,000 streams, at least 1 s). Stacks, 2 workers each, on loopback:
 
 * ``service-hypercorn`` — quart_service (``sse()``) under the shipped hypercorn.toml;
 * ``service-serve``     — the same under ``quart-service serve`` (the same file; one
@@ -20,18 +21,23 @@ on loopback:
 
 A server is started afresh for every stack and N (so idle RSS is a clean baseline);
 rounds run every N over every stack, the order of stacks rotating each round (the
-machine is shared and noisy); tables show medians over rounds. Per stack and N:
+machine is shared and noisy); tables show medians over rounds. The *steady part* of a
+run is when every stream has had its first event and none has ended (see measure).
+Per stack and N:
 
-* worker CPU (utime + stime of the worker processes, /proc) per 10,000 events
-  delivered, over the whole run (connects and teardown included);
-* events/s delivered: all events over the time from the first start to the last end;
+* worker CPU (utime + stime of the worker processes, /proc, sampled every 0.1 s) per
+  10,000 events delivered: over the whole run (connects and teardown included) and
+  over the steady part; and per stream beyond its events;
+* events/s delivered over the steady part (offered: N x R);
 * inter-token latency at the client: each gap between consecutive events of a stream,
-  as received (the ideal is ``1/R``; events that arrive in one read count a 0 gap);
+  as received (the ideal is ``1/R``; events that arrive in one read count a 0 gap),
+  p50 and p99, and p99 over the steady part;
 * time to first token: from the connect to the first event;
-* worker RSS per stream: (RSS of the workers mid-run, with every stream open, minus
-  their RSS before) / N;
+* worker RSS per stream: (RSS of the workers in the steady part minus their RSS
+  before) / N;
 * the load generator's own CPU (``--clients`` processes, uvloop, raw protocols that only
-  count ``data:`` and take timestamps), in % of one core and per 10,000 events.
+  count ``data:`` and take timestamps), in % of one core and per 10,000 events;
+* the CPU the rest of the machine took meanwhile, and the kernel's listen overflows.
 """
 
 from __future__ import annotations
