@@ -427,6 +427,7 @@ async def measure(
     probes: int = 100,
     *,
     clients: int = 0,
+    sources: int = 0,
     rate: float = 2000.0,
     window: int = 1000,
     heartbeat: float = HEARTBEAT,
@@ -434,8 +435,9 @@ async def measure(
 ) -> dict[str, Any]:
     """Hold ``streams`` idle streams on ``server`` (heartbeat every ``heartbeat`` s);
     heartbeats, memory, split over workers, probe latency, CPU. ``clients``: how many
-    client processes (0: one per 10,000 streams). ``on_held(pids)`` runs while the
-    streams are held, before they close."""
+    client processes (0: one per 10,000 streams); ``sources``: how many client
+    addresses 127.0.0.x (0: as the ephemeral port range needs). ``on_held(pids)`` runs
+    while the streams are held, before they close."""
     return await asyncio.to_thread(
         _measure,
         server,
@@ -444,6 +446,7 @@ async def measure(
         hold,
         probes,
         clients or _client_count(streams),
+        sources,
         rate,
         window,
         heartbeat,
@@ -458,6 +461,7 @@ def _measure(
     hold: float,
     probes: int,
     client_count: int,
+    source_count: int,
     rate: float,
     window: int,
     heartbeat: float,
@@ -467,6 +471,8 @@ def _measure(
     base_rss = {pid: rss_bytes(pid) for pid in pids}
     base_sockets = {pid: socket_count(pid) for pid in pids}
     sources = source_addresses(streams, ephemeral_ports())
+    if source_count:
+        sources = tuple(f"127.0.0.{n}" for n in range(1, source_count + 1))
     specs = [
         ClientSpec(
             server.port,
@@ -701,6 +707,9 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=10.0, help="seconds held once open")
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--clients", type=int, default=0, help="0: one per 10,000 streams")
+    parser.add_argument(
+        "--sources", type=int, default=0, help="client addresses 127.0.0.1..N (0: as needed)"
+    )
     parser.add_argument("--rate", type=float, default=2000.0, help="opens per second")
     parser.add_argument("--window", type=int, default=1000, help="opens awaiting an event")
     parser.add_argument("--heartbeat", type=float, default=HEARTBEAT)
@@ -768,6 +777,7 @@ def main() -> None:
                         args.hold,
                         args.probes,
                         clients=args.clients,
+                        sources=args.sources,
                         rate=args.rate,
                         window=args.window,
                         heartbeat=args.heartbeat,
