@@ -1,24 +1,28 @@
 """Tens of thousands of idle SSE streams held open on one host: memory, heartbeats, liveness.
 
     python -m bench.idle_streams --streams 20000 --hold 10
-    python -m bench.idle_streams --streams 4000 --breakdown   # where the memory goes
+    python -m bench.idle_streams --streams 20000 --gc          # the workers' GC pauses
+    python -m bench.idle_streams --streams 1000 --breakdown    # where the memory goes
 
-For each stack (the service, and bare Quart with hand-written heartbeats, both on the
-shipped hypercorn.toml with 2 workers) it opens ``--streams`` connections to
-``/idle``: one event, then only heartbeats. The connections come from ``--clients``
-processes, each a uvloop loop of raw protocols (a few hundred bytes per connection),
-opened at ``--rate`` per second with at most ``--window`` waiting for their first
-event, so the listen backlog (2048 in hypercorn.toml) is never what limits them.
-Once all are open it reports how many streams received a heartbeat within two
-intervals, the workers' resident memory per stream (against the same workers before
-the streams), how the streams split over the workers, the latency of a probe request
-(``/livez`` for the service) from another process while they are held, the workers'
-CPU per heartbeat, and the clients' own CPU.
+For each stack (the service; bare Quart with hand-written heartbeats; the same stream
+as a raw ASGI app, Hypercorn alone; all on the shipped hypercorn.toml with 2 workers)
+it opens ``--streams`` connections to ``/idle``: one event, then only heartbeats. The
+connections come from ``--clients`` processes, each a uvloop loop of raw protocols (a
+few hundred bytes per connection), opened at ``--rate`` per second with at most
+``--window`` waiting for their first event, so the listen backlog (2048 in
+hypercorn.toml) never overflows. Once all are open it reports how many streams
+received a heartbeat within two intervals, the workers' resident memory per stream
+(against the same workers before the streams), how the streams split over the
+workers, the latency of a probe request (``/livez`` for the service) from another
+process while they are held, the workers' CPU per heartbeat, and the clients' own CPU.
+``--gc`` and ``--breakdown`` run the apps through :mod:`bench.memdebug`.
 
 File descriptors: each held stream is one descriptor in a worker and one in a client.
 The bench raises its own ``RLIMIT_NOFILE`` before starting the server (the workers
-inherit it) and each client raises its own; raising the hard limit needs root
-(``ulimit -Hn`` shows it), below it any user may.
+inherit it) and each client raises its own. Up to the hard limit (``ulimit -Hn``) any
+user may; past it only a process with CAP_SYS_RESOURCE (root, unless a container
+dropped it), so otherwise the streams must be spread: one client per 10,000, and a
+worker holds at most the limit.
 """
 
 from __future__ import annotations
