@@ -25,10 +25,11 @@ from .support.data import Backend, wait_all
 from .support.postgres import available as postgres_available
 from .support.postgres import postgres_server
 from .support.redis import RedisServer, running_redis
-from .support.server import wait_for
+from .support.server import pinned_workers, wait_for
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+WORKERS = 2  # per host: running_cluster's default
 
 
 @pytest.fixture
@@ -148,14 +149,21 @@ class _Reader(threading.Thread):
 
 
 @contextlib.contextmanager
-def _reading(clients: dict[int, httpx.Client]) -> Iterator[_Reader]:
-    reader = _Reader(clients)
-    reader.start()
-    try:
-        yield reader
-    finally:
-        reader.stop.set()
-        reader.join(timeout=10)
+def _reading(cluster: Cluster, hosts: list[int]) -> Iterator[_Reader]:
+    """A reader of every worker of ``hosts``, on connections of its own: an
+    ``httpx.Client`` used from two threads at once may close a socket under the other
+    thread's read (seen as ``ReadError: Bad file descriptor``)."""
+    with contextlib.ExitStack() as stack:
+        clients: dict[int, httpx.Client] = {}
+        for host in hosts:
+            clients.update(stack.enter_context(pinned_workers(cluster.hosts[host], WORKERS)))
+        reader = _Reader(clients)
+        reader.start()
+        try:
+            yield reader
+        finally:
+            reader.stop.set()
+            reader.join(timeout=10)
 
 
 def test_redis_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer, pg_url: str) -> None:
@@ -165,7 +173,7 @@ def test_redis_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer, pg_ur
         writer = next(iter(cluster.workers(0).values()))
         _write(writer, 1)
         wait_all(cluster.clients, "/data", _has_model(1), timeout=10)
-        with _reading(cluster.clients) as reader:
+        with _reading(cluster, [0, 1, 2]) as reader:
             redis.stop()
             stopped = time.monotonic()
 
@@ -205,7 +213,7 @@ def test_the_leaders_host_killed_another_leads(
         survivors = {
             pid: client for pid, client in cluster.clients.items() if cluster.host_of[pid] != host
         }
-        with _reading(survivors) as reader:
+        with _reading(cluster, [h for h in range(3) if h != host]) as reader:
             cluster.kill_host(host)
             killed = time.monotonic()
             writer = next(iter(survivors.values()))
@@ -233,7 +241,7 @@ def test_postgres_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer) ->
             writer = next(iter(cluster.workers(0).values()))
             _write(writer, 1)
             wait_all(cluster.clients, "/data", _has_model(1), timeout=10)
-            with _reading(cluster.clients) as reader:
+            with _reading(cluster, [0, 1, 2]) as reader:
                 pg.stop()
                 stopped = time.monotonic()
                 refused = writer.patch(

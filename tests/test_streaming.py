@@ -239,6 +239,41 @@ async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
     assert hub.counts.heartbeats.value == len(written)
 
 
+async def test_a_heartbeat_toward_a_full_socket_is_one_write_and_goes_first() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    room = asyncio.Event()  # the client's socket has room again
+    calls: list[bytes] = []
+    written: list[bytes] = []
+
+    async def produce() -> AsyncIterator[str]:
+        yield await gate
+
+    async def send(message: Any) -> None:
+        calls.append(message["body"])
+        await room.wait()  # the server's send waits while the socket is full
+        written.append(message["body"])
+
+    policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
+    hub = StreamHub(policy)
+    token = RESPONSE_SEND.set(send)
+    try:
+        body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
+    finally:
+        RESPONSE_SEND.reset(token)
+    async with body:
+        waiting = asyncio.ensure_future(body.__anext__())
+        await asyncio.sleep(0.3)
+        assert calls == [SSE.heartbeat]  # one heartbeat waits; no second one piles up
+        gate.set_result("token")
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the event waits for the heartbeat's write
+        room.set()
+        assert await waiting == b"data: token\n\n"
+        assert written == [SSE.heartbeat]
+        with pytest.raises(StopAsyncIteration):
+            await body.__anext__()
+
+
 async def test_an_idle_timeout_cancels_the_awaiting_producer() -> None:
     closed: list[str] = []
 

@@ -240,3 +240,44 @@ def _finish(step: Generator[Any, Any, Any], error: BaseException) -> Generator[A
         return
     except Exception:
         _log.exception("a stream producer failed while it was being stopped")
+
+
+def start_now(
+    awaitable: Awaitable[None], loop: asyncio.AbstractEventLoop, failed: str
+) -> asyncio.Task[None] | None:
+    """Run ``awaitable`` up to its first wait, here in the caller's callback; if it
+    waits, a task finishes it (returned), else None. A failure is logged at debug
+    level as ``failed``: a server's send fails when the client has gone, and the
+    response's own next write sees that."""
+    step = awaitable.__await__()
+    try:
+        yielded = step.send(None)
+    except StopIteration:
+        return None
+    except Exception:
+        _log.debug(failed, exc_info=True)
+        return None
+    return loop.create_task(_rest(step, yielded, failed))
+
+
+async def _rest(step: Generator[Any, Any, Any], yielded: Any, failed: str) -> None:
+    try:
+        await _resume(step, yielded)
+    except Exception:
+        _log.debug(failed, exc_info=True)
+
+
+@types.coroutine
+def _resume(step: Generator[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on with a step that suspended on ``yielded``: hand that to the task, then
+    drive the rest of the step as an ``await`` would."""
+    while True:
+        try:
+            yield yielded
+        except BaseException as error:
+            try:
+                yielded = step.throw(error)
+            except StopIteration as done:
+                return done.value
+            continue
+        return (yield from step)

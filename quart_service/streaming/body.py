@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
-from hypercorn.typing import ASGISendCallable
+from hypercorn.typing import HTTPResponseBodyEvent
 from quart.wrappers.response import ResponseBody
 
 from ..config import Settings
@@ -34,7 +34,7 @@ from ..executor import BoundedExecutor, Pool
 from ..observability.metrics import Count, Counts, Metrics
 from ..observability.observer import RESPONSE_SEND
 from ..part import Readiness
-from ._inline import InlineSource
+from ._inline import InlineSource, start_now
 from ._pumps import ThreadSource
 from .events import Encoder
 
@@ -52,6 +52,10 @@ END_REASONS = ("completed", "disconnected", "idle_timeout", "total_timeout", "er
 _HEARTBEAT: Final = "heartbeat"
 _IDLE: Final = "idle_timeout"
 _TOTAL: Final = "total_timeout"
+_HEARTBEAT_FAILED: Final = "a heartbeat could not be written"  # the client left
+# Streams the clock looks at in one callback: between slices the loop polls its
+# sockets, so 10,000 streams' heartbeats never hold a request for long.
+_SLICE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,7 @@ class StreamHub:
         # _TICK, the metrics' delay. 10k open streams cost ~10 ms of CPU per second.
         limits = [x / 4 for x in (policy.heartbeat, policy.idle_timeout, policy.total_timeout)]
         self.tick = max(0.01, min([_TICK, *(x for x in limits if x > 0)]))
-        self._clock: asyncio.TimerHandle | None = None
+        self._clock: asyncio.Handle | None = None
 
     @property
     def executor(self) -> BoundedExecutor:
@@ -206,12 +210,21 @@ class StreamHub:
         return self.counts.as_dict()
 
     def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        for body in list(self.open):
+        self._tick_slice(loop, loop.time(), list(self.open), 0)
+
+    def _tick_slice(
+        self, loop: asyncio.AbstractEventLoop, now: float, bodies: list[StreamBody], start: int
+    ) -> None:
+        end = start + _SLICE
+        for body in bodies[start:end]:
             try:
                 body.tick(now)
             except Exception:  # one stream's bug must not stop every stream's clock
                 _log.exception("a stream's clock tick failed")
+        if end < len(bodies):
+            # The rest after the loop has polled: requests that came meanwhile go first.
+            self._clock = loop.call_soon(self._tick_slice, loop, now, bodies, end)
+            return
         # The streams that ended since the last tick are counted here too: the clock
         # stops only after the tick that follows the last stream.
         self.counts.flush()
@@ -366,27 +379,26 @@ class StreamBody(ResponseBody):
     # -- internals ----------------------------------------------------------------------
 
     def _write_beside(self, source: InlineSource, now: float) -> None:
-        """A heartbeat written by a task of its own while the generator waits."""
+        """A heartbeat written at once, while the generator waits: the server's send
+        is run right here, and only if it must wait (the socket is full) does a task
+        finish it. A task per heartbeat cost ~30 µs, and thousands of them alive at
+        once outlived young collections into the old generation, which then set off
+        full collections of the whole heap (docs/design.md, pitfall 16)."""
         send, heartbeat = self._send, self._encoder.heartbeat
         if send is None or heartbeat is None or self._loop is None:
             return  # no server send to write with (a body driven by hand)
         if source.beat is not None and not source.beat.done():
             return
         self._last_write = now
-        source.beat = self._loop.create_task(self._send_heartbeat(source, send, heartbeat))
-
-    async def _send_heartbeat(
-        self, source: InlineSource, send: ASGISendCallable, heartbeat: bytes
-    ) -> None:
-        try:
-            if not source.pulling or self._done:
-                return  # the response is writing again: the heartbeat is not needed
-            self._hub.counts.heartbeats.add()
-            await send({"type": "http.response.body", "body": heartbeat, "more_body": True})
-        except Exception:  # the client left: the response's own write will see it
-            _log.debug("a heartbeat could not be written", exc_info=True)
-        finally:
-            source.beat = None  # a held, finished task cost an idle stream 0.6 KB
+        self._hub.counts.heartbeats.add()
+        message: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": heartbeat,
+            "more_body": True,
+        }
+        beat = source.beat = start_now(send(message), self._loop, _HEARTBEAT_FAILED)
+        if beat is not None:  # a held, finished task cost an idle stream 0.6 KB
+            beat.add_done_callback(lambda _: setattr(source, "beat", None))
 
     def _flush(self) -> None:
         """Move this stream's tallies to the worker's counts."""
