@@ -15,7 +15,8 @@ async def test_openapi_document_lists_the_api(test_app: RunningApp) -> None:
     assert response.status_code == 200
     document: dict[str, Any] = await response.get_json()
     assert document["openapi"].startswith("3.")
-    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(document["paths"])
+    paths = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+    assert paths <= set(document["paths"])
     chat = document["components"]["schemas"]["ChatCompletionRequest"]
     assert {"model", "messages"} <= set(chat["required"])
     assert "max_tokens" in chat["properties"]
@@ -42,3 +43,24 @@ def test_ngram_model_is_deterministic_per_seed_and_greedy_at_zero() -> None:
 
     assert sample(1, 1.0) == sample(1, 1.0)
     assert set(sample(2, 0.0)) == {"c"}  # "a b" -> "c" three times, "d" once
+
+
+async def test_embeddings_refuse_bad_input_and_engines_that_do_not_embed(
+    test_app: RunningApp,
+) -> None:
+    client = test_app.test_client()
+    for bad in ([1, 2], [], "", [["a"]]):
+        answer = await client.post("/v1/embeddings", json={"model": "local-ngram", "input": bad})
+        assert answer.status_code == 400
+        error = (await answer.get_json())["error"]
+        assert (error["param"], error["code"]) == ("input", "invalid_value")
+        assert "token arrays are not supported" in error["message"]
+    answer = await client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+    assert answer.status_code == 404
+    assert (await answer.get_json())["error"]["code"] == "model_not_found"
+    # The n-gram engine generates but does not embed: said so, naming the model.
+    answer = await client.post("/v1/embeddings", json={"model": "local-ngram", "input": "x"})
+    assert answer.status_code == 400
+    error = (await answer.get_json())["error"]
+    assert (error["param"], error["code"]) == ("model", "embeddings_unsupported")
+    assert "local-ngram" in error["message"]

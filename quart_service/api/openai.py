@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+"""The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``.
 
 Every error under ``/v1`` has OpenAI's shape (rendered by :mod:`quart_service.errors`),
 so the official clients raise their usual exceptions::
@@ -9,7 +10,10 @@ so the official clients raise their usual exceptions::
 
 from __future__ import annotations
 
+import base64
 import json
+import math
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +24,11 @@ from quart import Blueprint, Response, request
 
 from ..context import engines, pool, snapshot
 from ..data.models import ModelConfig
-from ..engines.base import Engine, GenerationRequest, Message
+from ..engines.base import Embedder, Engine, GenerationRequest, Message
 from ..errors import InvalidParameter, ModelNotFound
 from ..streaming import sse
 from .generation import Generation
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = ["DEFAULT_MAX_TOKENS", "v1"]
 
@@ -142,6 +146,56 @@ async def completions() -> Response | dict[str, Any]:
         "choices": [{**choice, "logprobs": None}],
         "usage": generation.usage(),
     }
+
+
+@v1.post("/embeddings")
+async def embeddings() -> dict[str, Any]:
+    """Embeddings in OpenAI's shape, for one text or a list; ``encoding_format`` float
+    or base64 (little-endian float32, what the official client asks for by default)."""
+    body = await _body(EmbeddingRequest)
+    model = await _model(body.model)
+    engine = await _engine(model)
+    if not isinstance(engine, Embedder):
+        raise InvalidParameter(
+            f"The model '{model.name}' (engine '{model.engine}') does not embed text.",
+            param="model",
+            code="embeddings_unsupported",
+        )
+    size = body.dimensions
+    if size is not None and size > engine.dimensions:
+        raise InvalidParameter(
+            f"Invalid value for 'dimensions': the model's vectors have {engine.dimensions}.",
+            param="dimensions",
+            code="invalid_value",
+        )
+    texts = body.texts()
+    vectors = await engine.embed(texts)
+    tokens = sum(engine.count_tokens(text) for text in texts)
+    encode = _base64 if body.encoding_format == "base64" else _floats
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode(_shorten(vector, size))}
+        for i, vector in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return {"object": "list", "data": data, "model": model.name, "usage": usage}
+
+
+def _shorten(vector: list[float], size: int | None) -> list[float]:
+    """The first ``size`` components, scaled back to unit length (as OpenAI's
+    ``dimensions`` does for its own models)."""
+    if size is None or size >= len(vector):
+        return vector
+    head = vector[:size]
+    norm = math.sqrt(math.fsum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
+
+
+def _floats(vector: list[float]) -> list[float]:
+    return vector
+
+
+def _base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 async def _start(

@@ -10,7 +10,13 @@ from pydantic import BaseModel
 from quart import Blueprint
 
 from .._version import __version__
-from .schemas import ChatCompletionRequest, CompletionRequest, ModelCreate, ModelUpdate
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCreate,
+    ModelUpdate,
+)
 
 __all__ = ["document", "openapi"]
 
@@ -40,6 +46,7 @@ def document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         ChatCompletionRequest,
         CompletionRequest,
+        EmbeddingRequest,
         ModelCreate,
         ModelUpdate,
     ]
@@ -59,6 +66,9 @@ def document() -> dict[str, Any]:
             },
             "/v1/completions": {
                 "post": _operation("Text completion, whole or streamed", CompletionRequest)
+            },
+            "/v1/embeddings": {
+                "post": _operation("Embeddings of one text or a list", EmbeddingRequest)
             },
             "/admin/models": {
                 "get": {**_operation("List every model"), **admin},

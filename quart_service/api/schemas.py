@@ -8,13 +8,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 __all__ = [
+    "MAX_EMBEDDING_INPUTS",
     "MAX_TOKENS_LIMIT",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "EmbeddingRequest",
     "ModelCreate",
     "ModelUpdate",
     "Number",
@@ -23,6 +34,7 @@ __all__ = [
 ]
 
 MAX_TOKENS_LIMIT = 32_768
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 
 
 class _Lenient(BaseModel):
@@ -92,6 +104,36 @@ class CompletionRequest(_Sampling):
     def prompt_text(self) -> str:
         """The prompt (one prompt per request)."""
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingRequest(_Lenient):
+    """``POST /v1/embeddings``: one text or a list of them. Token arrays are refused:
+    token ids belong to one engine's tokenizer."""
+
+    model: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts_only(cls, value: Any) -> Any:
+        # One clear message instead of pydantic's one per member of the union.
+        texts = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(texts, list)
+            or not 1 <= len(texts) <= MAX_EMBEDDING_INPUTS
+            or not all(isinstance(t, str) and t for t in texts)
+        ):
+            raise ValueError(
+                f"must be a non-empty string or a list of 1 to {MAX_EMBEDDING_INPUTS} "
+                "non-empty strings (token arrays are not supported)"
+            )
+        return value
+
+    def texts(self) -> list[str]:
+        """The inputs as a list."""
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 class ModelCreate(BaseModel):

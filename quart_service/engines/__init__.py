@@ -1,12 +1,13 @@
 """Engines: what turns a prompt into text. Built in: ``local`` and ``upstream``."""
 
 from ..errors import EngineError
-from .base import Engine, EngineContext, EngineFactory, GenerationRequest, Message
+from .base import Embedder, Engine, EngineContext, EngineFactory, GenerationRequest, Message
 from .host import EngineHost
 from .registry import ENTRY_POINT_GROUP, EngineRegistry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "Embedder",
     "Engine",
     "EngineContext",
     "EngineError",

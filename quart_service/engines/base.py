@@ -14,15 +14,16 @@ reasons); an engine only generates.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
 from ..data.models import ModelConfig
 
 __all__ = [
+    "Embedder",
     "Engine",
     "EngineContext",
     "EngineFactory",
@@ -65,6 +66,17 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Release what the instance holds (called when its model row changes)."""
+        ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """An engine that also embeds text (``POST /v1/embeddings``)."""
+
+    dimensions: int  # the length of every vector it returns
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One unit-length vector per text, in order."""
         ...
 
 
