@@ -82,7 +82,7 @@ def test_an_admin_write_on_one_host_reaches_every_worker_of_every_host(
     with running_cluster(tmp_path, 3, redis.url, extra=extra) as cluster:
         writer = next(iter(cluster.workers(0).values()))
         delays: list[float] = []
-        for value in range(50):
+        for value in range(20):
             _write(writer, value)
             reached = wait_all(cluster.clients, "/data", _has_model(value), timeout=5)
             delays.append(max(reached.values()))

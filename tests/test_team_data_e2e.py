@@ -69,7 +69,7 @@ def test_a_team_table_changed_in_the_shell_reaches_every_worker_and_rebuilds_onc
                  lambda a: a["rendered"] == "Hello, world!", timeout=15)  # fmt: skip
         assert {_renderer_builds(c) for c in clients.values()} == {1}
         delays: list[float] = []
-        changes = 50
+        changes = 20
         for n in range(changes):
             template = f"Hi $who, #{n}"
             backend.shell(
