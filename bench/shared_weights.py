@@ -14,17 +14,24 @@ anonymous memory, and what the model added to PSS: in one worker alone, and in a
 them together (their ratio is the issue's criterion: at most 1.3 with mmap; a copy
 costs one per worker).
 
-Then the model's speed on one stream: in this process, ``--tokens`` greedy decoding
-steps after a 16-token prompt (wall and CPU per token); and through the server, one
-streamed completion of ``--tokens`` tokens (tokens/s seen by the client, and the
-serving worker's CPU per token from /proc).
+Then the model's speed on one stream: in a child process, ``--tokens`` greedy
+decoding steps after a 16-token prompt (wall and CPU per token), with OpenBLAS
+limited to one thread and with its default (a thread per core); and through the
+server (``--blas-threads`` per worker, 0: OpenBLAS's default), one streamed completion
+of ``--tokens`` tokens: tokens/s seen by the client, the worker's CPU per token (/proc).
+The child also decodes 32 prompts together and each alone (30 greedy steps, the same
+tokens fed to both) and prints how far batched logits drift and how often the
+likeliest token differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +39,7 @@ from statistics import median
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 
 from quart_service.engines.neural.model import GPT2Model
@@ -109,12 +117,13 @@ def _memory_round(folder: Path, weights: Path, warm: Path, workers: int, load: s
     return together / alone
 
 
-def _in_process_speed(weights: Path, tokens: int) -> None:
+def _speed(weights: Path, tokens: int) -> None:
+    """One stream's decoding speed in this process (run as a child: see _in_process_speed)."""
     model = GPT2Model.load(weights)
     rows = []
     for _ in range(3):
         state = model.new_state(list(range(32, 48)))
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall = time.perf_counter()
         logits = model.forward([state])
         prefill = time.perf_counter() - wall
         wall, cpu = time.perf_counter(), time.process_time()
@@ -126,14 +135,60 @@ def _in_process_speed(weights: Path, tokens: int) -> None:
         )
     prefill, per_token, cpu_token = (median(column) for column in zip(*rows, strict=True))
     print(
-        f"\nin process, one stream: prefill of 16 tokens {prefill * 1e3:.1f} ms; decoding "
-        f"{1 / per_token:.1f} tokens/s ({per_token * 1e3:.1f} ms wall, {cpu_token * 1e3:.1f} ms "
-        f"CPU per token, all threads of this process; median of 3 x {tokens} tokens)"
+        f"  prefill of 16 tokens {prefill * 1e3:.1f} ms; decoding {1 / per_token:.1f} tokens/s "
+        f"({per_token * 1e3:.1f} ms wall, {cpu_token * 1e3:.1f} ms CPU per token, all threads; "
+        f"median of 3 x {tokens} tokens)",
+        flush=True,
     )
 
 
-def _served_speed(folder: Path, weights: Path, tokens: int) -> None:
+def _batched_vs_alone(weights: Path, batch: int, steps: int) -> None:
+    """Greedy decoding of ``batch`` prompts together and each alone, fed the same tokens:
+    how far the logits of a row drift, and how often the likeliest token differs."""
+    model = GPT2Model.load(weights)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, 256, size=int(n))) for n in rng.integers(1, 40, size=batch)]
+    together = [model.new_state(p) for p in prompts]
+    alone = [model.new_state(p) for p in prompts]
+    worst, differing, identical, rows = 0.0, 0, 0, 0
+    for _ in range(steps):
+        batched = model.forward(together)
+        for i, state in enumerate(alone):
+            single = model.forward([state])[0]
+            worst = max(worst, float(np.abs(single - batched[i]).max()))
+            identical += int(np.array_equal(single, batched[i]))
+            differing += int(single.argmax() != batched[i].argmax())
+            rows += 1
+            token = int(single.argmax())
+            state.feed(token)
+            together[i].feed(token)
+    print(
+        f"  batched ({batch} states) vs alone, {rows} rows of logits: largest difference "
+        f"{worst:.1e}, bit-identical rows {identical}, rows whose argmax differs {differing}",
+        flush=True,
+    )
+
+
+def _in_process_speed(weights: Path, tokens: int) -> None:
+    # A child per setting: OpenBLAS reads its thread count when numpy is imported.
+    for threads in ("1", ""):
+        env = {k: v for k, v in os.environ.items() if k not in _BLAS_VARIABLES}
+        env.update(dict.fromkeys(_BLAS_VARIABLES, threads) if threads else {})
+        label = "1 thread" if threads else f"OpenBLAS's default ({os.cpu_count()} threads)"
+        print(f"\nin a process of its own, one stream, BLAS {label}:", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "bench.shared_weights", "--speed-of", str(weights),
+             "--tokens", str(tokens)],
+            env=env, check=True, timeout=600,
+        )  # fmt: skip
+
+
+_BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _served_speed(folder: Path, weights: Path, tokens: int, blas_threads: int) -> None:
     env = {
+        **(dict.fromkeys(_BLAS_VARIABLES, str(blas_threads)) if blas_threads else {}),
         "QUART_SERVICE_DATA_DIR": str(folder / "data-speed"),
         "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
         "QUART_SERVICE_REFRESH_INTERVAL": "0.5",
@@ -167,7 +222,8 @@ def _served_speed(folder: Path, weights: Path, tokens: int) -> None:
         wall = time.monotonic() - started
         cpu = sum(worker.cpu_times()[:2]) - cpu
     print(
-        f"served, one stream (1 worker): {count} tokens in {wall:.2f} s = {count / wall:.1f} "
+        f"\nserved, one stream (1 worker, BLAS threads {blas_threads or 'default'}): "
+        f"{count} tokens in {wall:.2f} s = {count / wall:.1f} "
         f"tokens/s, first token {first * 1e3:.0f} ms, worker CPU {cpu / count * 1e3:.1f} ms "
         "per token"
     )
@@ -181,7 +237,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="memory rounds per load mode")
+    parser.add_argument("--blas-threads", type=int, default=1, help="per served worker")
+    parser.add_argument("--speed-of", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.speed_of:
+        _speed(args.speed_of, args.tokens)
+        _batched_vs_alone(args.speed_of, batch=32, steps=30)
+        return
     config = GPT2Config(n_layer=args.layers, n_head=args.heads, n_embd=args.embd, vocab_size=256)
     warm_config = GPT2Config(n_layer=1, n_head=args.heads, n_embd=args.embd, vocab_size=256)
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +261,7 @@ def main() -> None:
             + "; ".join(f"{k} {', '.join(f'{r:.2f}x' for r in v)}" for k, v in ratios.items())
         )
         _in_process_speed(weights, args.tokens)
-        _served_speed(folder, weights, args.tokens)
+        _served_speed(folder, weights, args.tokens, args.blas_threads)
     own = resource.getrusage(resource.RUSAGE_SELF)
     cpu = own.ru_utime + own.ru_stime
     print(f"this process's CPU (load generator and in-process runs): {cpu:.1f} s")
