@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -21,6 +23,8 @@ from quart_service.engines.neural.sampling import Sampler
 from quart_service.engines.neural.weights import GPT2Config
 from quart_service.engines.registry import discover_factories
 from quart_service.errors import EngineError
+
+from .support.server import server_env
 
 CONFIG = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=260, n_ctx=64)
 
@@ -193,3 +197,20 @@ def test_sampling_rules() -> None:
     assert drawn == {1, 2}
     # A high temperature reaches every token.
     assert {Sampler(50.0, 1.0, s, 4).sample(logits) for s in range(200)} == {0, 1, 2, 3}
+
+
+def test_without_numpy_the_entry_point_loads_and_says_what_to_install() -> None:
+    script = """
+import asyncio, sys
+sys.modules["numpy"] = None  # as if numpy were not installed
+from quart_service.engines.neural import create
+from quart_service.errors import EngineError
+try:
+    asyncio.run(create(None, None))
+except EngineError as exc:
+    print(exc)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=server_env(), capture_output=True, text=True, timeout=60
+    )
+    assert "pip install 'quart_service[neural]'" in result.stdout, result.stderr

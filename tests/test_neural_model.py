@@ -171,6 +171,9 @@ def test_the_context_bounds_a_state(model: GPT2Model) -> None:
     model.forward([fed])
     with pytest.raises(EngineError, match="no pending"):
         model.forward([fed])
+    fed.feed(3)
+    with pytest.raises(EngineError, match="twice"):
+        model.forward([fed, fed])
 
 
 def test_embeddings_are_unit_mean_pooled_vectors(model: GPT2Model) -> None:

@@ -26,7 +26,7 @@ from .weights import GPT2Config, GPT2Weights, load_weights
 
 __all__ = ["DecodeState", "GPT2Model"]
 
-Array = npt.NDArray[np.float32]
+_Array = npt.NDArray[np.float32]
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_K = np.float32(0.044715)
@@ -50,8 +50,8 @@ class DecodeState:
         self.length = 0
         self.finished = False
         # Per layer: [heads, capacity, head_dim]; allocated on the first forward.
-        self._keys: list[Array] = []
-        self._values: list[Array] = []
+        self._keys: list[_Array] = []
+        self._values: list[_Array] = []
 
     def feed(self, token_id: int) -> None:
         """Queue ``token_id`` (the one just sampled) for the next forward pass."""
@@ -96,7 +96,7 @@ class GPT2Model:
         self._check_ids(prompt_ids)
         return DecodeState(prompt_ids)
 
-    def forward(self, states: Sequence[DecodeState]) -> Array:
+    def forward(self, states: Sequence[DecodeState]) -> _Array:
         """Feed each state's pending tokens, append them to its KV cache, and return the
         logits of its last position: ``[len(states), vocab]``.
 
@@ -106,10 +106,10 @@ class GPT2Model:
             return np.empty((0, self.config.vocab_size), dtype=np.float32)
         hidden, ends = self._hidden(states)
         last = _layer_norm(hidden[ends - 1], self.weights.ln_f_w, self.weights.ln_f_b, self._eps)
-        logits: Array = last @ self.weights.wte.T
+        logits: _Array = last @ self.weights.wte.T
         return logits
 
-    def embed(self, batch: Sequence[list[int]]) -> Array:
+    def embed(self, batch: Sequence[list[int]]) -> _Array:
         """One vector per sequence: the final hidden states (after the last layer norm)
         averaged over its positions, scaled to unit length. ``[len(batch), d]``.
         A sequence longer than the context keeps its first n_ctx tokens."""
@@ -121,7 +121,7 @@ class GPT2Model:
         starts = np.concatenate(([0], ends[:-1]))
         pooled = np.add.reduceat(normed, starts, axis=0) / (ends - starts)[:, None]
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        out: Array = (pooled / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
+        out: _Array = (pooled / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
         return out
 
     @property
@@ -136,10 +136,12 @@ class GPT2Model:
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise EngineError(f"token ids must be in [0, {self.config.vocab_size})")
 
-    def _hidden(self, states: Sequence[DecodeState]) -> tuple[Array, npt.NDArray[np.intp]]:
+    def _hidden(self, states: Sequence[DecodeState]) -> tuple[_Array, npt.NDArray[np.intp]]:
         """Run every state's pending tokens through the blocks; the residual stream of
         all of them, ``[N, d]``, and where each state's rows end."""
         config, w = self.config, self.weights
+        if len({id(s) for s in states}) != len(states):
+            raise EngineError("forward() of the same state twice in one batch")
         counts = [len(s.pending) for s in states]
         for state, count in zip(states, counts, strict=True):
             if not count:
@@ -154,11 +156,11 @@ class GPT2Model:
             [np.arange(s.length, s.length + n) for s, n in zip(states, counts, strict=True)]
         )
         ends = np.cumsum(counts)
-        x: Array = w.wte[tokens] + w.wpe[positions]
+        x: _Array = w.wte[tokens] + w.wpe[positions]
         eps = self._eps
         for layer, block in enumerate(w.blocks):
             h = _layer_norm(x, block.ln_1_w, block.ln_1_b, eps)
-            qkv: Array = h @ block.attn_w + block.attn_b
+            qkv: _Array = h @ block.attn_w + block.attn_b
             attended = self._attend(states, layer, qkv, ends - np.asarray(counts), ends)
             x = x + (attended @ block.attn_proj_w + block.attn_proj_b)
             h = _layer_norm(x, block.ln_2_w, block.ln_2_b, eps)
@@ -172,10 +174,10 @@ class GPT2Model:
         self,
         states: Sequence[DecodeState],
         layer: int,
-        qkv: Array,
+        qkv: _Array,
         starts: npt.NDArray[np.intp],
         ends: npt.NDArray[np.intp],
-    ) -> Array:
+    ) -> _Array:
         """Causal attention of each state's new rows over its cache; ``[N, d]``."""
         config = self.config
         d, n_head = config.n_embd, config.n_head
@@ -203,15 +205,15 @@ class GPT2Model:
         return out
 
 
-def _layer_norm(x: Array, weight: Array, bias: Array, eps: np.float32) -> Array:
+def _layer_norm(x: _Array, weight: _Array, bias: _Array, eps: np.float32) -> _Array:
     mean = x.mean(axis=-1, keepdims=True)
     centred = x - mean
     variance = (centred * centred).mean(axis=-1, keepdims=True)
-    out: Array = centred / np.sqrt(variance + eps) * weight + bias
+    out: _Array = centred / np.sqrt(variance + eps) * weight + bias
     return out
 
 
-def _gelu(x: Array) -> Array:
+def _gelu(x: _Array) -> _Array:
     # GPT-2's "gelu_new": the tanh approximation.
     out = _HALF * x * (_ONE + np.tanh(_GELU_C * (x + _GELU_K * x * x * x)))
     return out.astype(np.float32, copy=False)

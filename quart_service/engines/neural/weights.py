@@ -35,7 +35,7 @@ __all__ = ["Block", "GPT2Config", "GPT2Weights", "load_weights", "tensor_shapes"
 
 _log = logging.getLogger("quart_service.engines.neural")
 
-Array = npt.NDArray[np.float32]
+_Array = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,18 +116,18 @@ def tensor_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 class Block:
     """One transformer block's tensors (pre-LN: attention, then the MLP)."""
 
-    ln_1_w: Array
-    ln_1_b: Array
-    attn_w: Array  # [d, 3d]: q, k, v side by side
-    attn_b: Array
-    attn_proj_w: Array  # [d, d]
-    attn_proj_b: Array
-    ln_2_w: Array
-    ln_2_b: Array
-    fc_w: Array  # [d, 4d]
-    fc_b: Array
-    fc_proj_w: Array  # [4d, d]
-    fc_proj_b: Array
+    ln_1_w: _Array
+    ln_1_b: _Array
+    attn_w: _Array  # [d, 3d]: q, k, v side by side
+    attn_b: _Array
+    attn_proj_w: _Array  # [d, d]
+    attn_proj_b: _Array
+    ln_2_w: _Array
+    ln_2_b: _Array
+    fc_w: _Array  # [d, 4d]
+    fc_b: _Array
+    fc_proj_w: _Array  # [4d, d]
+    fc_proj_b: _Array
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +135,11 @@ class GPT2Weights:
     """A model's tensors, views of the mapped file where they are float32."""
 
     config: GPT2Config
-    wte: Array  # [vocab, d], also the LM head (tied)
-    wpe: Array  # [n_ctx, d]
+    wte: _Array  # [vocab, d], also the LM head (tied)
+    wpe: _Array  # [n_ctx, d]
     blocks: tuple[Block, ...]
-    ln_f_w: Array
-    ln_f_b: Array
+    ln_f_w: _Array
+    ln_f_b: _Array
     metadata: dict[str, str]
     private_bytes: int  # bytes this process holds in its own copies (0: all shared)
 
@@ -171,7 +171,7 @@ def load_weights(path: Path, *, copy: bool = False) -> GPT2Weights:
     config = GPT2Config.from_metadata(file.metadata) or _infer_config(file, prefix)
     private = 0
 
-    def get(name: str, shape: tuple[int, ...]) -> Array:
+    def get(name: str, shape: tuple[int, ...]) -> _Array:
         nonlocal private
         info = file.tensors.get(prefix + name)
         if info is None:
@@ -183,7 +183,7 @@ def load_weights(path: Path, *, copy: bool = False) -> GPT2Weights:
             )
         raw = file.tensor(prefix + name)
         if info.dtype == "F32" and raw.flags.aligned and not copy:
-            array: Array = raw
+            array: _Array = raw
             return array
         converted = _to_float32(raw, info.dtype, file.path, name)
         private += converted.nbytes
@@ -229,7 +229,7 @@ _BLOCK_TENSORS = (
 )
 
 
-def _to_float32(raw: npt.NDArray[Any], dtype: str, path: Path, name: str) -> Array:
+def _to_float32(raw: npt.NDArray[Any], dtype: str, path: Path, name: str) -> _Array:
     if dtype == "BF16":
         # bfloat16 is the top half of a float32.
         return (raw.astype(np.uint32) << 16).view(np.float32)
