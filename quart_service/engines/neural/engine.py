@@ -1,0 +1,184 @@
+"""``neural``: GPT-2 on numpy, its weights memory-mapped and shared by every worker.
+
+Parameters (the model row's):
+
+- ``weights`` (required): path of a GPT-2 ``.safetensors`` file (absolute, or relative
+  to the directory the server runs in).
+- ``tokenizer``: ``bytes`` (ids 0..255 are bytes), ``gpt2-bytes`` (GPT-2's byte tokens),
+  or the path of a ``tokenizer.json`` (needs the ``tokenizers`` package). Default: the
+  file's metadata says (``bytes`` for :mod:`.random_weights` files), else
+  ``gpt2-bytes``.
+- ``tokens_per_second``: pace the stream (0, the default: as fast as it computes).
+- ``load``: ``mmap`` (default: shared by every process on the host) or ``copy`` (a
+  private copy per process: for a file that may be rewritten in place, and for the
+  bench that shows what sharing saves).
+
+A generation is a :class:`Decoding`; :meth:`NeuralEngine.step` advances a batch of
+them by one token (the first step feeds the prompt), on the worker's pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ...data.models import ModelConfig
+from ...errors import EngineError
+from ..base import Engine, EngineContext, GenerationRequest
+from .model import DecodeState, GPT2Model
+from .sampling import Sampler
+from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
+
+__all__ = ["Decoding", "NeuralEngine", "create", "load_tokenizer"]
+
+
+class Decoding:
+    """One request's generation: the model's state, its sampler and token budget."""
+
+    __slots__ = ("eos_id", "n_ctx", "remaining", "sampler", "state")
+
+    def __init__(
+        self, state: DecodeState, sampler: Sampler, max_tokens: int, eos_id: int | None, n_ctx: int
+    ) -> None:
+        self.state = state
+        self.sampler = sampler
+        self.remaining = max_tokens
+        self.eos_id = eos_id
+        self.n_ctx = n_ctx
+        if max_tokens < 1:
+            state.finished = True
+
+    @property
+    def finished(self) -> bool:
+        """No more steps: max_tokens reached, end of text, or the context is full."""
+        return self.state.finished
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        self.state.finished = value
+
+    def accept(self, token_id: int) -> int | None:
+        """Take the sampled token: the token to emit, or None at the end of text."""
+        if token_id == self.eos_id:
+            self.state.finished = True
+            return None
+        self.remaining -= 1
+        if self.remaining <= 0 or self.state.length >= self.n_ctx:
+            self.state.finished = True
+        else:
+            self.state.feed(token_id)
+        return token_id
+
+
+class NeuralEngine:
+    """A GPT-2 model and its tokenizer, one instance per model row per worker."""
+
+    def __init__(
+        self, model: GPT2Model, tokenizer: Tokenizer, context: EngineContext, pace: float
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._context = context
+        self._pace = pace
+        self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def start(self, request: GenerationRequest) -> Decoding:
+        """A new generation for ``request``. A prompt longer than the context keeps its
+        end: as much as leaves room for max_tokens, at least half the context."""
+        config = self.model.config
+        ids = self.tokenizer.encode(request.prompt) or [self.tokenizer.bos_id]
+        keep = config.n_ctx - min(request.max_tokens - 1, config.n_ctx // 2)
+        state = self.model.new_state(ids[-keep:])
+        sampler = Sampler(request.temperature, request.top_p, request.seed, self._vocab_limit)
+        return Decoding(state, sampler, request.max_tokens, self.tokenizer.eos_id, config.n_ctx)
+
+    def step(self, decodings: Sequence[Decoding]) -> list[int | None]:
+        """One forward pass for all of ``decodings`` together, then a token sampled for
+        each: its id, or None where the model ended the text. Blocking: run it on the
+        pool."""
+        logits = self.model.forward([d.state for d in decodings])
+        return [d.accept(d.sampler.sample(row)) for d, row in zip(decodings, logits, strict=True)]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        decoding = self.start(request)
+        decoder = self.tokenizer.decoder()
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not decoding.finished:
+            # The one place a step reaches the pool (a batcher can take it over).
+            (token,) = await self._context.run_sync(self.step, (decoding,))
+            if token is None:
+                break
+            piece = decoder.feed(token)
+            if decoding.finished:
+                piece += decoder.flush()
+            if self._pace:
+                next_at += 1.0 / self._pace
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+            yield piece
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One unit vector per text (mean-pooled final hidden states). Blocking: run it
+        on the pool."""
+        batch = [self.tokenizer.encode(text) or [self.tokenizer.bos_id] for text in texts]
+        vectors: list[list[float]] = self.model.embed(batch).tolist()
+        return vectors
+
+    async def aclose(self) -> None:
+        # Nothing to release by hand: the mapping goes when the last array over it
+        # does (a step still running on the pool keeps it until it ends).
+        return None
+
+
+def load_tokenizer(spec: str | None, metadata: Mapping[str, str]) -> Tokenizer:
+    """The tokenizer named by the ``tokenizer`` parameter, or the weights' default."""
+    spec = spec or metadata.get("tokenizer") or "gpt2-bytes"
+    if spec == "bytes":
+        return ByteTokenizer("identity")
+    if spec == "gpt2-bytes":
+        return ByteTokenizer("gpt2")
+    if spec.endswith(".json"):
+        return JsonTokenizer(Path(spec))
+    raise EngineError(
+        f"parameter 'tokenizer' must be 'bytes', 'gpt2-bytes' or a tokenizer.json path, "
+        f"got {spec!r}"
+    )
+
+
+def _build(parameters: Mapping[str, Any]) -> tuple[GPT2Model, Tokenizer]:
+    weights = parameters.get("weights")
+    if not isinstance(weights, str) or not weights:
+        raise EngineError("parameter 'weights' must be the path of a .safetensors file")
+    load = parameters.get("load", "mmap")
+    if load not in ("mmap", "copy"):
+        raise EngineError(f"parameter 'load' must be 'mmap' or 'copy', got {load!r}")
+    spec = parameters.get("tokenizer")
+    if spec is not None and not isinstance(spec, str):
+        raise EngineError("parameter 'tokenizer' must be text")
+    model = GPT2Model.load(Path(weights), copy=load == "copy")
+    tokenizer = load_tokenizer(spec, model.weights.metadata)
+    if tokenizer.vocab_size > model.config.vocab_size and isinstance(tokenizer, ByteTokenizer):
+        raise EngineError(
+            f"the byte tokenizer needs a vocabulary of at least 256; {weights} has "
+            f"{model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def _pace(parameters: Mapping[str, Any]) -> float:
+    value = parameters.get("tokens_per_second", 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10_000:
+        raise EngineError(f"parameter 'tokens_per_second' must be in [0, 10000], got {value!r}")
+    return float(value)
+
+
+async def create(model: ModelConfig, context: EngineContext) -> Engine:
+    """Build the engine for ``model``: map its weights (on the pool) and its tokenizer."""
+    pace = _pace(model.parameters)
+    gpt2, tokenizer = await context.run_sync(_build, model.parameters)
+    return NeuralEngine(gpt2, tokenizer, context, pace)

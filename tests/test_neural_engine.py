@@ -1,0 +1,216 @@
+"""The neural engine: sampling rules, reproducibility, limits, embeddings, parameters."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from quart_service.data.models import ModelConfig
+from quart_service.engines.base import EngineContext, GenerationRequest
+from quart_service.engines.neural import create
+from quart_service.engines.neural.engine import NeuralEngine
+from quart_service.engines.neural.random_weights import write_random_weights
+from quart_service.engines.neural.sampling import Sampler
+from quart_service.engines.neural.weights import GPT2Config
+from quart_service.engines.registry import discover_factories
+from quart_service.errors import EngineError
+
+from .support.server import server_env
+
+CONFIG = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=260, n_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("neural") / "engine.safetensors"
+    write_random_weights(path, CONFIG, seed=11)
+    return path
+
+
+async def _run_sync(fn: Callable[..., Any], *args: Any) -> Any:
+    # What the service lends: a thread for each blocking job (its pool, here asyncio's).
+    return await asyncio.to_thread(partial(fn, *args))
+
+
+async def _no_http() -> httpx.AsyncClient:
+    raise AssertionError("the neural engine makes no HTTP calls")
+
+
+CONTEXT = EngineContext(run_sync=_run_sync, http_client=_no_http)
+
+
+def _row(parameters: dict[str, Any]) -> ModelConfig:
+    return ModelConfig.from_mapping(
+        {"name": "tiny-gpt2", "engine": "neural", "parameters": parameters, "enabled": True,
+         "updated_at": "2026-01-01T00:00:00Z"}
+    )  # fmt: skip
+
+
+async def _engine(weights: Path, **parameters: Any) -> NeuralEngine:
+    engine = await create(_row({"weights": str(weights), **parameters}), CONTEXT)
+    assert isinstance(engine, NeuralEngine)
+    return engine
+
+
+async def _text(engine: NeuralEngine, **fields: Any) -> list[str]:
+    request = GenerationRequest(**{"prompt": "We the People", "max_tokens": 24, **fields})
+    return [piece async for piece in engine.generate(request)]
+
+
+def test_the_entry_point_is_declared() -> None:
+    """``pip install -e .`` after pulling: the installed metadata declares ``neural``."""
+    assert "neural" in discover_factories()
+
+
+async def test_temperature_zero_is_deterministic_and_greedy(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    first = await _text(engine, temperature=0.0)
+    assert len(first) == 24  # one piece per token, max_tokens of them
+    assert first == await _text(engine, temperature=0.0, seed=99)  # the seed plays no part
+    # Greedy: each token is the argmax of the model's logits after the ones before.
+    ids = engine.tokenizer.encode("We the People")
+    state = engine.model.new_state(ids)
+    greedy = []
+    for _ in range(24):
+        token = int(engine.model.forward([state])[0][:256].argmax())
+        greedy.append(token)
+        state.feed(token)
+    decoder = engine.tokenizer.decoder()
+    expected = [decoder.feed(t) for t in greedy]
+    expected[-1] += decoder.flush()
+    assert first == expected
+
+
+async def test_the_same_seed_gives_the_same_text(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    texts = [await _text(engine, temperature=0.9, top_p=0.9, seed=s) for s in (1, 1, 2)]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+    assert "".join(texts[0]) == "".join(await _text(engine, temperature=0.9, top_p=0.9, seed=1))
+
+
+async def test_concurrent_generations_keep_their_own_state(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    alone = [await _text(engine, temperature=0.8, seed=s) for s in range(4)]
+    together = await asyncio.gather(*(_text(engine, temperature=0.8, seed=s) for s in range(4)))
+    assert list(together) == alone
+
+
+async def test_limits_of_a_generation(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    assert len(await _text(engine, max_tokens=1)) == 1
+    # An empty prompt starts from the tokenizer's start token.
+    assert len(await _text(engine, prompt="", max_tokens=3)) == 3
+    # A prompt longer than the context keeps its end; the context then ends the text.
+    long = await _text(engine, prompt="x" * 500, max_tokens=200, temperature=0.0)
+    assert 0 < len(long) < 200
+    decoding = engine.start(GenerationRequest(prompt="x" * 500, max_tokens=200))
+    assert decoding.state.pending == [ord("x")] * (CONFIG.n_ctx // 2)
+    assert engine.count_tokens("naïve") == 6  # bytes
+
+
+async def test_a_decoding_ends_at_the_end_of_text_token(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    decoding = engine.start(GenerationRequest(prompt="a", max_tokens=5))
+    decoding.eos_id = 7
+    assert decoding.accept(7) is None
+    assert decoding.finished
+    decoding = engine.start(GenerationRequest(prompt="a", max_tokens=5))
+    decoding.finished = True
+    assert decoding.state.finished
+
+
+async def test_steps_batch_several_decodings(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    requests = [GenerationRequest(prompt=p, max_tokens=6, temperature=0.0) for p in "abc"]
+    alone = []
+    for request in requests:
+        decoding = engine.start(request)
+        alone.append([engine.step([decoding])[0] for _ in range(6)])
+        assert decoding.finished
+    decodings = [engine.start(r) for r in requests]
+    together = [engine.step(decodings) for _ in range(6)]
+    assert [list(column) for column in zip(*together, strict=True)] == alone
+
+
+async def test_embeddings(weights_file: Path) -> None:
+    engine = await _engine(weights_file)
+    vectors = await CONTEXT.run_sync(engine.embed, ["We the People", "", "of the United States"])
+    assert len(vectors) == 3
+    assert all(len(v) == CONFIG.n_embd for v in vectors)
+    assert all(abs(float(np.linalg.norm(v)) - 1.0) < 1e-5 for v in vectors)
+    again = await CONTEXT.run_sync(engine.embed, ["We the People"])
+    np.testing.assert_allclose(again[0], vectors[0], atol=1e-5)
+    await engine.aclose()
+
+
+async def test_pace(weights_file: Path) -> None:
+    engine = await _engine(weights_file, tokens_per_second=200)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert len(await _text(engine, max_tokens=10)) == 10
+    assert loop.time() - started >= 10 / 200 * 0.9
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({}, "'weights'"),
+        ({"weights": "/nonexistent/model.safetensors"}, "cannot read"),
+        ({"load": "stream"}, "'load'"),
+        ({"tokenizer": 5}, "'tokenizer'"),
+        ({"tokens_per_second": -1}, "tokens_per_second"),
+    ],
+)
+async def test_bad_parameters_are_named(
+    weights_file: Path, parameters: dict[str, Any], message: str
+) -> None:
+    row = _row({"weights": str(weights_file), **parameters} if parameters else {})
+    with pytest.raises(EngineError, match=message):
+        await create(row, CONTEXT)
+
+
+async def test_the_byte_tokenizer_needs_256_ids(tmp_path: Path) -> None:
+    path = tmp_path / "narrow.safetensors"
+    write_random_weights(path, GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=100, n_ctx=8))
+    with pytest.raises(EngineError, match="at least 256"):
+        await _engine(path)
+
+
+def test_sampling_rules() -> None:
+    logits = np.array([0.0, 3.0, 2.9, -5.0], dtype=np.float32)
+    assert Sampler(0.0, 1.0, None, 4).sample(logits) == 1
+    assert Sampler(0.0, 1.0, None, 1).sample(logits) == 0  # only ids the tokenizer decodes
+    # top_p small: only the likeliest token is left.
+    assert {Sampler(1.0, 0.01, s, 4).sample(logits) for s in range(20)} == {1}
+    # top_p 0.9: the two close tokens, never the tail.
+    drawn = {Sampler(1.0, 0.9, s, 4).sample(logits) for s in range(200)}
+    assert drawn == {1, 2}
+    # A high temperature reaches every token.
+    assert {Sampler(50.0, 1.0, s, 4).sample(logits) for s in range(200)} == {0, 1, 2, 3}
+
+
+def test_without_numpy_the_entry_point_loads_and_says_what_to_install() -> None:
+    script = """
+import asyncio, sys
+sys.modules["numpy"] = None  # as if numpy were not installed
+from quart_service.engines.neural import create
+from quart_service.errors import EngineError
+try:
+    asyncio.run(create(None, None))
+except EngineError as exc:
+    print(exc)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=server_env(), capture_output=True, text=True, timeout=60
+    )
+    assert "pip install 'quart_service[neural]'" in result.stdout, result.stderr
