@@ -19,8 +19,12 @@ from typing import Any
 
 import pytest
 import uvloop
+from quart import Quart, Response
+from quart.typing import TestAppProtocol as RunningApp
 
+from quart_service import Settings, create_app, sse
 from quart_service.batching import Batcher, StepBatcher
+from quart_service.context import pool as worker_pool
 from quart_service.executor import BoundedExecutor
 
 Run = Callable[..., Awaitable[Any]]
@@ -409,6 +413,98 @@ async def test_steps_do_not_carry_a_streams_context(run: Run) -> None:
     async with asyncio.timeout(LIMIT):
         assert await asyncio.create_task(request()) == ["x"]
     assert seen == ["none"]
+
+
+# -- through the service: sse() over a StepBatcher, clients that leave, timeouts ------
+
+
+@dataclass
+class Counting:
+    """The app's batcher (made on first use, on the worker's pool) and its step."""
+
+    steps: Steps
+    batcher: StepBatcher[Counter, str] | None = None
+    executor: BoundedExecutor | None = None
+
+    def idle(self) -> bool:
+        """The stepping task has ended and no thread of the worker's pool is busy."""
+        assert self.batcher is not None
+        assert self.executor is not None
+        return not self.batcher.stats().running and self.executor.stats().active == 0
+
+
+@pytest.fixture
+def settings(tmp_path: Any) -> Settings:
+    return Settings(
+        identity_endpoint=True, data_dir=str(tmp_path / "data"), stream_idle_timeout=0.2
+    )
+
+
+@pytest.fixture
+def counting() -> Counting:
+    return Counting(Steps(gated=True))
+
+
+@pytest.fixture
+def app(settings: Settings, counting: Counting) -> Quart:
+    app = create_app(settings)
+
+    @app.get("/count/<name>/<int:limit>")
+    async def count(name: str, limit: int) -> Response:
+        executor = worker_pool()
+        executor.check_capacity()  # admission, as the API does before a stream starts
+        if counting.batcher is None:
+
+            async def run(fn: Callable[..., Any], *args: Any) -> Any:
+                return await asyncio.wrap_future(executor.submit_admitted(fn, *args))
+
+            counting.batcher = StepBatcher(counting.steps, run, max_batch=2)
+            counting.executor = executor
+        return sse(counting.batcher.stream(Counter(name, limit)))
+
+    return app
+
+
+async def test_a_client_that_leaves_an_sse_stream_frees_its_slot_for_a_waiting_one(
+    test_app: RunningApp, counting: Counting
+) -> None:
+    steps, client = counting.steps, test_app.test_client()
+    async with asyncio.timeout(LIMIT), client.request("/count/A/1000") as leaving:
+        await leaving.send_complete()
+        await until(lambda: len(steps.batches) == 1)
+        batcher = counting.batcher
+        assert batcher is not None
+        steps.release()
+        assert await leaving.receive() == b"data: A1\n\n"
+        await until(lambda: len(steps.batches) == 2)  # step 2 is on its thread, with A
+        others = [asyncio.create_task(client.get(f"/count/{n}/2")) for n in "BC"]
+        await until(lambda: batcher.stats().waiting == 2)  # one slot for two
+        await leaving.disconnect()
+        await until(lambda: batcher.stats().left_early == 1)
+        assert batcher.stats().active == 0
+        steps.release(10)
+        bodies = [await (await task).get_data(as_text=True) for task in others]
+    assert bodies == ["data: B1\n\ndata: B2\n\n", "data: C1\n\ndata: C2\n\n"]
+    # A's slot went to the next waiting stream at once; nobody stepped A again.
+    assert steps.batches == [["A"], ["A"], ["B", "C"], ["B", "C"]]
+    await until(counting.idle)
+
+
+async def test_an_sse_stream_timeout_leaves_the_batch(
+    test_app: RunningApp, counting: Counting
+) -> None:
+    steps = counting.steps
+    async with asyncio.timeout(LIMIT):
+        # The step never finishes in time: the stream's idle timeout cuts it.
+        response = await test_app.test_client().get("/count/A/5")
+        body = await response.get_data(as_text=True)
+    assert '"code":"stream_idle_timeout"' in body
+    batcher = counting.batcher
+    assert batcher is not None
+    assert (batcher.stats().active, batcher.stats().left_early) == (0, 1)
+    steps.release(10)
+    await until(counting.idle)
+    assert steps.batches == [["A"]]
 
 
 # -- Batcher --------------------------------------------------------------------------
