@@ -10,9 +10,12 @@ fails the test instead of holding CI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
+import random
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -413,6 +416,84 @@ async def test_steps_do_not_carry_a_streams_context(run: Run) -> None:
     async with asyncio.timeout(LIMIT):
         assert await asyncio.create_task(request()) == ["x"]
     assert seen == ["none"]
+
+
+@both_loops
+async def test_streams_that_finish_fail_and_leave_at_random_never_hang(
+    run: Run, pool: BoundedExecutor
+) -> None:
+    rng = random.Random(14)
+    max_batch = 6
+    failing = set(rng.sample(range(1, 120), 6))  # the steps that raise
+    seen: list[int] = []
+
+    def step(states: Sequence[Counter]) -> list[str]:
+        seen.append(len(states))
+        assert 1 <= len(states) <= max_batch
+        assert not any(state.finished for state in states)
+        assert len({id(state) for state in states}) == len(states)
+        if len(seen) in failing:
+            raise Boom(f"step {len(seen)}")
+        time.sleep(0.0005)  # long enough for streams to overlap, queue and leave mid-step
+        outputs = []
+        for state in states:
+            state.n += 1
+            state.finished = state.n >= state.limit
+            outputs.append(f"{state.name}{state.n}")
+        return outputs
+
+    batcher = StepBatcher(step, run, max_batch=max_batch, buffer=rng.choice([1, 2, 4]))
+    outcomes: dict[str, int] = {}
+
+    async def client(i: int) -> None:
+        state = Counter(f"s{i}-", rng.randint(1, 25))
+        how = rng.choice(["whole", "whole", "aclose", "break", "cancel", "timeout", "slow"])
+        after = rng.randint(0, 6)
+        await asyncio.sleep(rng.random() * 0.01)
+        outputs: list[str] = []
+
+        async def read() -> None:
+            async with contextlib.aclosing(batcher.stream(state)) as stream:
+                async for output in stream:
+                    outputs.append(output)
+                    if how == "slow":
+                        await asyncio.sleep(0.001)
+                    if how == "aclose" and len(outputs) > after:
+                        return
+
+        try:
+            if how == "break":
+                async for output in batcher.stream(state):  # no aclose: the GC finalizes
+                    outputs.append(output)
+                    if len(outputs) > after:
+                        break
+            elif how in ("cancel", "timeout"):
+                reading = asyncio.create_task(read())
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    if how == "timeout":
+                        async with asyncio.timeout(rng.random() * 0.01):
+                            await reading
+                    else:
+                        await asyncio.sleep(rng.random() * 0.01)
+                        reading.cancel()
+                        await reading
+            else:
+                await read()
+        except Boom:
+            pass
+        # Whatever happened, the outputs came in order, none lost or repeated.
+        assert outputs == expected(state.name, len(outputs))
+        if how in ("whole", "slow") and len(outputs) < state.limit:
+            assert state.n == len(outputs)  # it ended early: a step failed under it
+        outcomes[how] = outcomes.get(how, 0) + 1
+
+    async with asyncio.timeout(LIMIT * 3):
+        await asyncio.gather(*(client(i) for i in range(60)))
+    await idle(batcher, pool)
+    stats = batcher.stats()
+    assert (stats.active, stats.waiting) == (0, 0)
+    assert stats.largest_batch <= max_batch
+    assert sum(outcomes.values()) == 60
 
 
 # -- through the service: sse() over a StepBatcher, clients that leave, timeouts ------
