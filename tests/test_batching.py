@@ -310,6 +310,26 @@ async def test_a_slow_consumer_sits_steps_out_without_holding_the_others(
 
 
 @both_loops
+async def test_a_paused_stream_gives_its_slot_to_a_waiting_one_and_resumes_first(
+    run: Run, pool: BoundedExecutor
+) -> None:
+    steps = Steps()
+    batcher = StepBatcher(steps, run, max_batch=1, buffer=1)
+    slow = batcher.stream(Counter("A", 4))
+    async with asyncio.timeout(LIMIT):
+        taken = [await anext(slow)]  # then its consumer stops reading
+        await until(lambda: batcher.stats().paused == 1)
+        # The only slot is A's, but A's client reads nothing: B takes the slot.
+        assert await collect(batcher.stream(Counter("B", 3))) == expected("B", 3)
+        stats = batcher.stats()
+        assert (stats.active, stats.paused, stats.running) == (0, 1, False)  # A parked
+        taken += [output async for output in slow]  # A reads again: back in the batch
+    assert taken == expected("A", 4)
+    assert steps.batches == [["A"], ["A"], ["B"], ["B"], ["B"], ["A"], ["A"]]
+    await idle(batcher, pool)
+
+
+@both_loops
 async def test_a_step_exception_ends_every_stream_of_that_step_and_the_batcher_recovers(
     run: Run, pool: BoundedExecutor
 ) -> None:

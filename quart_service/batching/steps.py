@@ -20,11 +20,13 @@ start to end:
   leaves it out. Do not reuse a state after its stream left: that last step may still
   be writing to it.
 - **Slow consumers.** Each stream keeps at most ``buffer`` outputs its consumer has
-  not taken. A stream whose buffer is full sits the next steps out (it keeps its
-  slot and its place in the sequence, nothing is lost) until its consumer takes an
-  output; the other streams step on without waiting for it. When every active stream
-  is paused so, no step runs and no thread is busy until one reads. A consumer that
-  never reads again is ended by the stream's own idle timeout.
+  not taken. A stream whose buffer is full sits the next steps out (its state waits,
+  nothing is lost or reordered) until its consumer takes an output; the other streams
+  step on without waiting for it. While streams wait for a slot, a paused stream gives
+  its slot up (it is *parked*) and, once its consumer reads, waits for a slot again
+  ahead of new streams; so a client that stops reading holds neither the batch nor
+  the queue. When every stream is paused, no step runs and no thread is busy until
+  one reads.
 - **Failures.** An exception from ``step`` (or ``run``, or a wrong number of
   outputs) ends every stream of that step: each one's iterator raises it, after the
   outputs it already had. Streams that sat the step out, and later streams, go on.
@@ -75,20 +77,28 @@ class StepStats:
     left_early: int  # streams that left before their state finished
     active: int  # streams in the batch now
     waiting: int  # streams waiting for a slot now
-    paused: int  # active streams sitting steps out: their consumer is behind
+    paused: int  # streams sitting steps out, their consumer behind (parked ones included)
     running: bool  # the stepping task exists
+
+
+# Where a stream is: waiting for a slot, in the batch, parked (paused, its slot given
+# up), or gone (ended or left: in no collection).
+_WAITING, _ACTIVE, _PARKED, _GONE = 0, 1, 2, 3
 
 
 class _Stream(Generic[S, O]):
     """One stream's place in the batcher."""
 
-    __slots__ = ("done", "error", "joined", "left", "outputs", "state", "waiter")
+    __slots__ = ("done", "error", "left", "outputs", "place", "sat_out", "state", "waiter")
 
     def __init__(self, state: S) -> None:
         self.state = state
         self.outputs: deque[O] = deque()  # stepped, not yet taken by the consumer
         self.waiter: asyncio.Future[None] | None = None  # the consumer waits for an output
-        self.joined = False  # active (else waiting for a slot)
+        self.place = _WAITING
+        # Steps it sat out since its consumer last took an output from a full buffer: a
+        # stream is parked only after its consumer had the time of a step to read.
+        self.sat_out = 0
         self.done = False  # no more outputs: finished, failed, or the batcher stopped
         self.error: BaseException | None = None
         # The consumer left. Set on the event loop, read by the step job on its thread
@@ -130,6 +140,7 @@ class StepBatcher(Generic[S, O]):
         self._buffer = buffer
         self._active: list[_Stream[S, O]] = []
         self._waiting: deque[_Stream[S, O]] = deque()
+        self._parked: list[_Stream[S, O]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None  # the task waits: all are paused
         self._steps_run = self._stepped = self._largest = 0
@@ -149,7 +160,7 @@ class StepBatcher(Generic[S, O]):
                 outputs = entry.outputs
                 if outputs:
                     if len(outputs) >= self._buffer:
-                        self._poke()  # it sat steps out: it may step again
+                        self._resume(entry)  # it sat steps out: it may step again
                     yield outputs.popleft()
                 elif entry.done:
                     if entry.error is not None:
@@ -175,7 +186,8 @@ class StepBatcher(Generic[S, O]):
             left_early=self._left_early,
             active=len(self._active),
             waiting=len(self._waiting),
-            paused=sum(1 for entry in self._active if len(entry.outputs) >= buffer),
+            paused=len(self._parked)
+            + sum(1 for entry in self._active if len(entry.outputs) >= buffer),
             running=self._task is not None,
         )
 
@@ -187,6 +199,17 @@ class StepBatcher(Generic[S, O]):
             # and must not keep that request's context (and what it references) alive.
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._steps(), context=contextvars.Context())
+        else:
+            self._poke()
+
+    def _resume(self, entry: _Stream[S, O]) -> None:
+        entry.sat_out = 0
+        if entry.place == _PARKED:
+            # Admitted before the streams still waiting: back to the front of the queue.
+            self._parked.remove(entry)
+            entry.place = _WAITING
+            self._waiting.appendleft(entry)
+            self._start()
         else:
             self._poke()
 
@@ -210,7 +233,12 @@ class StepBatcher(Generic[S, O]):
                 self._admit()
                 if not self._active:
                     return
-                batch = [entry for entry in self._active if len(entry.outputs) < self._buffer]
+                batch = []
+                for entry in self._active:
+                    if len(entry.outputs) < self._buffer:
+                        batch.append(entry)
+                    else:
+                        entry.sat_out += 1
                 if not batch:
                     # Every consumer is behind: wait for a read, a leave or a newcomer.
                     self._wake = wake = loop.create_future()
@@ -250,18 +278,28 @@ class StepBatcher(Generic[S, O]):
             # Cancelled (the event loop is closing): no stream may wait for a step that
             # will never come.
             stopped = RuntimeError("the step batcher was stopped; the stream cannot go on")
-            for entry in [*self._active, *self._waiting]:
+            for entry in [*self._active, *self._waiting, *self._parked]:
                 self._end(entry, stopped)
             raise
         finally:
             self._task = None
 
     def _admit(self) -> None:
-        """Fill free slots from the waiting streams (between steps only)."""
+        """Fill free slots from the waiting streams (between steps only); while streams
+        wait and no slot is free, paused streams give theirs up."""
         waiting, active = self._waiting, self._active
+        if waiting and len(active) >= self._max_batch:
+            buffer = self._buffer
+            paused = [e for e in active if len(e.outputs) >= buffer and e.sat_out > 0]
+            for entry in paused:
+                if len(active) < self._max_batch - len(waiting) + 1:
+                    break  # enough slots for every waiting stream
+                active.remove(entry)
+                entry.place = _PARKED
+                self._parked.append(entry)
         while waiting and len(active) < self._max_batch:
             entry = waiting.popleft()
-            entry.joined = True
+            entry.place = _ACTIVE
             active.append(entry)
 
     def _job(self, batch: list[_Stream[S, O]]) -> tuple[list[_Stream[S, O]], Sequence[O] | None]:
@@ -284,8 +322,10 @@ class StepBatcher(Generic[S, O]):
         entry.wake()
 
     def _detach(self, entry: _Stream[S, O]) -> None:
-        if entry.joined:
+        place, entry.place = entry.place, _GONE
+        if place == _ACTIVE:
             self._active.remove(entry)
-            entry.joined = False
-        else:
+        elif place == _PARKED:
+            self._parked.remove(entry)
+        elif place == _WAITING:
             self._waiting.remove(entry)
