@@ -371,6 +371,45 @@ async def test_a_wrong_number_of_outputs_fails_the_streams_of_that_step(run: Run
 
 
 @both_loops
+async def test_a_step_or_job_that_raises_stopiteration_fails_its_callers_instead_of_hanging(
+    run: Run,
+) -> None:
+    # next() on an empty iterator inside the job: a future cannot carry StopIteration.
+    def step(states: Sequence[Counter]) -> list[str]:
+        return [next(iter([]))]
+
+    def fn(items: Sequence[int]) -> list[int]:
+        return [next(iter([]))]
+
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await collect(StepBatcher(step, run, max_batch=2).stream(Counter("A", 2)))
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await Batcher(fn, run, max_batch=2, max_wait=0.0).call(1)
+
+
+@both_loops
+async def test_a_stepping_task_cancelled_under_its_streams_ends_them(run: Run) -> None:
+    """What the event loop's shutdown does to the stepping task: its streams end with
+    an error instead of waiting for a step that will never come."""
+    steps = Steps(gated=True)
+    batcher = StepBatcher(steps, run, max_batch=1)
+    active = consume(batcher, Counter("A", 5))
+    await until(lambda: len(steps.batches) == 1)
+    waiting = consume(batcher, Counter("B", 5))
+    await until(lambda: batcher.stats().waiting == 1)
+    task = batcher._task  # private: the test stands in for the loop's shutdown
+    assert task is not None
+    task.cancel()
+    async with asyncio.timeout(LIMIT):
+        for stream in (active, waiting):
+            with pytest.raises(RuntimeError, match="stopped"):
+                await stream
+    steps.release(10)
+    assert not batcher.stats().running
+
+
+@both_loops
 async def test_the_stepping_task_stops_when_no_stream_is_left_and_starts_again(
     run: Run, pool: BoundedExecutor
 ) -> None:
