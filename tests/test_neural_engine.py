@@ -144,12 +144,23 @@ async def test_steps_batch_several_decodings(weights_file: Path) -> None:
 
 async def test_embeddings(weights_file: Path) -> None:
     engine = await _engine(weights_file)
-    vectors = await CONTEXT.run_sync(engine.embed, ["We the People", "", "of the United States"])
+    vectors = await CONTEXT.run_sync(
+        engine.embed_now, ["We the People", "", "of the United States"]
+    )
     assert len(vectors) == 3
     assert all(len(v) == CONFIG.n_embd for v in vectors)
     assert all(abs(float(np.linalg.norm(v)) - 1.0) < 1e-5 for v in vectors)
-    again = await CONTEXT.run_sync(engine.embed, ["We the People"])
+    again = await CONTEXT.run_sync(engine.embed_now, ["We the People"])
     np.testing.assert_allclose(again[0], vectors[0], atol=1e-5)
+    # Concurrent requests through the engine's batcher: each gets its own vectors.
+    texts = [["We the People"], ["of the United States", "We the People"], [""]]
+    answers = await asyncio.gather(*(engine.embed(t) for t in texts))
+    np.testing.assert_allclose(answers[0][0], vectors[0], atol=1e-5)
+    np.testing.assert_allclose(answers[1][0], vectors[2], atol=1e-5)
+    np.testing.assert_allclose(answers[1][1], vectors[0], atol=1e-5)
+    np.testing.assert_allclose(answers[2][0], vectors[1], atol=1e-5)
+    stats = engine.stats()["embeddings"]
+    assert stats["items"] == 4 and stats["jobs"] < 4  # grouped into fewer jobs
     await engine.aclose()
 
 

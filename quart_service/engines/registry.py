@@ -102,11 +102,21 @@ class EngineRegistry:
             return engine
 
     def status(self) -> list[dict[str, Any]]:
-        """Each built engine's model, instance id and build time."""
-        return [
-            {"model": name, "instance_id": b.instance_id, "built_at": b.built_at}
-            for name, b in sorted(self._built.items())
-        ]
+        """Each built engine's model, instance id and build time, and its own
+        counters where it keeps some (a ``stats()`` method: the neural engine's
+        batchers)."""
+        answer = []
+        for name, built in sorted(self._built.items()):
+            row: dict[str, Any] = {
+                "model": name,
+                "instance_id": built.instance_id,
+                "built_at": built.built_at,
+            }
+            stats = getattr(built.engine, "stats", None)
+            if callable(stats):
+                row["stats"] = stats()
+            answer.append(row)
+        return answer
 
     async def aclose(self) -> None:
         """Close every instance (at shutdown)."""

@@ -12,18 +12,27 @@ Parameters (the model row's):
 - ``load``: ``mmap`` (default: shared by every process on the host) or ``copy`` (a
   private copy per process: for a file that may be rewritten in place, and for the
   bench that shows what sharing saves).
+- ``max_batch``: streams decoded together in one step (default 32); ``0`` steps each
+  stream alone (one pool job per token each: the unbatched baseline).
+- ``embed_batch``: texts embedded together in one job (default 64); ``0`` embeds each
+  request's texts alone.
 
 A generation is a :class:`Decoding`; :meth:`NeuralEngine.step` advances a batch of
-them by one token (the first step feeds the prompt), on the worker's pool.
+them by one token (the first step feeds the prompt), on the worker's pool. Streams
+share steps through a :class:`~quart_service.batching.StepBatcher` (continuous
+batching: a stream joins and leaves between steps), embeddings share jobs through a
+:class:`~quart_service.batching.Batcher`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ...batching import Batcher, StepBatcher
 from ...data.models import ModelConfig
 from ...errors import EngineError
 from ..base import Engine, EngineContext, GenerationRequest
@@ -76,13 +85,37 @@ class NeuralEngine:
     """A GPT-2 model and its tokenizer, one instance per model row per worker."""
 
     def __init__(
-        self, model: GPT2Model, tokenizer: Tokenizer, context: EngineContext, pace: float
+        self,
+        model: GPT2Model,
+        tokenizer: Tokenizer,
+        context: EngineContext,
+        pace: float,
+        max_batch: int = 32,
+        embed_batch: int = 64,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.dimensions = model.config.n_embd
         self._context = context
         self._pace = pace
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
+        run = context.run_sync
+        self._steps: StepBatcher[Decoding, int | None] | None = (
+            StepBatcher(self.step, run, max_batch=max_batch) if max_batch else None
+        )
+        # No added wait: while one job runs the next batch fills by itself.
+        self._embeds: Batcher[str, list[float]] | None = (
+            Batcher(self.embed_now, run, max_batch=embed_batch, max_wait=0.0)
+            if embed_batch
+            else None
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """The batchers' counters (``/debug/identity``, the benchmarks)."""
+        return {
+            "steps": asdict(self._steps.stats()) if self._steps is not None else None,
+            "embeddings": asdict(self._embeds.stats()) if self._embeds is not None else None,
+        }
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -109,20 +142,41 @@ class NeuralEngine:
         decoder = self.tokenizer.decoder()
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while not decoding.finished:
-            # The one place a step reaches the pool (a batcher can take it over).
-            (token,) = await self._context.run_sync(self.step, (decoding,))
-            if token is None:
-                break
-            piece = decoder.feed(token)
-            if decoding.finished:
-                piece += decoder.flush()
-            if self._pace:
-                next_at += 1.0 / self._pace
-                await asyncio.sleep(max(0.0, next_at - loop.time()))
-            yield piece
+        tokens = self._tokens(decoding)
+        try:
+            async for token in tokens:
+                if token is None:
+                    break
+                piece = decoder.feed(token)
+                if decoding.finished:
+                    piece += decoder.flush()
+                if self._pace:
+                    next_at += 1.0 / self._pace
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+                yield piece
+        finally:
+            # Leave the batch now (a client gone, a timeout), not when collected.
+            await tokens.aclose()
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+    async def _tokens(self, decoding: Decoding) -> AsyncGenerator[int | None, None]:
+        """The decoding's tokens: from the shared steps, or one pool job each."""
+        if self._steps is not None:
+            async for token in self._steps.stream(decoding):
+                yield token
+            return
+        while not decoding.finished:
+            (token,) = await self._context.run_sync(self.step, (decoding,))
+            yield token
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One unit vector per text, grouped with other requests' texts into one job."""
+        if self._embeds is None:
+            vectors: list[list[float]] = await self._context.run_sync(self.embed_now, texts)
+            return vectors
+        embeds = self._embeds
+        return list(await asyncio.gather(*(embeds.call(text) for text in texts)))
+
+    def embed_now(self, texts: Sequence[str]) -> list[list[float]]:
         """One unit vector per text (mean-pooled final hidden states). Blocking: run it
         on the pool."""
         batch = [self.tokenizer.encode(text) or [self.tokenizer.bos_id] for text in texts]
@@ -179,6 +233,16 @@ def _pace(parameters: Mapping[str, Any]) -> float:
 
 async def create(model: ModelConfig, context: EngineContext) -> Engine:
     """Build the engine for ``model``: map its weights (on the pool) and its tokenizer."""
-    pace = _pace(model.parameters)
-    gpt2, tokenizer = await context.run_sync(_build, model.parameters)
-    return NeuralEngine(gpt2, tokenizer, context, pace)
+    parameters = model.parameters
+    pace = _pace(parameters)
+    max_batch = _count(parameters, "max_batch", 32)
+    embed_batch = _count(parameters, "embed_batch", 64)
+    gpt2, tokenizer = await context.run_sync(_build, parameters)
+    return NeuralEngine(gpt2, tokenizer, context, pace, max_batch, embed_batch)
+
+
+def _count(parameters: Mapping[str, Any], name: str, default: int) -> int:
+    value = parameters.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4096:
+        raise EngineError(f"parameter '{name}' must be an integer in [0, 4096], got {value!r}")
+    return value
