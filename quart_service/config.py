@@ -68,6 +68,13 @@ class Settings:
         "Jobs that may wait for a pool thread; beyond that, requests get 503.",
         minimum=0,
     )
+    native_threads: int = _setting(
+        0,
+        "Threads each worker's native libraries may use (OpenBLAS, OpenMP, MKL; engines "
+        "size onnxruntime or PyTorch pools by it). 0: the CPUs this process may use "
+        "(affinity, cgroup quota) divided by the workers, at least 1; -1: no caps.",
+        minimum=-1,
+    )
     retry_after: float = _setting(
         1 * SECONDS, "Seconds sent in Retry-After when a request is shed.", minimum=0
     )

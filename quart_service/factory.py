@@ -21,6 +21,7 @@ from .data.layer import DataLayer
 from .engines.host import EngineHost
 from .errors import install_error_handlers
 from .executor import Pool
+from .native_threads import cap_native_threads
 from .observability.observer import RequestObserver, mark_route
 from .plugins.loader import import_string, load_plugins
 from .plugins.wsgi import WSGIMounts
@@ -45,6 +46,12 @@ def create_app(
     routes, ``blueprints``, this process's ``resources`` and the ``datasets`` they
     read, declared (nothing is created or loaded here)."""
     settings = Settings.from_env() if settings is None else settings
+    # First, before team plugins are imported below and before any engine or resource
+    # loads a model library: the native thread caps must be in the environment when a
+    # library loads (OpenBLAS starts its threads then). Under the hypercorn command
+    # this is the first code of ours a worker runs; quart-service serve applied them
+    # earlier, before the app module was imported (see quart_service.native_threads).
+    native = cap_native_threads(settings.native_threads)
     app = Quart("quart_service", static_folder=None)
     app.config.update(
         RESPONSE_TIMEOUT=settings.response_timeout or None,
@@ -93,7 +100,7 @@ def create_app(
         # skip: a team whose migrations fail is skipped; fail: the worker does not start.
         on_source_failure=plugins.fail if settings.plugin_failure == "skip" else None,
     )
-    engines = EngineHost(registry, pool)
+    engines = EngineHost(registry, pool, native.threads)
     for spec in [*plugins.resources, *resources]:
         registry.declare(spec)
     app.before_request(plugins.gate)
@@ -109,7 +116,9 @@ def create_app(
 
     # The registry starts after the parts its resources need (the snapshot needs the
     # data layer), so warming and the required resources find them ready.
-    service = Service(settings, [pool, streams, data, engines, plugins, registry], streams)
+    service = Service(
+        settings, [pool, streams, data, engines, plugins, registry], streams, native=native
+    )
     # Outermost: ids, access log and metrics see what the client sees.
     observer = RequestObserver(app.asgi_app, settings, lambda: service.drain.draining)
     service.observer = observer

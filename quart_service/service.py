@@ -24,6 +24,7 @@ from quart import Quart
 from .config import Settings
 from .context import SETTINGS_KEY
 from .drain import Drain
+from .native_threads import NativeBudget
 from .observability.logs import configure_logging
 from .observability.metrics import Metrics, enable_multiprocess
 from .observability.observer import RequestObserver
@@ -48,10 +49,12 @@ class Service:
         parts: Sequence[Part],
         streams: StreamHub,
         observer: RequestObserver | None = None,
+        *,
+        native: NativeBudget | None = None,
     ) -> None:
         self.settings = settings
         self.drain = Drain(settings.stream_drain_timeout, streams, self._is_stopping, self.stop)
-        self.worker = _Worker()
+        self.worker = _Worker(native)
         self.parts: tuple[Part, ...] = (self.worker, *parts, self.drain)
         self.worker.parts = [part.name for part in self.parts]
         self.observer = observer
@@ -86,6 +89,10 @@ class Service:
             self._started.append(part)
         metrics.sample()
         self._sampler = asyncio.get_running_loop().create_task(self._sample_every())
+        if self.worker.native is not None:
+            _log.info(
+                "worker %d: native thread budget %s", os.getpid(), self.worker.native.describe()
+            )
         _log.info("worker %d serving: %s", os.getpid(), self._summary())
 
     async def stop(self) -> None:
@@ -124,13 +131,15 @@ class Service:
 
 
 class _Worker:
-    """The worker process itself, as a part: when it started, which parts it has."""
+    """The worker process itself, as a part: when it started, which parts it has, its
+    native thread budget."""
 
     name = "worker"
 
-    def __init__(self) -> None:
+    def __init__(self, native: NativeBudget | None = None) -> None:
         self.started_at: float | None = None
         self.parts: list[str] = []
+        self.native = native
 
     async def start(self, metrics: Metrics) -> None:
         self.started_at = time.time()
@@ -148,6 +157,7 @@ class _Worker:
             "started_at": self.started_at,
             "uptime": round(time.time() - started, 3),
             "parts": self.parts,
+            "native_threads": self.native.as_dict() if self.native is not None else None,
         }
 
 

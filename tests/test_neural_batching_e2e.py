@@ -163,9 +163,10 @@ def test_embeddings_through_the_official_client(tmp_path: Path) -> None:
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         # The client asks for base64 by default and decodes it into floats itself.
         one = client.embeddings.create(model="gpt", input="We the People")
-        assert len(one.data) == 1 and len(one.data[0].embedding) == SMALL.n_embd
+        assert len(one.data) == 1
+        assert len(one.data[0].embedding) == SMALL.n_embd
         assert abs(sum(x * x for x in one.data[0].embedding) - 1.0) < 1e-4
-        assert one.usage.prompt_tokens == len("We the People".encode())
+        assert one.usage.prompt_tokens == len(b"We the People")
         texts = ["of the United States", "We the People", "in Order to form"]
         many = client.embeddings.create(model="gpt", input=texts, encoding_format="float")
         assert [d.index for d in many.data] == [0, 1, 2]

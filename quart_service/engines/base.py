@@ -82,10 +82,21 @@ class Embedder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class EngineContext:
-    """What the service lends an engine: the shared pool and HTTP client."""
+    """What the service lends an engine: the shared pool, the HTTP client, and the
+    worker's native thread budget.
+
+    ``native_threads`` is how many threads a native runtime may use in this worker
+    (the ``native_threads`` setting; by default the CPUs this process may use divided
+    by the workers). OpenBLAS and OpenMP are capped already (``OMP_NUM_THREADS`` and
+    the others are set before libraries load); size what no variable reaches by it:
+    onnxruntime's ``SessionOptions.intra_op_num_threads`` (and ``inter_op_num_threads
+    = 1``), ``torch.set_num_threads``. The service always passes it; the default
+    (one thread) is for engines built in tests.
+    """
 
     run_sync: Callable[..., Awaitable[Any]]  # run_sync(fn, *args) on the shared pool
     http_client: Callable[[], Awaitable[httpx.AsyncClient]]  # this process's client
+    native_threads: int = 1
 
 
 EngineFactory = Callable[[ModelConfig, EngineContext], Awaitable[Engine]]

@@ -77,9 +77,10 @@ class EngineHost:
 
     name = "ai"
 
-    def __init__(self, registry: ResourceRegistry, pool: Pool) -> None:
+    def __init__(self, registry: ResourceRegistry, pool: Pool, native_threads: int = 1) -> None:
         self._registry = registry
         self._pool = pool
+        self._native_threads = native_threads
         self._engines: EngineRegistry | None = None
         self.counts = AICounts()
         registry.declare(Resource(HTTP_CLIENT, _open_client, close=_close_client))
@@ -110,7 +111,11 @@ class EngineHost:
         return {**self.counts.as_dict(), "engines": engines}
 
     async def _open_engines(self) -> EngineRegistry:
-        context = EngineContext(run_sync=self._run_sync, http_client=self._http_client)
+        context = EngineContext(
+            run_sync=self._run_sync,
+            http_client=self._http_client,
+            native_threads=self._native_threads,
+        )
         self._engines = EngineRegistry(discover_factories(), context)
         return self._engines
 

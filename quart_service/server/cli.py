@@ -102,6 +102,7 @@ def serve(
 
     from hypercorn.config import Config
 
+    from ..native_threads import WORKERS_ENV
     from ..observability.metrics import enable_multiprocess
     from .supervisor import Supervisor
 
@@ -120,6 +121,9 @@ def serve(
     config.workers = max(config.workers, 1)
     if server != "hypercorn":
         argv = other_server_argv(server, app, config, settings.stream_drain_timeout)
+        # How each worker learns the worker count for its native thread budget:
+        # Granian's workers carry no config we can read (quart_service.native_threads).
+        os.environ[WORKERS_ENV] = str(config.workers)
         click.echo(f"quart_service: exec {shlex.join(argv)}", err=True)
         os.execv(argv[0], argv)
     if config.graceful_timeout < settings.stream_drain_timeout + 1:

@@ -20,7 +20,10 @@ from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import load_application
 
+from ..config import Settings
 from ..drain import on_server_stop
+from ..errors import SettingsError
+from ..native_threads import cap_native_threads
 
 __all__ = ["READY", "STOPPING", "run_worker"]
 
@@ -38,6 +41,7 @@ def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
     # the supervisor's (rolling restart), never a worker's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _cap_native_threads(config.workers)
     app = load_application(config.application_path, config.wsgi_max_body_size)
     servers: list[asyncio.AbstractServer] = []
 
@@ -78,6 +82,21 @@ def run_worker(config: Config, sockets: Sockets, ready: Connection) -> None:
         runner.run(
             worker_serve(app, config, sockets=sockets, shutdown_trigger=serving_until_drained)
         )
+
+
+def _cap_native_threads(workers: int) -> None:
+    """The native thread caps, before the app module is imported: then even a model
+    library the app module imports at its top loads capped (under the hypercorn
+    command, create_app() is the earliest place, after the app module's own imports).
+
+    Done here in the worker rather than in the supervisor's environment: the setting
+    is read afresh by each worker (a SIGHUP reload applies a changed one), and the
+    operator's own caps stay told apart from ours."""
+    try:
+        setting = Settings.from_env().native_threads
+    except SettingsError:
+        return  # the app's create_app() names the bad setting and exits 2
+    cap_native_threads(setting, workers=workers)
 
 
 def _remembering_servers(
