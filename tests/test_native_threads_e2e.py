@@ -17,8 +17,11 @@ import httpx
 import psutil
 import pytest
 
+from quart_service.engines.neural.random_weights import write_random_weights
+from quart_service.engines.neural.weights import GPT2Config
 from quart_service.native_threads import CAP_VARIABLES, affinity_cpus, available_cpus
 
+from .support.data import wait_all
 from .support.server import Server, peak_threads, pinned_workers, running_server
 
 APP = "tests.apps.numeric:app"
@@ -150,5 +153,51 @@ def test_serve_caps_a_library_the_app_module_imports_before_create_app(tmp_path:
         assert account["applied"]
         assert account["workers"] == WORKERS
         assert account["limited_after_load"] == []
+        assert _openblas_threads(account) == budget
+        assert account["native_running"] == budget - 1
+
+
+async def _completions(url: str, total: int) -> list[int]:
+    limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
+        async def one(n: int) -> int:
+            body = {"model": "gpt", "prompt": f"request {n}", "max_tokens": 8, "temperature": 0}
+            response = await client.post(f"{url}/v1/completions", json=body)
+            return response.status_code
+
+        return await asyncio.gather(*(one(n) for n in range(total)))
+
+
+@pytest.mark.slow
+def test_the_neural_engine_under_200_requests_stays_within_the_bound(tmp_path: Path) -> None:
+    # Each request steps alone (max_batch 0): every token is a job on the pool, so the
+    # 200 requests keep the pool full, the hardest case for the bound.
+    weights = tmp_path / "gpt.safetensors"
+    write_random_weights(
+        weights, GPT2Config(n_layer=4, n_head=8, n_embd=256, vocab_size=260, n_ctx=256), seed=5
+    )
+    budget = max(available_cpus() // WORKERS, 1)
+    bound = POOL + DATABASE_CONNECTIONS + budget + 2
+    env = _env(QUART_SERVICE_ADMIN_TOKEN="token", QUART_SERVICE_REFRESH_INTERVAL="0.5")
+    with running_server(tmp_path, workers=WORKERS, env=env) as server:
+        parameters = {"weights": str(weights), "max_batch": 0}
+        created = httpx.post(
+            f"{server.url}/admin/models",
+            json={"name": "gpt", "engine": "neural", "parameters": parameters},
+            headers={"Authorization": "Bearer token"},
+        )
+        assert created.status_code == 201, created.text
+        with pinned_workers(server, WORKERS) as clients:
+            wait_all(clients, "/data", lambda a: "gpt" in a["models"], timeout=10)
+        pids = server.worker_pids()
+        with peak_threads(pids) as peak:
+            statuses = asyncio.run(_completions(server.url, REQUESTS))
+        native = _native(server)
+    print(f"\nneural engine: budget {budget}, bound {bound}; peak threads per worker: {peak}")
+    assert statuses == [200] * REQUESTS
+    assert all(0 < n <= bound for n in peak.values()), peak
+    assert max(peak.values()) >= POOL, peak  # the load did fill the pool
+    for account in native.values():
         assert _openblas_threads(account) == budget
         assert account["native_running"] == budget - 1
