@@ -1,0 +1,291 @@
+"""Batched against unbatched decoding and embedding, on the same engine and weights.
+
+    python -m bench.batching [--streams 1,8,32,128] [--tokens 32] [--layers 6 --embd 384]
+                             [--workers 1] [--rounds 1]
+
+Writes a random GPT-2 of that shape (6 x 384: about 43 MB of float32, a byte-level
+vocabulary) and starts the service under Hypercorn with ``--workers`` workers (one by
+default, so every stream of a run shares one worker's batch). Two model rows point at
+the same file: ``batched`` (``max_batch`` 128, ``embed_batch`` 64) and ``alone``
+(``max_batch`` 0 and ``embed_batch`` 0: every stream steps by itself, one pool job
+per token, and every request embeds by itself).
+
+For each number of concurrent streams, each model: that many streamed completions at
+once (``--tokens`` tokens each, temperature 0, a different prompt each), and
+
+- aggregate tokens/s: tokens received by all clients / wall time of the run;
+- worker CPU per token (/proc, user + system, all workers);
+- time to first token per stream (request sent to its first text chunk), p50 / p99;
+- the batcher's mean batch size (the worker's ``/debug/identity``);
+- the load generator's own CPU per token (this process).
+
+Then embeddings: 64 concurrent requests of one text each, 5 times, per model:
+requests/s, worker CPU per request, mean texts per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import httpx
+
+from quart_service.engines.neural.random_weights import write_random_weights
+from quart_service.engines.neural.weights import GPT2Config
+from tests.support.data import wait_all
+from tests.support.server import Server, pinned_workers, running_server
+
+from .compare import cpu_seconds as _cpu_of
+
+TOKEN = "bench-admin-token"
+MODELS = {
+    "batched": {"max_batch": 128, "embed_batch": 64},
+    "alone": {"max_batch": 0, "embed_batch": 0},
+}
+EMBED_REQUESTS = 64
+EMBED_ROUNDS = 5
+
+
+def _put_model(server: Server, name: str, parameters: dict[str, Any]) -> None:
+    response = httpx.post(
+        server.url + "/admin/models",
+        json={"name": name, "engine": "neural", "parameters": parameters},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    response.raise_for_status()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids``, summed."""
+    return sum(_cpu_of(pid) for pid in pids)
+
+
+def _percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * p) - 1)]
+
+
+async def _one_stream(
+    client: httpx.AsyncClient, model: str, n: int, tokens: int
+) -> tuple[int, float]:
+    """Tokens generated (the usage the stream ends with) and the time to the first
+    token's chunk."""
+    body = {
+        "model": model,
+        "prompt": f"Stream {n} of the bench: we the people",
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    first = math.nan
+    generated = chunks = 0
+    async with client.stream("POST", "/v1/completions", json=body) as answer:
+        answer.raise_for_status()
+        async for line in answer.aiter_lines():
+            if not line.startswith('data: {"id"'):
+                continue
+            chunks += 1
+            if '"usage"' in line:
+                generated = json.loads(line[6:])["usage"]["completion_tokens"]
+            elif chunks == 2:
+                # The first chunk is the answer's head; the second carries the first
+                # token (its text may be empty: a byte of a character not yet whole).
+                first = time.perf_counter() - sent
+    return generated, first
+
+
+async def _streams(
+    url: str, model: str, count: int, tokens: int
+) -> tuple[list[int], list[float], float]:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(_one_stream(client, model, n, tokens) for n in range(count))
+        )
+        wall = time.perf_counter() - started
+    return [r[0] for r in results], [r[1] for r in results], wall
+
+
+async def _embeddings(url: str, model: str) -> float:
+    limits = httpx.Limits(max_connections=EMBED_REQUESTS)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(n: int) -> None:
+            body = {
+                "model": model,
+                "input": f"text number {n}: in order to form a more perfect union",
+            }
+            answer = await client.post("/v1/embeddings", json=body)
+            answer.raise_for_status()
+
+        started = time.perf_counter()
+        for _ in range(EMBED_ROUNDS):
+            await asyncio.gather(*(one(n) for n in range(EMBED_REQUESTS)))
+        return time.perf_counter() - started
+
+
+def _engine_stats(clients: dict[int, httpx.Client], model: str) -> list[dict[str, Any]]:
+    rows = []
+    for client in clients.values():
+        engines = client.get("/debug/identity").json()["ai"]["engines"]
+        rows += [e["stats"] for e in engines if e["model"] == model]
+    return rows
+
+
+def _mean_batch(before: list[dict[str, Any]], after: list[dict[str, Any]], kind: str) -> float:
+    count_key, items_key = ("steps", "stepped") if kind == "steps" else ("jobs", "items")
+    done = sum((a[kind] or {}).get(count_key, 0) for a in after) - sum(
+        (b[kind] or {}).get(count_key, 0) for b in before
+    )
+    items = sum((a[kind] or {}).get(items_key, 0) for a in after) - sum(
+        (b[kind] or {}).get(items_key, 0) for b in before
+    )
+    return items / done if done else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", default="1,8,32,128")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--embd", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="runs per cell; medians shown")
+    parser.add_argument(
+        "--native-threads", default="0", help="the workers' native_threads (0: automatic)"
+    )
+    args = parser.parse_args()
+    counts = [int(x) for x in args.streams.split(",")]
+    config = GPT2Config(
+        n_layer=args.layers, n_head=args.heads, n_embd=args.embd, vocab_size=260, n_ctx=512
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        weights = folder / "bench.safetensors"
+        size = write_random_weights(weights, config, seed=1)
+        print(
+            f"model: {args.layers} layers x {args.embd}, {size / 1e6:.1f} MB; "
+            f"{args.workers} worker(s), native_threads {args.native_threads}; "
+            f"{args.tokens} tokens per stream; "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
+        env = {
+            "QUART_SERVICE_DATA_DIR": str(folder / "data"),
+            "QUART_SERVICE_REFRESH_INTERVAL": "0.5",
+            "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
+            "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
+            "QUART_SERVICE_ACCESS_LOG": "0",
+            "QUART_SERVICE_EXECUTOR_QUEUE": "1000",
+            "QUART_SERVICE_NATIVE_THREADS": args.native_threads,
+        }
+        with (
+            running_server(folder, workers=args.workers, env=env) as server,
+            pinned_workers(server, args.workers) as clients,
+        ):
+            for name, knobs in MODELS.items():
+                _put_model(server, name, {"weights": str(weights), **knobs})
+            wait_all(clients, "/data", lambda a: set(MODELS) <= set(a["models"]), timeout=15)
+            pids = server.worker_pids()
+            for name in MODELS:  # build each engine in every worker, warm the caches
+                for client in clients.values():
+                    body = {"model": name, "prompt": "warm", "max_tokens": 4}
+                    client.post("/v1/completions", json=body, timeout=60).raise_for_status()
+                asyncio.run(_streams(server.url, name, 8, args.tokens))  # untimed
+            rows: dict[tuple[int, str], dict[str, float]] = {}
+            for count in counts:
+                for name in MODELS:
+                    cells: list[dict[str, float]] = []
+                    for _ in range(args.rounds):
+                        before = _engine_stats(clients, name)
+                        worker_cpu, own_cpu = cpu_seconds(pids), time.process_time()
+                        received, firsts, wall = asyncio.run(
+                            _streams(server.url, name, count, args.tokens)
+                        )
+                        worker_cpu = cpu_seconds(pids) - worker_cpu
+                        own_cpu = time.process_time() - own_cpu
+                        tokens = sum(received)
+                        assert tokens > 0, "no tokens"
+                        cells.append(
+                            {
+                                "tokens_per_s": tokens / wall,
+                                "cpu_ms_per_token": worker_cpu / tokens * 1000,
+                                "ttft_p50_ms": _percentile(firsts, 0.5) * 1000,
+                                "ttft_p99_ms": _percentile(firsts, 0.99) * 1000,
+                                "mean_batch": _mean_batch(
+                                    before, _engine_stats(clients, name), "steps"
+                                ),
+                                "client_cpu_ms_per_token": own_cpu / tokens * 1000,
+                            }
+                        )
+                    rows[count, name] = {k: median(c[k] for c in cells) for k in cells[0]}
+                    row = rows[count, name]
+                    print(
+                        f"{count:>4} streams {name:>8}: {row['tokens_per_s']:8.0f} tokens/s  "
+                        f"{row['cpu_ms_per_token']:6.2f} ms CPU/token  TTFT p50 "
+                        f"{row['ttft_p50_ms']:7.1f} p99 {row['ttft_p99_ms']:7.1f} ms  "
+                        f"batch {row['mean_batch']:5.1f}  client "
+                        f"{row['client_cpu_ms_per_token']:.2f} ms/token",
+                        flush=True,
+                    )
+            embed: dict[str, dict[str, float]] = {}
+            for name in MODELS:
+                before = _engine_stats(clients, name)
+                worker_cpu = cpu_seconds(pids)
+                wall = asyncio.run(_embeddings(server.url, name))
+                worker_cpu = cpu_seconds(pids) - worker_cpu
+                requests = EMBED_REQUESTS * EMBED_ROUNDS
+                embed[name] = {
+                    "requests_per_s": requests / wall,
+                    "cpu_ms_per_request": worker_cpu / requests * 1000,
+                    "mean_batch": _mean_batch(before, _engine_stats(clients, name), "embeddings"),
+                }
+                print(
+                    f"embeddings {name:>8}: {embed[name]['requests_per_s']:7.0f} requests/s  "
+                    f"{embed[name]['cpu_ms_per_request']:6.2f} ms CPU/request  "
+                    f"texts per job {embed[name]['mean_batch']:.1f}",
+                    flush=True,
+                )
+    print(
+        "\n| streams | batched tokens/s | alone tokens/s | ratio | CPU ms/token batched / alone "
+        "| TTFT p50 / p99 ms batched | TTFT p50 / p99 ms alone | mean batch |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for count in counts:
+        b, a = rows[count, "batched"], rows[count, "alone"]
+        print(
+            f"| {count} | {b['tokens_per_s']:,.0f} | {a['tokens_per_s']:,.0f} | "
+            f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {b['cpu_ms_per_token']:.2f} / "
+            f"{a['cpu_ms_per_token']:.2f} | {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | "
+            f"{a['ttft_p50_ms']:.0f} / {a['ttft_p99_ms']:.0f} | {b['mean_batch']:.1f} |"
+        )
+    if 1 in counts and 32 in counts:
+        single = rows[1, "batched"]["ttft_p99_ms"]
+        at32 = rows[32, "batched"]
+        ratio = at32["tokens_per_s"] / rows[32, "alone"]["tokens_per_s"]
+        print(
+            f"\ntargets at 32 streams: batched / alone tokens/s {ratio:.2f}x (at least 4x); "
+            f"TTFT p99 {at32['ttft_p99_ms']:.0f} ms against one stream's {single:.0f} ms: "
+            f"{at32['ttft_p99_ms'] / single:.2f}x (at most 2x)"
+        )
+    b, a = embed["batched"], embed["alone"]
+    print(
+        f"embeddings: batched / alone requests/s {b['requests_per_s'] / a['requests_per_s']:.2f}x, "
+        f"CPU per request {b['cpu_ms_per_request'] / a['cpu_ms_per_request']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
