@@ -11,7 +11,9 @@ the same file: ``batched`` (``max_batch`` 128, ``embed_batch`` 64) and ``alone``
 per token, and every request embeds by itself).
 
 For each number of concurrent streams, each model: that many streamed completions at
-once (``--tokens`` tokens each, temperature 0, a different prompt each), and
+once (``--tokens`` tokens each, temperature 0, a different prompt each; with
+``--steady S``, that many clients that each open a new stream as soon as the last one
+ended, for S seconds, so streams join a batch already running), and
 
 - aggregate tokens/s: tokens received by all clients / wall time of the run;
 - worker CPU per token (/proc, user + system, all workers);
@@ -118,6 +120,41 @@ async def _streams(
     return [r[0] for r in results], [r[1] for r in results], wall
 
 
+async def _steady(
+    url: str, model: str, count: int, tokens: int, seconds: float
+) -> tuple[list[int], list[float], float]:
+    """``count`` clients, each starting a new stream as soon as its last one ended,
+    for ``seconds``: streams join a batch that is already running, as they do in
+    service. The first round of each client is left out of the figures."""
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    generated: list[int] = []
+    firsts: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        started = time.perf_counter()
+        measured_from = started + seconds / 4
+
+        every: list[tuple[int, float]] = []
+
+        async def loop(n: int) -> None:
+            round_ = 0
+            while time.perf_counter() - started < seconds:
+                began = time.perf_counter()
+                count_, first = await _one_stream(client, model, n * 1000 + round_, tokens)
+                every.append((count_, first))
+                if began >= measured_from:
+                    generated.append(count_)
+                    firsts.append(first)
+                round_ += 1
+
+        await asyncio.gather(*(loop(n) for n in range(count)))
+        if not generated:  # streams slower than the run: count them all
+            print(f"  ({model}: no stream began after the first quarter; all are counted)")
+            generated, firsts = [c for c, _ in every], [f for _, f in every]
+            measured_from = started
+        wall = time.perf_counter() - measured_from
+    return generated, firsts, wall
+
+
 async def _embeddings(url: str, model: str) -> float:
     limits = httpx.Limits(max_connections=EMBED_REQUESTS)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -165,6 +202,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="runs per cell; medians shown")
     parser.add_argument(
+        "--steady",
+        type=float,
+        default=0.0,
+        help="seconds of steady load (each client opens its next stream when its last "
+        "one ends; the first quarter is not counted); 0: one burst of streams at once",
+    )
+    parser.add_argument(
         "--native-threads", default="0", help="the workers' native_threads (0: automatic)"
     )
     args = parser.parse_args()
@@ -211,9 +255,14 @@ def main() -> None:
                     for _ in range(args.rounds):
                         before = _engine_stats(clients, name)
                         worker_cpu, own_cpu = cpu_seconds(pids), time.process_time()
-                        received, firsts, wall = asyncio.run(
-                            _streams(server.url, name, count, args.tokens)
-                        )
+                        if args.steady:
+                            received, firsts, wall = asyncio.run(
+                                _steady(server.url, name, count, args.tokens, args.steady)
+                            )
+                        else:
+                            received, firsts, wall = asyncio.run(
+                                _streams(server.url, name, count, args.tokens)
+                            )
                         worker_cpu = cpu_seconds(pids) - worker_cpu
                         own_cpu = time.process_time() - own_cpu
                         tokens = sum(received)
