@@ -43,27 +43,17 @@ import httpx
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.weights import GPT2Config
 from tests.support.data import wait_all
-from tests.support.server import Server, pinned_workers, running_server
+from tests.support.server import pinned_workers, running_server
 
 from .compare import cpu_seconds as _cpu_of
+from .shared_weights import TOKEN, put_model
 
-TOKEN = "bench-admin-token"
 MODELS = {
     "batched": {"max_batch": 128, "embed_batch": 64},
     "alone": {"max_batch": 0, "embed_batch": 0},
 }
 EMBED_REQUESTS = 64
 EMBED_ROUNDS = 5
-
-
-def _put_model(server: Server, name: str, parameters: dict[str, Any]) -> None:
-    response = httpx.post(
-        server.url + "/admin/models",
-        json={"name": name, "engine": "neural", "parameters": parameters},
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=10,
-    )
-    response.raise_for_status()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -240,7 +230,7 @@ def main() -> None:
             pinned_workers(server, args.workers) as clients,
         ):
             for name, knobs in MODELS.items():
-                _put_model(server, name, {"weights": str(weights), **knobs})
+                put_model(server, name, {"weights": str(weights), **knobs})
             wait_all(clients, "/data", lambda a: set(MODELS) <= set(a["models"]), timeout=15)
             pids = server.worker_pids()
             for name in MODELS:  # build each engine in every worker, warm the caches

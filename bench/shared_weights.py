@@ -53,7 +53,8 @@ TOKEN = "bench-admin-token"
 MB = 1e6
 
 
-def _put_model(server: Server, name: str, parameters: dict[str, Any]) -> None:
+def put_model(server: Server, name: str, parameters: dict[str, Any]) -> None:
+    """Create a model row of the neural engine through the admin API."""
     response = httpx.post(
         server.url + "/admin/models",
         json={"name": name, "engine": "neural", "parameters": parameters},
@@ -88,8 +89,8 @@ def _memory_round(folder: Path, weights: Path, warm: Path, workers: int, load: s
         running_server(folder, workers=workers, env=env) as server,
         pinned_workers(server, workers) as clients,
     ):
-        _put_model(server, "warm", {"weights": str(warm)})
-        _put_model(server, "model", {"weights": str(weights), "load": load})
+        put_model(server, "warm", {"weights": str(warm)})
+        put_model(server, "model", {"weights": str(weights), "load": load})
         wait_all(clients, "/data", lambda a: {"warm", "model"} <= set(a["models"]), timeout=15)
         for client in clients.values():
             _complete(client, "warm")
@@ -195,7 +196,7 @@ def _served_speed(folder: Path, weights: Path, tokens: int, blas_threads: int) -
     }
     with running_server(folder, workers=1, env=env) as server, pinned_workers(server, 1) as clients:
         ((pid, client),) = clients.items()
-        _put_model(server, "model", {"weights": str(weights)})
+        put_model(server, "model", {"weights": str(weights)})
         wait_all(clients, "/data", lambda a: "model" in a["models"], timeout=15)
         _complete(client, "model")  # builds the engine, faults the pages in
         worker = psutil.Process(pid)

@@ -83,6 +83,15 @@ def _setup(server: Server, weights: Path) -> None:
     assert response.status_code == 201, response.text
 
 
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "QUART_SERVICE_DATA_DIR": str(tmp_path / "data"),
+        "QUART_SERVICE_REFRESH_INTERVAL": "0.5",
+        "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
+        "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
+    }
+
+
 def _engine_stats(client: httpx.Client) -> dict[str, Any]:
     engines = client.get("/debug/identity").json()["ai"]["engines"]
     row = next(e for e in engines if e["model"] == "gpt")
@@ -95,12 +104,7 @@ def test_batched_streams_equal_their_lone_runs_and_leavers_free_their_slots(
 ) -> None:
     weights = tmp_path / "small.safetensors"
     write_random_weights(weights, SMALL, seed=3)
-    env = {
-        "QUART_SERVICE_DATA_DIR": str(tmp_path / "data"),
-        "QUART_SERVICE_REFRESH_INTERVAL": "0.5",
-        "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
-        "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
-    }
+    env = _env(tmp_path)
     with (
         running_server(tmp_path, workers=2, env=env) as server,
         pinned_workers(server, 2) as clients,
@@ -150,11 +154,7 @@ def test_batched_streams_equal_their_lone_runs_and_leavers_free_their_slots(
 def test_embeddings_through_the_official_client(tmp_path: Path) -> None:
     weights = tmp_path / "small.safetensors"
     write_random_weights(weights, SMALL, seed=4)
-    env = {
-        "QUART_SERVICE_DATA_DIR": str(tmp_path / "data"),
-        "QUART_SERVICE_REFRESH_INTERVAL": "0.5",
-        "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
-    }
+    env = _env(tmp_path)
     with (
         running_server(tmp_path, workers=2, env=env) as server,
         pinned_workers(server, 2) as clients,
