@@ -9,8 +9,10 @@ no pool thread is left computing for nobody. ``/v1/embeddings`` through the offi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,23 +75,30 @@ async def _all_streams(url: str) -> list[str]:
         )
 
 
-def _setup(server: Server, weights: Path) -> None:
-    response = httpx.post(
-        server.url + "/admin/models",
-        json={"name": "gpt", "engine": "neural", "parameters": {"weights": str(weights)}},
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        timeout=10,
-    )
-    assert response.status_code == 201, response.text
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    return {
+@contextlib.contextmanager
+def _serving(tmp_path: Path, seed: int) -> Iterator[tuple[Server, dict[int, httpx.Client]]]:
+    """2 workers serving model "gpt": a small random GPT-2; a client pinned to each."""
+    weights = tmp_path / "small.safetensors"
+    write_random_weights(weights, SMALL, seed=seed)
+    env = {
         "QUART_SERVICE_DATA_DIR": str(tmp_path / "data"),
         "QUART_SERVICE_REFRESH_INTERVAL": "0.5",
         "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
         "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
     }
+    with (
+        running_server(tmp_path, workers=2, env=env) as server,
+        pinned_workers(server, 2) as clients,
+    ):
+        response = httpx.post(
+            server.url + "/admin/models",
+            json={"name": "gpt", "engine": "neural", "parameters": {"weights": str(weights)}},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        wait_all(clients, "/data", lambda a: "gpt" in a["models"], timeout=10)
+        yield server, clients
 
 
 def _engine_stats(client: httpx.Client) -> dict[str, Any]:
@@ -102,15 +111,7 @@ def _engine_stats(client: httpx.Client) -> dict[str, Any]:
 def test_batched_streams_equal_their_lone_runs_and_leavers_free_their_slots(
     tmp_path: Path,
 ) -> None:
-    weights = tmp_path / "small.safetensors"
-    write_random_weights(weights, SMALL, seed=3)
-    env = _env(tmp_path)
-    with (
-        running_server(tmp_path, workers=2, env=env) as server,
-        pinned_workers(server, 2) as clients,
-    ):
-        _setup(server, weights)
-        wait_all(clients, "/data", lambda a: "gpt" in a["models"], timeout=10)
+    with _serving(tmp_path, seed=3) as (server, clients):
         for client in clients.values():  # each worker builds its engine
             assert client.post("/v1/completions", json=_body(0, 1, False)).status_code == 200
         # Alone: one request at a time, answered whole.
@@ -152,15 +153,7 @@ def test_batched_streams_equal_their_lone_runs_and_leavers_free_their_slots(
 
 
 def test_embeddings_through_the_official_client(tmp_path: Path) -> None:
-    weights = tmp_path / "small.safetensors"
-    write_random_weights(weights, SMALL, seed=4)
-    env = _env(tmp_path)
-    with (
-        running_server(tmp_path, workers=2, env=env) as server,
-        pinned_workers(server, 2) as clients,
-    ):
-        _setup(server, weights)
-        wait_all(clients, "/data", lambda a: "gpt" in a["models"], timeout=10)
+    with _serving(tmp_path, seed=4) as (server, _):
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         # The client asks for base64 by default and decodes it into floats itself.
         one = client.embeddings.create(model="gpt", input="We the People")

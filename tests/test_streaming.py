@@ -204,6 +204,16 @@ async def test_paced_items_leave_one_per_write_and_queued_ones_together() -> Non
     assert hub.counts.writes.value == 3
 
 
+def _body_writing_with(send: Any, source: AsyncIterator[str], hub: StreamHub) -> StreamBody:
+    """A body built inside a request whose server send is ``send`` (what the request
+    observer gives every request): its heartbeats are written with it."""
+    token = RESPONSE_SEND.set(send)
+    try:
+        return StreamBody(source, SSE, hub, BoundedExecutor(1, 1), copy_context())
+    finally:
+        RESPONSE_SEND.reset(token)
+
+
 async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
     gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     closed: list[str] = []
@@ -220,11 +230,7 @@ async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
 
     policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
     hub = StreamHub(policy)
-    token = RESPONSE_SEND.set(send)  # what the request observer gives every request
-    try:
-        body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
-    finally:
-        RESPONSE_SEND.reset(token)
+    body = _body_writing_with(send, produce(), hub)
     async with body:
         waiting = asyncio.ensure_future(body.__anext__())
         await asyncio.sleep(0.3)
@@ -255,11 +261,7 @@ async def test_a_heartbeat_toward_a_full_socket_is_one_write_and_goes_first() ->
 
     policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
     hub = StreamHub(policy)
-    token = RESPONSE_SEND.set(send)
-    try:
-        body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
-    finally:
-        RESPONSE_SEND.reset(token)
+    body = _body_writing_with(send, produce(), hub)
     async with body:
         waiting = asyncio.ensure_future(body.__anext__())
         await asyncio.sleep(0.3)
