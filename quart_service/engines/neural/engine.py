@@ -16,6 +16,10 @@ Parameters (the model row's):
   stream alone (one pool job per token each: the unbatched baseline).
 - ``embed_batch``: texts embedded together in one job (default 64); ``0`` embeds each
   request's texts alone.
+- ``prefill_chunk``: prompt tokens fed per step, over all the streams that join it
+  (default 256); a longer prompt, or many prompts at once, are fed over several steps,
+  so one step never holds the streams already decoding for long. ``0``: every prompt
+  whole in the step it joins.
 
 A generation is a :class:`Decoding`; :meth:`NeuralEngine.step` advances a batch of
 them by one token (the first step feeds the prompt), on the worker's pool. Streams
@@ -40,7 +44,10 @@ from .model import DecodeState, GPT2Model
 from .sampling import Sampler
 from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 
-__all__ = ["Decoding", "NeuralEngine", "create", "load_tokenizer"]
+__all__ = ["PREFILLING", "Decoding", "NeuralEngine", "create", "load_tokenizer"]
+
+PREFILLING = -1
+"""A step's output for a stream whose prompt is not yet fed whole: no token yet."""
 
 
 class Decoding:
@@ -92,12 +99,14 @@ class NeuralEngine:
         pace: float,
         max_batch: int = 32,
         embed_batch: int = 64,
+        prefill_chunk: int = 256,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.dimensions = model.config.n_embd
         self._context = context
         self._pace = pace
+        self._prefill_chunk = prefill_chunk
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
         self._steps: StepBatcher[Decoding, int | None] | None = (
@@ -132,10 +141,38 @@ class NeuralEngine:
 
     def step(self, decodings: Sequence[Decoding]) -> list[int | None]:
         """One forward pass for all of ``decodings`` together, then a token sampled for
-        each: its id, or None where the model ended the text. Blocking: run it on the
+        each: its id, None where the model ended the text, or :data:`PREFILLING` where
+        its prompt is not fed whole yet (``prefill_chunk``). Blocking: run it on the
         pool."""
-        logits = self.model.forward([d.state for d in decodings])
-        return [d.accept(d.sampler.sample(row)) for d, row in zip(decodings, logits, strict=True)]
+        counts = self._feed_counts(decodings)
+        fed = [d.state for d, n in zip(decodings, counts, strict=True) if n]
+        rows = iter(self.model.forward(fed, [n for n in counts if n]))
+        tokens: list[int | None] = []
+        for decoding, count in zip(decodings, counts, strict=True):
+            row = next(rows) if count else None
+            if row is None or decoding.state.pending:
+                tokens.append(PREFILLING)
+            else:
+                tokens.append(decoding.accept(decoding.sampler.sample(row)))
+        return tokens
+
+    def _feed_counts(self, decodings: Sequence[Decoding]) -> list[int]:
+        """Tokens each state is fed this step: a decoding state its one token; prompts,
+        first come first fed, share ``prefill_chunk`` (the first always gets some, so
+        every step makes progress; the others may get none and wait a step)."""
+        budget = self._prefill_chunk
+        if not budget:
+            return [len(d.state.pending) for d in decodings]
+        counts = []
+        for decoding in decodings:
+            pending = len(decoding.state.pending)
+            if pending <= 1:
+                counts.append(pending)
+                continue
+            take = min(pending, budget)
+            budget -= take
+            counts.append(take)
+        return counts
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         decoding = self.start(request)
@@ -147,6 +184,8 @@ class NeuralEngine:
             async for token in tokens:
                 if token is None:
                     break
+                if token == PREFILLING:
+                    continue
                 piece = decoder.feed(token)
                 if decoding.finished:
                     piece += decoder.flush()
@@ -237,8 +276,9 @@ async def create(model: ModelConfig, context: EngineContext) -> Engine:
     pace = _pace(parameters)
     max_batch = _count(parameters, "max_batch", 32)
     embed_batch = _count(parameters, "embed_batch", 64)
+    prefill_chunk = _count(parameters, "prefill_chunk", 256)
     gpt2, tokenizer = await context.run_sync(_build, parameters)
-    return NeuralEngine(gpt2, tokenizer, context, pace, max_batch, embed_batch)
+    return NeuralEngine(gpt2, tokenizer, context, pace, max_batch, embed_batch, prefill_chunk)
 
 
 def _count(parameters: Mapping[str, Any], name: str, default: int) -> int:
