@@ -215,6 +215,11 @@ def main() -> None:
         default=256,
         help="the batched model's prefill_chunk (0: every prompt whole in one step)",
     )
+    parser.add_argument(
+        "--prompts-first",
+        action="store_true",
+        help="the batched model's prompts_first: steps with prompts feed only them",
+    )
     args = parser.parse_args()
     counts = [int(x) for x in args.streams.split(",")]
     config = GPT2Config(
@@ -227,7 +232,7 @@ def main() -> None:
         print(
             f"model: {args.layers} layers x {args.embd}, {size / 1e6:.1f} MB; "
             f"{args.workers} worker(s), native_threads {args.native_threads}, "
-            f"prefill_chunk {args.prefill_chunk}; "
+            f"prefill_chunk {args.prefill_chunk}, prompts_first {args.prompts_first}; "
             f"{args.tokens} tokens per stream; "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
@@ -245,7 +250,11 @@ def main() -> None:
             pinned_workers(server, args.workers) as clients,
         ):
             for name, knobs in MODELS.items():
-                chunk = {"prefill_chunk": args.prefill_chunk} if name == "batched" else {}
+                chunk = (
+                    {"prefill_chunk": args.prefill_chunk, "prompts_first": args.prompts_first}
+                    if name == "batched"
+                    else {}
+                )
                 put_model(server, name, {"weights": str(weights), **knobs, **chunk})
             wait_all(clients, "/data", lambda a: set(MODELS) <= set(a["models"]), timeout=15)
             pids = server.worker_pids()
