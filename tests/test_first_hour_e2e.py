@@ -127,10 +127,8 @@ def test_the_start_up_log_lists_resources_blueprints_models_and_settings_sources
         if len(identities) == 2:
             break
     assert len(identities) == 2
-    messages = wait_for(
-        lambda: len(_models(server)) == 2 and _messages(server, "quart_service"),
-        "both workers' models lines",
-    )
+    wait_for(lambda: len(_models(server)) == 2, "both workers' models lines")
+    messages = _messages(server, "quart_service")
     for pid, identity in identities.items():
         resources = [r["name"] for r in identity["resources"]]
         serving = next(m for m in messages if m.startswith(f"worker {pid} serving:"))
