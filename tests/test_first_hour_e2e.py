@@ -65,6 +65,7 @@ def test_the_access_log_names_the_client_address_and_user_agent(server: Server) 
         return next((r for r in found if r["logger"] == "quart_service.access"), None)
 
     record = wait_for(line, "the access line of the request")
+    assert record is not None
     assert record["client"] == "127.0.0.1"
     assert record["user_agent"] == "first-hour-test/1.0"
     assert 'client=127.0.0.1 ua="first-hour-test/1.0"' in record["message"]
@@ -87,6 +88,7 @@ def test_a_mounted_flask_apps_error_is_in_the_service_log_with_the_request_id(
         )
 
     record = wait_for(error, "the Flask app's error as a service log record")
+    assert record is not None
     assert record["logger"] == "quart_service.wsgi"
     assert "/legacy" in record["message"]
     assert "/boom" in record["message"]
