@@ -28,6 +28,12 @@ async def livez():
 """
 
 
+def _version(url: str, version: int) -> dict[str, int] | None:
+    """The answer, when it comes from code of ``version``."""
+    answer = _answer(url)
+    return answer if answer is not None and answer["version"] == version else None
+
+
 def _answer(url: str) -> dict[str, int] | None:
     with contextlib.suppress(httpx.HTTPError):
         response = httpx.get(url + "/livez", timeout=2)
@@ -72,14 +78,13 @@ def test_a_changed_file_replaces_the_worker_and_a_broken_one_keeps_the_old(
     source.write_text(APP_SOURCE.format(version=1))
     log = tmp_path / "serve.log"
     with _serving(tmp_path, log) as (url, process):
-        first = wait_for(lambda: _answer(url), "the first worker serving", timeout=30)
-        assert first["version"] == 1
+        first = wait_for(lambda: _version(url, 1), "the first worker serving", timeout=30)
+        assert first is not None
         assert "development mode" in log.read_text()
 
         source.write_text(APP_SOURCE.format(version=2))
-        second = wait_for(
-            lambda: (a := _answer(url)) and a["version"] == 2 and a, "the reloaded code"
-        )
+        second = wait_for(lambda: _version(url, 2), "the reloaded code")
+        assert second is not None
         assert second["pid"] != first["pid"]
 
         # A syntax error: the new worker fails to start, the old one serves on, and
@@ -91,4 +96,4 @@ def test_a_changed_file_replaces_the_worker_and_a_broken_one_keeps_the_old(
         assert process.poll() is None
 
         source.write_text(APP_SOURCE.format(version=3))
-        wait_for(lambda: (a := _answer(url)) and a["version"] == 3, "the fixed code")
+        wait_for(lambda: _version(url, 3), "the fixed code")
