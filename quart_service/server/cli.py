@@ -1,7 +1,11 @@
 """The ``quart-service`` command: operator tools around the service.
 
 ``quart-service serve`` runs the service on Hypercorn's workers under a supervisor
-(see :mod:`quart_service.server.supervisor`); ``--server granian|uvicorn`` checks the
+(see :mod:`quart_service.server.supervisor`). It logs which files it uses (the server
+file, the settings file and variables, the database) and refuses to start without
+its server file (``hypercorn.toml`` in the current folder, or ``--config``), rather
+than run one worker on Hypercorn's defaults; ``--reload`` is the development mode
+(workers replaced when a source file changes). ``--server granian|uvicorn`` checks the
 settings and then execs that server instead, with the file's bind and workers and
 timeouts that let the drain finish (docs/servers.md says what it does not give).
 ``quart-service check`` validates the settings (environment and TOML file) and
