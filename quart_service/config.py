@@ -52,15 +52,10 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-class _BadSetting(SettingsError):
-    """A bad value of one setting: the message names the key and, when known, where
-    the value came from (the settings file or the environment variable)."""
-
-    def __init__(self, key: str, problem: str, source: str | None = None) -> None:
-        where = f" (from {source})" if source else ""
-        super().__init__(f"setting {key!r}: {problem}{where}")
-        self.key = key
-        self.problem = problem
+def _bad(key: str, problem: str) -> SettingsError:
+    """A bad value of one setting; ``param`` keeps the key, so that a constructor that
+    knows where the value came from can say so (the settings file, the variable)."""
+    return SettingsError(f"setting {key!r}: {problem}", param=key)
 
 
 def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
@@ -248,37 +243,33 @@ class Settings:
                     object.__setattr__(self, f.name, float(value))
                     value = float(value)
                 else:
-                    raise _BadSetting(
+                    raise _bad(
                         f.name,
                         f"expected {_type_name(expected)}, got {value!r} ({type(value).__name__})",
                     )
             minimum = f.metadata.get("minimum")
             if minimum is not None and value < minimum:
-                raise _BadSetting(f.name, f"must be >= {minimum}, got {value!r}")
+                raise _bad(f.name, f"must be >= {minimum}, got {value!r}")
         if self.cache_backend not in {"memory", "redis"}:
-            raise _BadSetting(
-                "cache_backend", f"expected 'memory' or 'redis', got {self.cache_backend!r}"
-            )
+            raise _bad("cache_backend", f"expected 'memory' or 'redis', got {self.cache_backend!r}")
         if self.cache_backend == "redis" and not (self.cache_url or self.coordination_url):
-            raise _BadSetting("cache_backend", "'redis' needs cache_url (or coordination_url)")
+            raise _bad("cache_backend", "'redis' needs cache_url (or coordination_url)")
         if self.plugin_failure not in {"skip", "fail"}:
-            raise _BadSetting(
-                "plugin_failure", f"expected 'skip' or 'fail', got {self.plugin_failure!r}"
-            )
+            raise _bad("plugin_failure", f"expected 'skip' or 'fail', got {self.plugin_failure!r}")
         for key in ("blueprint_prefixes", "wsgi_mounts"):
             for item in split_list(getattr(self, key)):
                 if "=" not in item:
-                    raise _BadSetting(key, f"expected name=value pairs, got {item!r}")
+                    raise _bad(key, f"expected name=value pairs, got {item!r}")
         if self.database_url and not self.database_url.startswith(_POSTGRES_SCHEMES):
-            raise _BadSetting(
+            raise _bad(
                 "database_url",
                 "expected postgresql://... (or empty for the SQLite file), got a URL "
                 f"starting {self.database_url.split(':')[0]!r}",
             )
         if self.log_format not in {"text", "json"}:
-            raise _BadSetting("log_format", f"expected 'text' or 'json', got {self.log_format!r}")
+            raise _bad("log_format", f"expected 'text' or 'json', got {self.log_format!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise _BadSetting(
+            raise _bad(
                 "log_level",
                 f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.log_level!r}",
             )
@@ -334,8 +325,10 @@ class Settings:
             )
         try:
             return cls(**values)
-        except _BadSetting as exc:
-            raise _BadSetting(exc.key, exc.problem, origin(exc.key)) from None
+        except SettingsError as exc:
+            if exc.param is None:
+                raise
+            raise SettingsError(f"{exc} (from {origin(exc.param)})", param=exc.param) from None
 
     @property
     def database_file(self) -> Path:
