@@ -55,7 +55,9 @@ class AccessLog:
             return
         ms = elapsed * 1000
         agent = user_agent[:_MAX_AGENT]
-        quoted = agent.replace("\\", "\\\\").replace('"', '\\"')
+        quoted = agent
+        if '"' in agent or "\\" in agent:  # rare: most agents need no escaping
+            quoted = agent.replace("\\", "\\\\").replace('"', '\\"')
         message = (
             f"{method} {path} {status} {ms:.1f}ms {sent}B id={request_id} "
             f'client={client} ua="{quoted}"'
