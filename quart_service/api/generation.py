@@ -24,7 +24,7 @@ T = TypeVar("T")
 # Work proportional to a prompt runs in slices of this many characters, on the pool:
 # one C call (a regex, an encoder) holds the GIL for its whole input, so a slice is
 # what bounds how long the event loop may wait for it.
-SLICE = 64 * 1024
+SLICE = 16 * 1024
 _SPACE = re.compile(r"\s")
 
 
@@ -47,6 +47,9 @@ def _count_slices(count: Callable[[str], int], text: str) -> int:
             end = space.start() if space else end
         total += count(text[start:end])
         start = end
+        # Hand the GIL over now: the event loop waiting for it runs at once, instead
+        # of after the switch interval (5 ms) of each slice.
+        time.sleep(0)
     return total
 
 

@@ -29,8 +29,8 @@ __all__ = [
     "MAX_CHOICES",
     "MAX_EMBEDDING_INPUTS",
     "MAX_TOKENS_LIMIT",
-    "ChatCompletionRequest",
     "AudioPart",
+    "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
     "ContentPart",
@@ -50,7 +50,10 @@ MAX_TOKENS_LIMIT = 32_768
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 MAX_CHOICES = 16  # choices in one answer: n, times the prompts of /v1/completions
 
-Number = StrictFloat | StrictInt
+# A JSON number: an int is taken too (and becomes a float); a bool or a string is not.
+# One type, not a union, so that ranges reach the published schema (pydantic writes
+# the bounds of a union as keywords JSON Schema does not know).
+Number = StrictFloat
 _Object = dict[str, Any]
 
 
@@ -187,6 +190,7 @@ class ChatCompletionRequest(_Sampling):
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: StrictStr | None = None
     safety_identifier: StrictStr | None = None
 
 
