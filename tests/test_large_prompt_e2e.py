@@ -63,20 +63,29 @@ def test_livez_stays_fast_while_a_10_mb_prompt_is_processed(tmp_path: Path) -> N
         }  # fmt: skip
         for label, (path, body) in bodies.items():
             content = json.dumps({**body, "max_tokens": 2}).encode()
-            probe.get("/livez")  # the probe's connection is open and warm
-            latencies: list[float] = []
-            done = threading.Event()
-            poller = threading.Thread(target=_poll, args=(probe, latencies, done))
-            poller.start()
-            try:
-                with httpx.Client(base_url=server.url, timeout=60) as big:
-                    answer = big.post(
-                        path, content=content, headers={"Content-Type": "application/json"}
-                    )
-            finally:
-                done.set()
-                poller.join()
-            assert answer.status_code == 200, answer.text
-            assert answer.json()["usage"]["prompt_tokens"] > 1_000_000, label
-            assert len(latencies) >= 3, label  # the prompt took a while: /livez ran meanwhile
-            assert max(latencies) < 0.1, (label, sorted(latencies)[-5:])
+            worst: list[float] = []
+            # A stall the request causes comes back every time (before: 0.6-3 s each
+            # time); a stall of a shared machine's scheduler does not. So: the worst
+            # /livez of some attempt (of at most 3) under 100 ms.
+            while len(worst) < 3 and (not worst or min(worst) >= 0.1):
+                worst.append(_worst_livez(server.url, probe, path, content, label))
+            assert min(worst) < 0.1, (label, worst)
+
+
+def _worst_livez(url: str, probe: httpx.Client, path: str, content: bytes, label: str) -> float:
+    """The slowest /livez on ``probe`` while ``content`` is posted to ``path``."""
+    probe.get("/livez")  # the probe's connection is open and warm
+    latencies: list[float] = []
+    done = threading.Event()
+    poller = threading.Thread(target=_poll, args=(probe, latencies, done))
+    poller.start()
+    try:
+        with httpx.Client(base_url=url, timeout=60) as big:
+            answer = big.post(path, content=content, headers={"Content-Type": "application/json"})
+    finally:
+        done.set()
+        poller.join()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] > 1_000_000, label
+    assert len(latencies) >= 3, label  # the prompt took a while: /livez ran meanwhile
+    return max(latencies)
