@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..engines.base import Engine, GenerationRequest, Token, TokenEngine
 from ..engines.host import AICounts
 
-__all__ = ["SLICE", "Chunk", "Generation", "count_tokens", "merge"]
+__all__ = ["SLICE", "Chunk", "Generation", "closing", "count_tokens", "merge"]
 
 T = TypeVar("T")
 # Work proportional to a prompt runs in slices of this many characters, on the pool:
@@ -26,6 +27,19 @@ T = TypeVar("T")
 # what bounds how long the event loop may wait for it.
 SLICE = 16 * 1024
 _SPACE = re.compile(r"\s")
+
+
+@asynccontextmanager
+async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close ``iterator`` (if it can be closed: an engine's may be any async iterator)
+    when the block ends: a client gone then releases what the iterator holds at
+    once, not when it is collected."""
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 @dataclass(slots=True)
@@ -110,31 +124,33 @@ class Generation:
         pending: list[Token] = []
         text = ""  # the pending tokens' text
         counts = self.counts
-        async for token in self._tokens():
-            if self.completion_tokens == 0:
-                counts.first_tokens.inc()
-                counts.time_to_first_token.inc(time.monotonic() - self._started)
-            self.completion_tokens += 1
-            counts.tokens.inc()
-            if not stops:
-                yield Chunk(token.text, [token])
-                continue
-            pending.append(token)
-            text += token.text
-            cut = _find_stop(text, stops)
-            if cut is not None:
-                kept, _ = _split(pending, cut)
-                if text[:cut]:
-                    yield Chunk(text[:cut], kept)
-                self._finish("stop")
-                return
-            # Keep back the tokens of a tail that could still become a stop sequence.
-            safe = len(text) - _prefix_overlap(text, stops)
-            ready, size = _split(pending, safe)
-            if ready:
-                yield Chunk(text[:size], ready)
-                pending = pending[len(ready) :]
-                text = text[size:]
+        # The neural engine's stream leaves its batch as soon as its client has gone.
+        async with closing(self._tokens()) as tokens:
+            async for token in tokens:
+                if self.completion_tokens == 0:
+                    counts.first_tokens.inc()
+                    counts.time_to_first_token.inc(time.monotonic() - self._started)
+                self.completion_tokens += 1
+                counts.tokens.inc()
+                if not stops:
+                    yield Chunk(token.text, [token])
+                    continue
+                pending.append(token)
+                text += token.text
+                cut = _find_stop(text, stops)
+                if cut is not None:
+                    kept, _ = _split(pending, cut)
+                    if text[:cut]:
+                        yield Chunk(text[:cut], kept)
+                    self._finish("stop")
+                    return
+                # Keep back the tokens of a tail that could still become a stop sequence.
+                safe = len(text) - _prefix_overlap(text, stops)
+                ready, size = _split(pending, safe)
+                if ready:
+                    yield Chunk(text[:size], ready)
+                    pending = pending[len(ready) :]
+                    text = text[size:]
         if pending:
             yield Chunk(text, pending)
         self._finish("length" if self.completion_tokens >= self.request.max_tokens else "stop")
@@ -145,8 +161,9 @@ class Generation:
 
 
 async def _as_tokens(pieces: AsyncIterator[str]) -> AsyncIterator[Token]:
-    async for piece in pieces:
-        yield Token(piece)
+    async with closing(pieces):
+        async for piece in pieces:
+            yield Token(piece)
 
 
 def _split(tokens: Sequence[Token], limit: int) -> tuple[list[Token], int]:
@@ -184,18 +201,21 @@ class _End:
         self.error = error
 
 
-async def merge(sources: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge(
+    sources: Sequence[AsyncGenerator[T, None]],
+) -> AsyncIterator[tuple[int, T]]:
     """Items of several async iterators as they come, each with its source's index.
     Closing this generator (a client gone) cancels the readers and closes the sources;
     an error in one source ends the merge with that error."""
     if len(sources) == 1:
-        async for item in sources[0]:
-            yield 0, item
+        async with aclosing(sources[0]) as only:
+            async for item in only:
+                yield 0, item
         return
     # Bounded: a source runs at most a few items ahead of the client.
     queue: asyncio.Queue[tuple[int, T] | _End] = asyncio.Queue(maxsize=len(sources) * 4)
 
-    async def read(index: int, source: AsyncIterator[T]) -> None:
+    async def read(index: int, source: AsyncGenerator[T, None]) -> None:
         try:
             async for item in source:
                 await queue.put((index, item))
@@ -220,6 +240,4 @@ async def merge(sources: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int,
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         for source in sources:
-            close = getattr(source, "aclose", None)
-            if close is not None:
-                await close()
+            await source.aclose()

@@ -30,7 +30,7 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -53,7 +53,7 @@ from ..engines.base import (
 from ..errors import ErrorAnswer, InvalidParameter, ModelNotFound, ServiceError, Unauthorized
 from ..streaming import sse
 from .compat import check_chat, check_completion
-from .generation import SLICE, Chunk, Generation, count_tokens, merge
+from .generation import SLICE, Chunk, Generation, closing, count_tokens, merge
 from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = ["DEFAULT_MAX_TOKENS", "v1"]
@@ -200,21 +200,21 @@ async def _relay(engine: Proxy, endpoint: str, body: dict[str, Any]) -> Response
 
 
 def _relayed(reply: ProxyReply) -> Response:
-    """The upstream's whole answer: its status, its body when it is JSON (an error in
-    OpenAI's shape stays as the upstream wrote it), else an error in OpenAI's shape."""
+    """The upstream's whole answer: its status and body (an error that is not in
+    OpenAI's shape is put in it)."""
+    headers = {**reply.headers, "Content-Type": "application/json"}
+    if reply.status == 200:
+        return Response(reply.body, status=200, headers=headers)
+    _log.warning("upstream answered %d: %s", reply.status, reply.body[:300])
     try:
-        parsed = json.loads(reply.body) if reply.status == 200 or reply.body else None
+        parsed = json.loads(reply.body)
     except ValueError:
         parsed = None
-    if reply.status != 200:
-        _log.warning("upstream answered %d: %s", reply.status, reply.body[:300])
-    if isinstance(parsed, dict) and (reply.status == 200 or "error" in parsed):
-        headers = {**reply.headers, "Content-Type": "application/json"}
+    if isinstance(parsed, dict) and "error" in parsed:
         return Response(reply.body, status=reply.status, headers=headers)
     detail = reply.body[:500].decode(errors="replace")
-    status = reply.status if reply.status != 200 else 502
     answer = ErrorAnswer(
-        request.path, status, "upstream_error", f"The upstream answered {reply.status}: {detail}"
+        request.path, reply.status, "upstream_error", f"The upstream answered: {detail}"
     ).response()
     answer.headers.update(reply.headers)
     return answer
@@ -226,11 +226,12 @@ async def _relayed_events(lines: AsyncIterator[str]) -> AsyncIterator[Any]:
     counts = engines().counts
     boundary = True  # between two events
     try:
-        async for line in lines:
-            if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                counts.tokens.inc()
-            boundary = line == ""
-            yield (line + "\n").encode()
+        async with closing(lines) as relayed:
+            async for line in relayed:
+                if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    counts.tokens.inc()
+                boundary = line == ""
+                yield (line + "\n").encode()
     except ServiceError as exc:
         _log.warning("a relayed stream failed: %s", exc.message)
         if not boundary:
@@ -503,10 +504,11 @@ class _TextChunks:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
-async def _ended(generation: Generation) -> AsyncIterator[Chunk | None]:
+async def _ended(generation: Generation) -> AsyncGenerator[Chunk | None, None]:
     """The generation's chunks, then None when it has finished."""
-    async for chunk in generation.chunks():
-        yield chunk
+    async with closing(generation.chunks()) as chunks:
+        async for chunk in chunks:
+            yield chunk
     yield None
 
 

@@ -23,7 +23,8 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,11 @@ class LocalEngine:
         return len(_TOKEN.findall(text))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
-        async for token in self.generate_tokens(request):
-            yield token.text
+        async with aclosing(self.generate_tokens(request)) as tokens:
+            async for token in tokens:
+                yield token.text
 
-    async def generate_tokens(self, request: GenerationRequest) -> AsyncIterator[Token]:
+    async def generate_tokens(self, request: GenerationRequest) -> AsyncGenerator[Token, None]:
         rng = random.Random(request.seed)
         keep = self._model.order - 1
         history = _last_words(request.prompt, keep)

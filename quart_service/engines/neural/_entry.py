@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from ...errors import EngineError
@@ -17,14 +16,11 @@ __all__ = ["create"]
 async def create(model: ModelConfig, context: EngineContext) -> Engine:
     """Build the engine for ``model`` (entry point ``neural``); see :mod:`.engine`."""
     try:
-        # Imported on the pool: importing numpy takes a few hundred milliseconds that
-        # the event loop (every other request of the worker) would otherwise wait.
-        engine = await context.run_sync(importlib.import_module, f"{__package__}.engine")
+        from .engine import create as create_engine
     except ModuleNotFoundError as exc:
         if exc.name != "numpy":
             raise
         raise EngineError(
             "the 'neural' engine needs numpy: pip install 'quart_service[neural]'"
         ) from exc
-    built: Engine = await engine.create(model, context)
-    return built
+    return await create_engine(model, context)

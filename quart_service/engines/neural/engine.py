@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,11 @@ class NeuralEngine:
         return tokens
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
-        async for token in self.generate_tokens(request):
-            yield token.text
+        async with aclosing(self.generate_tokens(request)) as tokens:
+            async for token in tokens:
+                yield token.text
 
-    async def generate_tokens(self, request: GenerationRequest) -> AsyncIterator[Token]:
+    async def generate_tokens(self, request: GenerationRequest) -> AsyncGenerator[Token, None]:
         decoding = self.start(request)
         decoder = self.tokenizer.decoder()
         loop = asyncio.get_running_loop()
