@@ -301,6 +301,13 @@ async def _whole(generation: Generation) -> tuple[str, list[Token]]:
     return "".join(texts), tokens
 
 
+async def _wholes(generations: list[Generation]) -> list[tuple[str, list[Token]]]:
+    """Every generation's text and tokens; several choices are written concurrently."""
+    if len(generations) == 1:  # no task to create for the usual single choice
+        return [await _whole(generations[0])]
+    return list(await asyncio.gather(*(_whole(g) for g in generations)))
+
+
 def _head(prefix: str, model: ModelConfig) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
 
@@ -324,7 +331,7 @@ async def chat_completions() -> Response | dict[str, Any]:
     head = _head("chatcmpl", model)
     if body.stream:
         return _stream(generations, head, _wants_usage(body), _ChatChunks(top))
-    wholes = await asyncio.gather(*(_whole(g) for g in generations))
+    wholes = await _wholes(generations)
     choices = []
     for i, (generation, (text, tokens)) in enumerate(zip(generations, wholes, strict=True)):
         message = {"role": "assistant", "content": text, "refusal": None}
@@ -375,7 +382,7 @@ async def completions() -> Response | dict[str, Any]:
     if body.stream:
         chunks = _TextChunks(body.logprobs, echoes)
         return _stream(generations, head, _wants_usage(body), chunks)
-    wholes = await asyncio.gather(*(_whole(g) for g in generations))
+    wholes = await _wholes(generations)
     choices = []
     for i, (generation, (text, tokens)) in enumerate(zip(generations, wholes, strict=True)):
         echo = echoes[i]
