@@ -46,7 +46,7 @@ MILLISECONDS: Final = SECONDS / 1000
 BYTES: Final = 1
 KIB: Final = 1024 * BYTES
 MIB: Final = 1024 * KIB
-_SECRETS = frozenset({"admin_token", "database_url"})  # a URL may hold a password
+_SECRETS = frozenset({"admin_token", "api_keys", "database_url"})  # a URL may hold a password
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -182,6 +182,11 @@ class Settings:
     cache_ttl: float = _setting(300 * SECONDS, "Default lifetime of a cached value.", minimum=0)
     admin_token: str = _setting(
         "", "Bearer token of the /admin API; empty turns the admin API off."
+    )
+    api_keys: str = _setting(
+        "",
+        "API keys of /v1, comma-separated: each call then needs 'Authorization: Bearer "
+        "<key>' (401 otherwise); empty: /v1 is open. Health and metrics never need one.",
     )
     blueprints: str = _setting(
         "", "Extra team blueprints as comma-separated module:attribute import strings."

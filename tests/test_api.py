@@ -64,3 +64,24 @@ async def test_embeddings_refuse_bad_input_and_engines_that_do_not_embed(
     error = (await answer.get_json())["error"]
     assert (error["param"], error["code"]) == ("model", "embeddings_unsupported")
     assert "local-ngram" in error["message"]
+
+
+async def test_logprobs_tokens_are_the_text_a_stop_sequence_leaves(
+    test_app: RunningApp,
+) -> None:
+    client = test_app.test_client()
+    body = {"model": "local-ngram", "prompt": "Four score and", "max_tokens": 40, "seed": 5}
+    text = (await (await client.post("/v1/completions", json=body)).get_json())["choices"][0]
+    stop = text["text"].split()[6]  # a word in the middle: the stop cuts the text there
+    cut = await client.post("/v1/completions", json={**body, "stop": stop, "logprobs": 2})
+    choice = (await cut.get_json())["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == text["text"][: text["text"].index(stop)]
+    logprobs = choice["logprobs"]
+    # Tokens are released whole: the listed tokens are the text sent, but for the part
+    # of the token the stop sequence cut (here the space before the stop word), which
+    # is not listed (docs/api.md).
+    listed = "".join(logprobs["tokens"])
+    assert choice["text"] == listed + " "
+    offsets = [sum(map(len, logprobs["tokens"][:i])) for i in range(len(logprobs["tokens"]))]
+    assert logprobs["text_offset"] == offsets

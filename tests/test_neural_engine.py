@@ -268,3 +268,22 @@ except EngineError as exc:
         [sys.executable, "-c", script], env=server_env(), capture_output=True, text=True, timeout=60
     )
     assert "pip install 'quart_service[neural]'" in result.stdout, result.stderr
+
+
+async def test_logprobs_follow_the_tokens_through_prompt_chunks(weights_file: Path) -> None:
+    """Log-probabilities are recorded only in steps that sample a token (not in the
+    steps that feed a long prompt chunk by chunk), so each token gets its own."""
+    engine = await _engine(weights_file, prefill_chunk=16)
+    prompt = "We the People of the United States, in Order to form a more perfect Union"
+    plain = await _text(engine, prompt=prompt, temperature=0.0, max_tokens=12)
+    request = GenerationRequest(prompt=prompt, max_tokens=12, temperature=0.0, logprobs=3)
+    tokens = [token async for token in engine.generate_tokens(request)]
+    assert [t.text for t in tokens] == plain
+    for token in tokens:
+        assert token.sampled is not None
+        assert len(token.top) == 3
+        # Greedy: the token written is the likeliest, with the largest log-probability.
+        assert token.top[0].token == token.sampled.token
+        assert token.top[0].logprob == pytest.approx(token.sampled.logprob)
+        assert token.top[0].logprob >= token.top[1].logprob >= token.top[2].logprob
+        assert token.sampled.logprob <= 0

@@ -6,39 +6,96 @@ so the official clients raise their usual exceptions::
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens",
                "code": "invalid_value"}}
+
+A model whose engine generates here (``local``, ``neural``) honours the fields listed
+in docs/api.md and refuses, with 400 naming it, any field it cannot honour
+(:mod:`.compat`). A model whose engine is a :class:`~quart_service.engines.base.Proxy`
+(``upstream``) has its request relayed: the body unchanged but for ``model``, the
+answer unchanged, its status and error body included.
+
+A stream that fails after its first event ends with an OpenAI error event,
+``data: {"error": {...}}``, then ``data: [DONE]``: the official client raises
+``APIError`` with that message. A relayed stream the upstream refuses is answered with
+the upstream's status and body, like a whole answer: nothing has been sent yet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hmac
 import json
+import logging
 import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, request
 
-from ..context import engines, pool, snapshot
+from ..config import split_list
+from ..context import engines, pool, settings, snapshot
 from ..data.models import ModelConfig
-from ..engines.base import Embedder, Engine, GenerationRequest, Message
-from ..errors import InvalidParameter, ModelNotFound
+from ..engines.base import (
+    Candidate,
+    Embedder,
+    Engine,
+    GenerationRequest,
+    Message,
+    Proxy,
+    ProxyReply,
+    Token,
+    TokenEngine,
+)
+from ..errors import ErrorAnswer, InvalidParameter, ModelNotFound, ServiceError, Unauthorized
 from ..streaming import sse
-from .generation import Generation
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .compat import check_chat, check_completion
+from .generation import SLICE, Chunk, Generation, closing, count_tokens, merge
+from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = ["DEFAULT_MAX_TOKENS", "v1"]
+
+_log = logging.getLogger("quart_service.api")
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+# A body larger than this is parsed and validated on the pool: json.loads of a 10 MB
+# body holds the GIL ~10 ms, well within budget, but a body of many small strings
+# costs far more per byte.
+_LARGE_BODY = 1024 * 1024
 
 
-async def _body(schema: type[M]) -> M:
-    raw = await request.get_data(False, False, False)  # 413 past max_body_size
+@v1.before_request
+async def _authorise() -> None:
+    """With ``api_keys`` set, every /v1 call needs ``Authorization: Bearer <key>``."""
+    keys = split_list(settings().api_keys)
+    if not keys or request.method == "OPTIONS":  # a CORS preflight carries no key
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest against every key: the time taken reveals neither which key
+    # matched nor how much of one.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.strip().encode(), key.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise Unauthorized(
+            "Incorrect or missing API key: send 'Authorization: Bearer <key>' with one "
+            "of the keys the server was given (the api_keys setting).",
+            code="invalid_api_key",
+        )
+
+
+async def _run_sync(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the worker's pool (503 when the pool and its queue are full)."""
+    return await asyncio.wrap_future(pool().submit(fn, *args))
+
+
+def _parse(raw: bytes, schema: type[M]) -> tuple[dict[str, Any], M]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -54,12 +111,46 @@ async def _body(schema: type[M]) -> M:
     if not isinstance(data, dict):
         raise InvalidParameter("The request body must be a JSON object.", code="invalid_body")
     try:
-        return schema.model_validate(data)
+        return data, schema.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        message = f"Invalid value for '{param}': {first['msg']}." if param else first["msg"]
-        raise InvalidParameter(message, param=param, code="invalid_value") from None
+        param, message = _first_error(exc)
+        text = f"Invalid value for '{param}': {message}." if param else message
+        raise InvalidParameter(text, param=param, code="invalid_value") from None
+
+
+# Parts of a pydantic error location that name a branch of a union, not a field.
+_BRANCHES = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+_PART_TAGS = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+
+
+def _clean(loc: tuple[int | str, ...]) -> list[str]:
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif "[" in part or part in _BRANCHES or part[:1].isupper():
+            continue
+        elif part in _PART_TAGS and i + 1 < len(loc) and isinstance(loc[i - 1], int):
+            continue  # a tagged union's tag (messages.0.content.0.<tag>.text)
+        else:
+            parts.append(part)
+    return parts
+
+
+def _first_error(exc: ValidationError) -> tuple[str | None, str]:
+    """The field at fault and why: of a union's errors, the most specific one."""
+    errors = exc.errors()
+    best = max(errors, key=lambda e: len(_clean(e["loc"])))
+    param = ".".join(_clean(best["loc"])) or None
+    return param, best["msg"]
+
+
+async def _body(schema: type[M]) -> tuple[dict[str, Any], M]:
+    """The body as sent and as validated. A large body is parsed on the pool."""
+    raw = await request.get_data(False, False, False)  # 413 past max_body_size
+    if len(raw) > _LARGE_BODY:
+        return await _run_sync(_parse, raw, schema)
+    return _parse(raw, schema)
 
 
 async def _model(name: str, param: str | None = "model") -> ModelConfig:
@@ -82,21 +173,6 @@ def _model_object(model: ModelConfig) -> dict[str, Any]:
     return {"id": model.name, "object": "model", "created": 0, "owned_by": model.engine}
 
 
-def _request(
-    body: ChatCompletionRequest | CompletionRequest, prompt: str, **extra: Any
-) -> GenerationRequest:
-    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens or DEFAULT_MAX_TOKENS
-    return GenerationRequest(
-        prompt=prompt,
-        max_tokens=limit,
-        temperature=float(body.temperature),
-        top_p=float(body.top_p),
-        seed=body.seed,
-        stop=body.stop_sequences(),
-        **extra,
-    )
-
-
 @v1.get("/models")
 async def list_models() -> dict[str, Any]:
     """The enabled models."""
@@ -110,51 +186,385 @@ async def retrieve_model(model_id: str) -> dict[str, Any]:
     return _model_object(await _model(model_id, param=None))
 
 
+# -- relaying to an upstream server ------------------------------------------------------
+
+
+async def _relay(engine: Proxy, endpoint: str, body: dict[str, Any]) -> Response:
+    counts = engines().counts
+    counts.requests.inc()
+    reply = await engine.relay(endpoint, body)
+    if reply.lines is None:
+        return _relayed(reply)
+    counts.streams.inc()
+    return sse(_relayed_events(reply.lines), headers=reply.headers)
+
+
+def _relayed(reply: ProxyReply) -> Response:
+    """The upstream's whole answer: its status and body (an error that is not in
+    OpenAI's shape is put in it)."""
+    headers = {**reply.headers, "Content-Type": "application/json"}
+    if reply.status == 200:
+        return Response(reply.body, status=200, headers=headers)
+    _log.warning("upstream answered %d: %s", reply.status, reply.body[:300])
+    try:
+        parsed = json.loads(reply.body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "error" in parsed:
+        return Response(reply.body, status=reply.status, headers=headers)
+    detail = reply.body[:500].decode(errors="replace")
+    answer = ErrorAnswer(
+        request.path, reply.status, "upstream_error", f"The upstream answered: {detail}"
+    ).response()
+    answer.headers.update(reply.headers)
+    return answer
+
+
+async def _relayed_events(lines: AsyncIterator[str]) -> AsyncIterator[Any]:
+    """The upstream's SSE lines as they come; a failure mid-stream ends the stream with
+    an OpenAI error event and ``[DONE]``."""
+    counts = engines().counts
+    boundary = True  # between two events
+    try:
+        async with closing(lines) as relayed:
+            async for line in relayed:
+                if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    counts.tokens.inc()
+                boundary = line == ""
+                yield (line + "\n").encode()
+    except ServiceError as exc:
+        _log.warning("a relayed stream failed: %s", exc.message)
+        if not boundary:
+            yield b"\n"
+        yield _error_event(exc)
+        yield "[DONE]"
+
+
+def _error_event(exc: ServiceError) -> dict[str, Any]:
+    """An error in OpenAI's shape, as a stream event."""
+    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
+
+
+# -- generating here ---------------------------------------------------------------------
+
+
+def _request(
+    body: ChatCompletionRequest | CompletionRequest, prompt: str, choice: int, **extra: Any
+) -> GenerationRequest:
+    limit = getattr(body, "max_completion_tokens", None) or body.max_tokens or DEFAULT_MAX_TOKENS
+    # Each choice its own seed (the same seed twice would write the same text twice).
+    seed = body.seed + choice if body.seed is not None else None
+    return GenerationRequest(
+        prompt=prompt,
+        max_tokens=limit,
+        temperature=float(body.temperature if body.temperature is not None else 1.0),
+        top_p=float(body.top_p if body.top_p is not None else 1.0),
+        seed=seed,
+        stop=body.stop_sequences(),
+        **extra,
+    )
+
+
+async def _generations(
+    engine: Engine, requests: list[GenerationRequest], prompt_tokens: int
+) -> list[Generation]:
+    counts = engines().counts
+    counts.requests.inc()
+    # The prompt's tokens count once however many choices are written from it.
+    return [
+        Generation(engine, r, counts, prompt_tokens if i == 0 else 0)
+        for i, r in enumerate(requests)
+    ]
+
+
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    prompt = sum(g.prompt_tokens for g in generations)
+    completion = sum(g.completion_tokens for g in generations)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def _prompt_tokens(engine: Engine, prompt: str) -> int:
+    return await count_tokens(engine.count_tokens, prompt, _run_sync)
+
+
+async def _whole(generation: Generation) -> tuple[str, list[Token]]:
+    texts: list[str] = []
+    tokens: list[Token] = []
+    async for chunk in generation.chunks():
+        texts.append(chunk.text)
+        tokens.extend(chunk.tokens)
+    return "".join(texts), tokens
+
+
+async def _wholes(generations: list[Generation]) -> list[tuple[str, list[Token]]]:
+    """Every generation's text and tokens; several choices are written concurrently."""
+    if len(generations) == 1:  # no task to create for the usual single choice
+        return [await _whole(generations[0])]
+    return list(await asyncio.gather(*(_whole(g) for g in generations)))
+
+
+def _head(prefix: str, model: ModelConfig) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+
+
 @v1.post("/chat/completions")
 async def chat_completions() -> Response | dict[str, Any]:
     """Chat completions, streamed as ``chat.completion.chunk`` events or answered whole."""
-    body = await _body(ChatCompletionRequest)
+    raw, body = await _body(ChatCompletionRequest)
+    model = await _model(body.model)
+    engine = await _engine(model)
+    if isinstance(engine, Proxy):
+        return await _relay(engine, "chat/completions", raw)
+    check_chat(body, isinstance(engine, TokenEngine))
     messages = tuple(Message(m.role, m.text()) for m in body.messages)
     prompt = "\n".join(m.content for m in messages)
-    generation, head = await _start(body, _request(body, prompt, messages=messages), "chatcmpl")
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    requests = [
+        _request(body, prompt, i, messages=messages, logprobs=top) for i in range(body.choices())
+    ]
+    generations = await _generations(engine, requests, await _prompt_tokens(engine, prompt))
+    head = _head("chatcmpl", model)
     if body.stream:
-        return _stream(generation, head, _wants_usage(body), _chat_chunk)
-    text = "".join([piece async for piece in generation.pieces()])
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "finish_reason": generation.finish_reason}
+        return _stream(generations, head, _wants_usage(body), _ChatChunks(top))
+    wholes = await _wholes(generations)
+    choices = []
+    for i, (generation, (text, tokens)) in enumerate(zip(generations, wholes, strict=True)):
+        message = {"role": "assistant", "content": text, "refusal": None}
+        logprobs = _chat_logprobs(tokens, top) if top is not None else None
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": generation.finish_reason,
+            }
+        )
     return {
         **head,
         "object": "chat.completion",
-        "choices": [{**choice, "logprobs": None}],
-        "usage": generation.usage(),
+        "choices": choices,
+        "usage": _usage(generations),
         "system_fingerprint": None,
     }
 
 
 @v1.post("/completions")
 async def completions() -> Response | dict[str, Any]:
-    """Text completions, streamed or answered whole."""
-    body = await _body(CompletionRequest)
-    generation, head = await _start(body, _request(body, body.prompt_text()), "cmpl")
+    """Text completions of one prompt or a list (``n`` choices each, indexed prompt by
+    prompt), streamed or answered whole."""
+    raw, body = await _body(CompletionRequest)
+    model = await _model(body.model)
+    engine = await _engine(model)
+    if isinstance(engine, Proxy):
+        return await _relay(engine, "completions", raw)
+    check_completion(body, isinstance(engine, TokenEngine))
+    prompts, n = body.prompts(), body.choices()
+    if len(prompts) * n > MAX_CHOICES:
+        raise InvalidParameter(
+            f"Invalid value for 'n': {len(prompts)} prompts times n={n} makes more than "
+            f"{MAX_CHOICES} choices.",
+            param="n",
+            code="invalid_value",
+        )
+    requests, echoes, prompt_tokens = [], [], 0
+    for prompt in prompts:
+        prompt_tokens += await _prompt_tokens(engine, prompt)
+        for j in range(n):
+            requests.append(_request(body, prompt, j, logprobs=body.logprobs))
+            echoes.append(prompt if body.echo else "")
+    generations = await _generations(engine, requests, prompt_tokens)
+    head = _head("cmpl", model)
     if body.stream:
-        return _stream(generation, head, _wants_usage(body), _text_chunk)
-    text = "".join([piece async for piece in generation.pieces()])
-    choice = {"index": 0, "text": text, "finish_reason": generation.finish_reason}
+        chunks = _TextChunks(body.logprobs, echoes)
+        return _stream(generations, head, _wants_usage(body), chunks)
+    wholes = await _wholes(generations)
+    choices = []
+    for i, (generation, (text, tokens)) in enumerate(zip(generations, wholes, strict=True)):
+        echo = echoes[i]
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _text_logprobs(tokens, body.logprobs, len(echo))
+        choices.append(
+            {
+                "index": i,
+                "text": echo + text,
+                "logprobs": logprobs,
+                "finish_reason": generation.finish_reason,
+            }
+        )
     return {
         **head,
         "object": "text_completion",
-        "choices": [{**choice, "logprobs": None}],
-        "usage": generation.usage(),
+        "choices": choices,
+        "usage": _usage(generations),
     }
 
 
+# -- log-probabilities in OpenAI's shapes --------------------------------------------------
+
+
+def _candidate(candidate: Candidate) -> dict[str, Any]:
+    return {
+        "token": candidate.token,
+        "logprob": candidate.logprob,
+        "bytes": list(candidate.bytes),
+    }
+
+
+def _chat_logprobs(tokens: list[Token], top: int) -> dict[str, Any]:
+    """``choices[].logprobs`` of a chat answer: one entry per token, with its ``top``
+    likeliest alternatives."""
+    content = []
+    for token in tokens:
+        if token.sampled is None:
+            continue
+        entry = _candidate(token.sampled)
+        entry["top_logprobs"] = [_candidate(c) for c in token.top[:top]]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def _text_logprobs(tokens: list[Token], top: int, offset: int) -> dict[str, Any]:
+    """``choices[].logprobs`` of a text completion (the legacy shape): the tokens, their
+    log-probabilities, the ``top`` likeliest alternatives of each (and the sampled
+    token, as vLLM does), and where each token starts in the choice's text."""
+    answer: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for token in tokens:
+        sampled = token.sampled
+        if sampled is None:
+            continue
+        alternatives = {c.token: c.logprob for c in token.top[:top]}
+        alternatives.setdefault(sampled.token, sampled.logprob)
+        answer["tokens"].append(sampled.token)
+        answer["token_logprobs"].append(sampled.logprob)
+        answer["top_logprobs"].append(alternatives)
+        answer["text_offset"].append(offset)
+        offset += len(token.text)
+    return answer
+
+
+# -- streams -------------------------------------------------------------------------------
+
+
+def _wants_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+class _ChatChunks:
+    """``chat.completion.chunk`` events."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, top: int | None) -> None:
+        self.top = top
+
+    def start(self, index: int) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": ""}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+
+    def text(self, index: int, chunk: Chunk) -> dict[str, Any]:
+        logprobs = _chat_logprobs(chunk.tokens, self.top) if self.top is not None else None
+        delta = {"content": chunk.text}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+
+    def finish(self, index: int, reason: str | None) -> dict[str, Any]:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+
+class _TextChunks:
+    """``text_completion`` events; an echoed prompt comes first in each choice."""
+
+    object = "text_completion"
+
+    def __init__(self, top: int | None, echoes: list[str]) -> None:
+        self.top = top
+        self.echoes = echoes
+        self.offsets = [len(e) for e in echoes]
+
+    def start(self, index: int) -> dict[str, Any]:
+        return self._choice(index, self.echoes[index], None, None)
+
+    def text(self, index: int, chunk: Chunk) -> dict[str, Any]:
+        logprobs = None
+        if self.top is not None:
+            logprobs = _text_logprobs(chunk.tokens, self.top, self.offsets[index])
+        self.offsets[index] += len(chunk.text)
+        return self._choice(index, chunk.text, logprobs, None)
+
+    def finish(self, index: int, reason: str | None) -> dict[str, Any]:
+        return self._choice(index, "", None, reason)
+
+    @staticmethod
+    def _choice(
+        index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None
+    ) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+async def _ended(generation: Generation) -> AsyncGenerator[Chunk | None, None]:
+    """The generation's chunks, then None when it has finished."""
+    async with closing(generation.chunks()) as chunks:
+        async for chunk in chunks:
+            yield chunk
+    yield None
+
+
+def _stream(
+    generations: list[Generation],
+    head: dict[str, Any],
+    usage: bool,
+    chunks: _ChatChunks | _TextChunks,
+) -> Response:
+    engines().counts.streams.inc()
+    where = f"{request.method} {request.path}"
+
+    def event(choice: dict[str, Any] | None) -> dict[str, Any]:
+        return {**head, "object": chunks.object, "choices": [choice] if choice else []}
+
+    async def events() -> AsyncIterator[Any]:
+        try:
+            for index in range(len(generations)):
+                yield event(chunks.start(index))
+            async for index, chunk in merge([_ended(g) for g in generations]):
+                if chunk is None:
+                    yield event(chunks.finish(index, generations[index].finish_reason))
+                else:
+                    yield event(chunks.text(index, chunk))
+            if usage:
+                yield {**event(None), "usage": _usage(generations)}
+        except ServiceError as exc:
+            _log.warning("%s: a stream failed: %s: %s", where, exc.code, exc.message)
+            yield _error_event(exc)
+        except Exception:
+            _log.exception("%s: a stream failed", where)
+            yield _error_event(ServiceError("The server failed; the error was logged."))
+        yield "[DONE]"
+
+    return sse(events())
+
+
+# -- embeddings ----------------------------------------------------------------------------
+
+
 @v1.post("/embeddings")
-async def embeddings() -> dict[str, Any]:
+async def embeddings() -> Response | dict[str, Any]:
     """Embeddings in OpenAI's shape, for one text or a list; ``encoding_format`` float
     or base64 (little-endian float32, what the official client asks for by default)."""
-    body = await _body(EmbeddingRequest)
+    raw, body = await _body(EmbeddingRequest)
     model = await _model(body.model)
     engine = await _engine(model)
+    if isinstance(engine, Proxy):
+        return await _relay(engine, "embeddings", raw)
     if not isinstance(engine, Embedder):
         raise InvalidParameter(
             f"The model '{model.name}' (engine '{model.engine}') does not embed text.",
@@ -170,7 +580,10 @@ async def embeddings() -> dict[str, Any]:
         )
     texts = body.texts()
     vectors = await engine.embed(texts)
-    tokens = sum(engine.count_tokens(text) for text in texts)
+    if sum(len(t) for t in texts) > SLICE:
+        tokens = sum([await _prompt_tokens(engine, text) for text in texts])
+    else:
+        tokens = sum(engine.count_tokens(text) for text in texts)
     encode = _base64 if body.encoding_format == "base64" else _floats
     data = [
         {"object": "embedding", "index": i, "embedding": encode(_shorten(vector, size))}
@@ -196,62 +609,3 @@ def _floats(vector: list[float]) -> list[float]:
 
 def _base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-async def _start(
-    body: ChatCompletionRequest | CompletionRequest, request: GenerationRequest, prefix: str
-) -> tuple[Generation, dict[str, Any]]:
-    """Resolve the model and its engine; the answer's common head."""
-    model = await _model(body.model)
-    engine = await _engine(model)
-    counts = engines().counts
-    counts.requests.inc()
-    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
-    return Generation(engine, request, counts), head
-
-
-def _wants_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage
-
-
-_Chunk = Callable[[dict[str, Any], str | None, str | None, bool], dict[str, Any]]
-
-
-def _chat_chunk(
-    head: dict[str, Any], text: str | None, finish: str | None, first: bool
-) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    if first:
-        delta["role"] = "assistant"
-    if text is not None:
-        delta["content"] = text
-    return {
-        **head,
-        "object": "chat.completion.chunk",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
-
-
-def _text_chunk(
-    head: dict[str, Any], text: str | None, finish: str | None, first: bool
-) -> dict[str, Any]:
-    return {
-        **head,
-        "object": "text_completion",
-        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
-    }
-
-
-def _stream(generation: Generation, head: dict[str, Any], usage: bool, chunk: _Chunk) -> Response:
-    engines().counts.streams.inc()
-
-    async def events() -> AsyncIterator[Any]:
-        yield chunk(head, "" if chunk is _chat_chunk else None, None, True)
-        async for piece in generation.pieces():
-            yield chunk(head, piece, None, False)
-        yield chunk(head, None, generation.finish_reason, False)
-        if usage:
-            yield {**chunk(head, None, None, False), "choices": [], "usage": generation.usage()}
-        yield "[DONE]"
-
-    return sse(events())

@@ -9,7 +9,14 @@ registered under the entry-point group ``quart_service.engines``::
     async def create(model: ModelConfig, context: EngineContext) -> Engine: ...
 
 The API layer handles the protocol (OpenAI shapes, stop sequences, usage, finish
-reasons); an engine only generates.
+reasons, ``n``); an engine only generates. Optional abilities, each a protocol the API
+checks for (a request needing one an engine lacks is refused with 400 naming the
+field, never silently ignored):
+
+* :class:`TokenEngine` — tokens with their log-probabilities (``logprobs``);
+* :class:`Embedder` — ``/v1/embeddings``;
+* :class:`Proxy` — the engine speaks OpenAI's protocol itself (``upstream``): the API
+  relays the request body and the answer, status and error bodies included.
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ import httpx
 from ..data.models import ModelConfig
 
 __all__ = [
+    "Candidate",
     "Embedder",
     "Engine",
     "EngineContext",
     "EngineFactory",
     "GenerationRequest",
     "Message",
+    "Proxy",
+    "ProxyReply",
+    "Token",
+    "TokenEngine",
 ]
 
 
@@ -51,6 +63,36 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     messages: tuple[Message, ...] = ()
+    # None: no log-probabilities wanted; k: each token's, and its k likeliest
+    # alternatives (only a TokenEngine is asked for them).
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A token with its log-probability under the model's own distribution (before
+    temperature and top_p). ``bytes`` are the token's UTF-8 bytes, which may be part of
+    a character (then ``token`` shows U+FFFD where the part is)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+    @classmethod
+    def of_text(cls, token: str, logprob: float) -> Candidate:
+        """A candidate whose bytes are its text's."""
+        return cls(token, logprob, tuple(token.encode("utf-8")))
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token: the text it adds to the output ('' while a character is
+    incomplete), and, when ``logprobs`` was asked, the token itself with its
+    log-probability and the likeliest alternatives (most likely first)."""
+
+    text: str
+    sampled: Candidate | None = None
+    top: tuple[Candidate, ...] = ()
 
 
 class Engine(Protocol):
@@ -66,6 +108,43 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Release what the instance holds (called when its model row changes)."""
+        ...
+
+
+@runtime_checkable
+class TokenEngine(Protocol):
+    """An engine that reports what it sampled: log-probabilities and alternatives."""
+
+    def generate_tokens(self, request: GenerationRequest) -> AsyncIterator[Token]:
+        """Tokens, at most ``request.max_tokens``; each with ``sampled`` and up to
+        ``request.logprobs`` alternatives when ``request.logprobs`` is not None."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyReply:
+    """An upstream server's answer as it is relayed: its status, the headers worth
+    passing on (``Retry-After``, rate-limit headers), and either its whole body or,
+    for a stream that the upstream accepted, its SSE lines."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    lines: AsyncIterator[str] | None = None
+
+
+@runtime_checkable
+class Proxy(Protocol):
+    """An engine that relays OpenAI requests to another server: every field it does not
+    interpret itself goes through unchanged, and the upstream's status and error
+    bodies come back unchanged."""
+
+    async def relay(self, endpoint: str, body: dict[str, Any]) -> ProxyReply:
+        """Send ``body`` to the upstream's ``endpoint`` (``chat/completions``,
+        ``completions``, ``embeddings``). For ``stream: true`` with a 200, ``lines``
+        yields the upstream's SSE lines; iterating it to the end or closing it
+        releases the connection. Raises :class:`~quart_service.errors.EngineError`
+        when the upstream cannot be reached."""
         ...
 
 

@@ -10,27 +10,36 @@ holds no thread.
 
 Parameters: ``order`` (2 to 5, default 3), ``corpus`` (text), ``tokens_per_second``
 (0: as fast as possible).
+
+Log-probabilities (``logprobs``) are the model's own: the log of a word's share of the
+counts after the context the word was drawn from (the longest one the model knows),
+before temperature and top_p; the alternatives are the most frequent words there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from ..data.models import ModelConfig
 from ..errors import EngineError
-from .base import Engine, EngineContext, GenerationRequest
+from .base import Candidate, Engine, EngineContext, GenerationRequest, Token
 
 __all__ = ["CORPUS", "LocalEngine", "NGramModel", "create"]
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 _TOKEN = re.compile(r"[A-Za-z0-9'-]+|[.,;:!?]")
 _BATCH = 16  # tokens sampled per pool job
+# Only the prompt's last words matter; its tail is tokenised, not all of it (a 10 MB
+# prompt would hold the event loop for most of a second).
+_TAIL = 4096
 
 
 class NGramModel:
@@ -52,15 +61,24 @@ class NGramModel:
     def next_word(
         self, context: list[str], rng: random.Random, temperature: float, top_p: float
     ) -> str:
+        return self.draw(context, rng, temperature, top_p)[0]
+
+    def draw(
+        self, context: list[str], rng: random.Random, temperature: float, top_p: float
+    ) -> tuple[str, list[tuple[str, int]]]:
+        """The next word, and the counts it was drawn from, most frequent first."""
         for n in range(self.order - 1, -1, -1):
             counts = self.table.get(tuple(context[-n:]) if n else ())
             if counts:
-                return _sample(counts, rng, temperature, top_p)
+                ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                return _sample(ranked, rng, temperature, top_p), ranked
         raise AssertionError("the unigram table is never empty")
 
 
-def _sample(counts: Counter[str], rng: random.Random, temperature: float, top_p: float) -> str:
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))  # stable for a seed
+def _sample(
+    ranked: list[tuple[str, int]], rng: random.Random, temperature: float, top_p: float
+) -> str:
+    # ``ranked``: most frequent first, ties by word, so a seed gives the same words.
     if temperature == 0:
         return ranked[0][0]
     weights = [count ** (1.0 / temperature) for _, count in ranked]
@@ -72,6 +90,18 @@ def _sample(counts: Counter[str], rng: random.Random, temperature: float, top_p:
         if cumulative >= top_p:
             break
     return rng.choices([w for w, _ in kept], weights=[w for _, w in kept])[0]
+
+
+def _last_words(prompt: str, count: int) -> list[str]:
+    """The prompt's last ``count`` words. Only its tail is tokenised (a wider one while
+    it holds too few words): a whole 10 MB prompt would hold the event loop for most
+    of a second; the first word of a tail may be cut, so one more is read than kept."""
+    window = _TAIL
+    while True:
+        words = _TOKEN.findall(prompt[-window:])
+        if len(words) > count or window >= len(prompt):
+            return words[-count:] if count else []
+        window *= 4
 
 
 def _join(word: str, first: bool) -> str:
@@ -90,8 +120,14 @@ class LocalEngine:
         return len(_TOKEN.findall(text))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        async with aclosing(self.generate_tokens(request)) as tokens:
+            async for token in tokens:
+                yield token.text
+
+    async def generate_tokens(self, request: GenerationRequest) -> AsyncGenerator[Token, None]:
         rng = random.Random(request.seed)
-        history = _TOKEN.findall(request.prompt)[-(self._model.order - 1) :]
+        keep = self._model.order - 1
+        history = _last_words(request.prompt, keep)
         if not history or tuple(history) not in self._model.table:
             history = [rng.choice(self._model.starts or ["The"])]
         produced = 0
@@ -99,24 +135,47 @@ class LocalEngine:
         next_at = loop.time()
         while produced < request.max_tokens:
             count = min(_BATCH, request.max_tokens - produced)
-            words = await self._context.run_sync(self._sample, history, rng, request, count)
-            for word in words:
+            tokens = await self._context.run_sync(
+                self._sample, history, rng, request, count, produced == 0
+            )
+            for token in tokens:
                 if self._pace:
                     next_at += 1.0 / self._pace
                     await asyncio.sleep(max(0.0, next_at - loop.time()))
-                yield _join(word, produced == 0)
+                yield token
                 produced += 1
 
     def _sample(
-        self, history: list[str], rng: random.Random, request: GenerationRequest, count: int
-    ) -> list[str]:
-        words = []
-        for _ in range(count):
-            word = self._model.next_word(history, rng, request.temperature, request.top_p)
-            words.append(word)
+        self,
+        history: list[str],
+        rng: random.Random,
+        request: GenerationRequest,
+        count: int,
+        first: bool,
+    ) -> list[Token]:
+        tokens = []
+        top = request.logprobs
+        for i in range(count):
+            word, ranked = self._model.draw(history, rng, request.temperature, request.top_p)
+            text = _join(word, first and i == 0)
+            if top is None:
+                tokens.append(Token(text))
+            else:
+                total = sum(c for _, c in ranked)
+                share = dict(ranked)[word] / total
+                tokens.append(
+                    Token(
+                        text,
+                        Candidate.of_text(text, math.log(share)),
+                        tuple(
+                            Candidate.of_text(_join(w, first and i == 0), math.log(c / total))
+                            for w, c in ranked[:top]
+                        ),
+                    )
+                )
             history.append(word)
             del history[: -(self._model.order - 1) or None]
-        return words
+        return tokens
 
     async def aclose(self) -> None:
         return None

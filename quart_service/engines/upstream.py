@@ -3,6 +3,12 @@
 Parameters: ``base_url`` (for example ``http://127.0.0.1:9000/v1``), ``api_key``
 (optional), ``model`` (the upstream's model name; default: this model's name).
 
+The API relays requests through :meth:`UpstreamEngine.relay`: the body goes to the
+upstream unchanged but for ``model`` (every other field, ``tools``, ``logprobs``,
+``response_format``, a vendor's own, included), and the upstream's answer comes back
+unchanged: its status and body, its ``Retry-After`` and rate-limit headers, its SSE
+lines one by one.
+
 All upstream traffic of a worker goes through its one pooled ``httpx.AsyncClient``.
 The request is always a streaming one; when our client disconnects, the generator is
 cancelled, which leaves ``client.stream(...)`` and closes the upstream response at
@@ -19,9 +25,13 @@ import httpx
 
 from ..data.models import ModelConfig
 from ..errors import EngineError
-from .base import Engine, EngineContext, GenerationRequest
+from .base import Engine, EngineContext, GenerationRequest, ProxyReply
 
-__all__ = ["UpstreamEngine", "create"]
+__all__ = ["RELAYED_HEADERS", "UpstreamEngine", "create"]
+
+# The upstream's headers a client may act on: when to retry, how much quota is left.
+RELAYED_HEADERS = ("retry-after", "retry-after-ms")
+_RELAYED_PREFIX = "x-ratelimit-"
 
 
 class UpstreamEngine:
@@ -29,7 +39,8 @@ class UpstreamEngine:
 
     def __init__(self, context: EngineContext, base_url: str, model: str, api_key: str) -> None:
         self._context = context
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._base = base_url.rstrip("/")
+        self._url = self._base + "/chat/completions"
         self._model = model
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -68,8 +79,48 @@ class UpstreamEngine:
         except httpx.HTTPError as exc:
             raise EngineError(f"upstream request failed: {type(exc).__name__}: {exc}") from exc
 
+    async def relay(self, endpoint: str, body: dict[str, Any]) -> ProxyReply:
+        """POST ``body`` (``model`` replaced by the upstream's name) to ``endpoint``; see
+        :class:`~quart_service.engines.base.Proxy`."""
+        client = await self._context.http_client()
+        request = client.build_request(
+            "POST",
+            f"{self._base}/{endpoint}",
+            json={**body, "model": self._model},
+            headers=self._headers,
+        )
+        try:
+            reply = await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"upstream request failed: {type(exc).__name__}: {exc}") from exc
+        headers = {
+            name: value
+            for name, value in reply.headers.items()
+            if name in RELAYED_HEADERS or name.startswith(_RELAYED_PREFIX)
+        }
+        if reply.status_code == 200 and body.get("stream") is True:
+            return ProxyReply(200, headers, lines=_lines(reply))
+        try:
+            data = await reply.aread()
+        except httpx.HTTPError as exc:
+            raise EngineError(f"upstream answer failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await reply.aclose()
+        return ProxyReply(reply.status_code, headers, data)
+
     async def aclose(self) -> None:
         return None  # the HTTP client is the process's, not this instance's
+
+
+async def _lines(reply: httpx.Response) -> AsyncIterator[str]:
+    """The upstream's SSE lines; its connection is released at the end or on close."""
+    try:
+        async for line in reply.aiter_lines():
+            yield line
+    except httpx.HTTPError as exc:
+        raise EngineError(f"the upstream's stream failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        await reply.aclose()
 
 
 def _content(line: str) -> str | None:

@@ -25,6 +25,10 @@ Parameters (the model row's):
   prompt, not for every other stream's next token too (default false: prompts join
   the decoding streams' step).
 
+Log-probabilities (``logprobs``) are the model's own: a log-softmax of the logits,
+before temperature and top_p, computed in the step (on the pool) only for the
+generations that ask.
+
 A generation is a :class:`Decoding`; :meth:`NeuralEngine.step` advances a batch of
 them by one token (the first step feeds the prompt), on the worker's pool. Streams
 share steps through a :class:`~quart_service.batching.StepBatcher` (continuous
@@ -36,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,9 +50,9 @@ from typing import Any
 from ...batching import Batcher, StepBatcher
 from ...data.models import ModelConfig
 from ...errors import EngineError
-from ..base import Engine, EngineContext, GenerationRequest
+from ..base import Candidate, Engine, EngineContext, GenerationRequest, Token
 from .model import DecodeState, GPT2Model
-from .sampling import Sampler
+from .sampling import Sampler, log_probabilities
 from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 
 __all__ = ["NO_TOKEN", "Decoding", "NeuralEngine", "create", "load_tokenizer"]
@@ -59,16 +65,27 @@ yet, or (``prompts_first``) it sat the step out while prompts were fed."""
 class Decoding:
     """One request's generation: the model's state, its sampler and token budget."""
 
-    __slots__ = ("eos_id", "n_ctx", "remaining", "sampler", "state")
+    __slots__ = ("eos_id", "logprobs", "n_ctx", "records", "remaining", "sampler", "state")
 
     def __init__(
-        self, state: DecodeState, sampler: Sampler, max_tokens: int, eos_id: int | None, n_ctx: int
+        self,
+        state: DecodeState,
+        sampler: Sampler,
+        max_tokens: int,
+        eos_id: int | None,
+        n_ctx: int,
+        logprobs: int | None = None,
     ) -> None:
         self.state = state
         self.sampler = sampler
         self.remaining = max_tokens
         self.eos_id = eos_id
         self.n_ctx = n_ctx
+        # Alternatives wanted (None: no log-probabilities). The step appends one record
+        # per sampled token on the pool's thread; the stream pops them in order (the
+        # batcher may run steps ahead of the reader, so one slot would not do).
+        self.logprobs = logprobs
+        self.records: deque[tuple[float, list[tuple[int, float]]]] = deque()
         if max_tokens < 1:
             state.finished = True
 
@@ -135,17 +152,38 @@ class NeuralEngine:
         }
 
     def count_tokens(self, text: str) -> int:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return len(text.encode("utf-8"))  # one token a byte: no list of ids needed
         return len(self.tokenizer.encode(text))
 
     def start(self, request: GenerationRequest) -> Decoding:
         """A new generation for ``request``. A prompt longer than the context keeps its
         end: as much as leaves room for max_tokens, at least half the context."""
         config = self.model.config
-        ids = self.tokenizer.encode(request.prompt) or [self.tokenizer.bos_id]
         keep = config.n_ctx - min(request.max_tokens - 1, config.n_ctx // 2)
-        state = self.model.new_state(ids[-keep:])
+        ids = self._last_ids(request.prompt, keep) or [self.tokenizer.bos_id]
+        state = self.model.new_state(ids)
         sampler = Sampler(request.temperature, request.top_p, request.seed, self._vocab_limit)
-        return Decoding(state, sampler, request.max_tokens, self.tokenizer.eos_id, config.n_ctx)
+        return Decoding(
+            state,
+            sampler,
+            request.max_tokens,
+            self.tokenizer.eos_id,
+            config.n_ctx,
+            request.logprobs,
+        )
+
+    def _last_ids(self, prompt: str, keep: int) -> list[int]:
+        """The ids of the prompt's last ``keep`` tokens. Only a tail of the prompt is
+        encoded (wider while it holds too few tokens): the whole of a 10 MB prompt would
+        hold the event loop, and all but its end is cut anyway. The tail's first token
+        may be cut in two, so one more is read than kept."""
+        window = 8 * keep
+        while True:
+            ids = self.tokenizer.encode(prompt[-window:])
+            if len(ids) > keep or window >= len(prompt):
+                return ids[-keep:]
+            window *= 4
 
     def step(self, decodings: Sequence[Decoding]) -> list[int | None]:
         """One forward pass for all of ``decodings`` together, then a token sampled for
@@ -160,7 +198,12 @@ class NeuralEngine:
             if row is None or decoding.state.pending:
                 tokens.append(NO_TOKEN)
             else:
-                tokens.append(decoding.accept(decoding.sampler.sample(row)))
+                token = decoding.sampler.sample(row)
+                if decoding.logprobs is not None:
+                    decoding.records.append(
+                        log_probabilities(row[: self._vocab_limit], token, decoding.logprobs)
+                    )
+                tokens.append(decoding.accept(token))
         return tokens
 
     def _feed_counts(self, decodings: Sequence[Decoding]) -> list[int]:
@@ -188,6 +231,11 @@ class NeuralEngine:
         return counts
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        async with aclosing(self.generate_tokens(request)) as tokens:
+            async for token in tokens:
+                yield token.text
+
+    async def generate_tokens(self, request: GenerationRequest) -> AsyncGenerator[Token, None]:
         decoding = self.start(request)
         decoder = self.tokenizer.decoder()
         loop = asyncio.get_running_loop()
@@ -205,10 +253,22 @@ class NeuralEngine:
                 if self._pace:
                     next_at += 1.0 / self._pace
                     await asyncio.sleep(max(0.0, next_at - loop.time()))
-                yield piece
+                if decoding.logprobs is None:
+                    yield Token(piece)
+                else:
+                    logprob, top = decoding.records.popleft()
+                    yield Token(
+                        piece,
+                        self._candidate(token, logprob),
+                        tuple(self._candidate(i, lp) for i, lp in top),
+                    )
         finally:
             # Leave the batch now (a client gone, a timeout), not when collected.
             await tokens.aclose()
+
+    def _candidate(self, token_id: int, logprob: float) -> Candidate:
+        raw = self.tokenizer.token_bytes(token_id)
+        return Candidate(raw.decode("utf-8", errors="replace"), logprob, tuple(raw))
 
     async def _tokens(self, decoding: Decoding) -> AsyncGenerator[int | None, None]:
         """The decoding's tokens: from the shared steps, or one pool job each."""

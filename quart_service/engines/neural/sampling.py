@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "log_probabilities"]
 
 
 class Sampler:
@@ -45,3 +45,21 @@ class Sampler:
         # side="right": a token of probability 0 (underflow) is never drawn.
         index = int(np.searchsorted(cumulative, drawn, side="right"))
         return int(candidates[min(index, len(candidates) - 1)])
+
+
+def log_probabilities(
+    logits: npt.NDArray[np.float32], token: int, top: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under the softmax of ``logits`` (temperature 1,
+    no top_p: the model's own distribution), and the ``top`` likeliest ids with theirs,
+    most likely first (the lower id first on a tie)."""
+    scaled = logits.astype(np.float64)
+    scaled -= scaled.max()
+    logs = scaled - np.log(np.exp(scaled).sum())
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        count = min(top, logs.shape[0])
+        part = np.argpartition(-logs, count - 1)[:count]
+        ranked = sorted(part.tolist(), key=lambda i: (-logs[i], i))
+        best = [(int(i), float(logs[i])) for i in ranked]
+    return float(logs[token]), best

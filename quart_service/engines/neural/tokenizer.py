@@ -70,12 +70,35 @@ class Tokenizer(Protocol):
         """A fresh incremental decoder."""
         ...
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a character, maybe); b'' for none."""
+        ...
+
 
 def gpt2_byte_order() -> list[int]:
     """The byte of each of GPT-2's first 256 token ids (its ``bytes_to_unicode``):
     the printable bytes first, in order, then the others."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     return printable + [b for b in range(256) if b not in printable]
+
+
+def _gpt2_alphabet() -> dict[str, int]:
+    """GPT-2's byte alphabet (its ``bytes_to_unicode``, inverted): the character that
+    spells each byte in its BPE vocabulary. Printable bytes spell themselves; the
+    others, in order, are U+0100 onwards."""
+    printable = set(gpt2_byte_order()[:188])
+    alphabet: dict[str, int] = {}
+    extra = 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + extra)] = byte
+            extra += 1
+    return alphabet
+
+
+_GPT2_BYTE = _gpt2_alphabet()
 
 
 class _ByteDecoder:
@@ -122,6 +145,9 @@ class ByteTokenizer:
 
     def decoder(self) -> IncrementalDecoder:
         return _ByteDecoder(self._id_to_byte)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes((self._id_to_byte[token_id],)) if 0 <= token_id < 256 else b""
 
 
 class _JsonDecoder:
@@ -196,3 +222,12 @@ class JsonTokenizer:
 
     def decoder(self) -> IncrementalDecoder:
         return _JsonDecoder(self._tokenizer)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        # A byte-level BPE token is spelt in GPT-2's byte alphabet: map it back, so a
+        # token holding part of a character gives its real bytes.
+        token = self._tokenizer.id_to_token(token_id)
+        if isinstance(token, str) and token and all(ch in _GPT2_BYTE for ch in token):
+            return bytes(_GPT2_BYTE[ch] for ch in token)
+        text: str = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text.encode("utf-8")
