@@ -24,8 +24,8 @@ __all__ = [
 #: ``a/./b``, which an HTTP client would rewrite in ``/admin/models/<name>``.
 NAME_PATTERN = r"^[A-Za-z0-9_:-][A-Za-z0-9._:-]*(/[A-Za-z0-9_:-][A-Za-z0-9._:-]*)*$"
 
-Name = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=NAME_PATTERN)]
-EngineName = Annotated[StrictStr, Field(min_length=1, max_length=100)]
+_Name = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=NAME_PATTERN)]
+_EngineName = Annotated[StrictStr, Field(min_length=1, max_length=100)]
 
 
 class ModelCreate(BaseModel):
@@ -33,8 +33,8 @@ class ModelCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Name
-    engine: EngineName
+    name: _Name
+    engine: _EngineName
     parameters: dict[str, Any] = Field(default_factory=dict)
     enabled: StrictBool = True
 
@@ -47,7 +47,7 @@ class ModelUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
 
     # Not Optional: an explicit null is refused, as the document says.
-    engine: EngineName = None  # type: ignore[assignment]
+    engine: _EngineName = None  # type: ignore[assignment]
     parameters: dict[str, Any] = None  # type: ignore[assignment]
     enabled: StrictBool = None  # type: ignore[assignment]
 

@@ -183,6 +183,8 @@ def _model_update(factories: Mapping[str, EngineFactory], schemas: dict[str, Any
         "model's engine (the new one if engine is sent, else the stored one); a "
         "write-only parameter sent as '***' keeps its stored value."
     )
+    for field in schema["properties"].values():
+        field.pop("default", None)  # absent means unchanged; null is refused
     schema["properties"]["engine"] = {"enum": sorted(factories)}
     declared = [parameters_schema(f) for f in factories.values()]
     if all(d is not None for d in declared):

@@ -275,8 +275,14 @@ class DataPlane:
 
     def _workers_served(self) -> list[int]:
         """The generation each live worker of this host serves (from their files)."""
-        served = []
-        for path in (self.data_dir / _SERVED).glob("[0-9]*"):
+        served: list[int] = []
+        try:
+            files = list((self.data_dir / _SERVED).iterdir())
+        except FileNotFoundError:
+            return served
+        for path in files:
+            if not path.name.isdigit():
+                continue  # a file being written (``<pid>.<random>``)
             try:
                 generation, started = (int(part) for part in path.read_text().split())
             except (OSError, ValueError):

@@ -95,7 +95,11 @@ class UpstreamParameters(EngineParameters):
     """The ``upstream`` engine's parameters; ``api_key`` is write-only (never returned
     by the admin API)."""
 
-    base_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+", max_length=2000)]
+    # A host name or IPv4 address, an optional port, an optional path.
+    base_url: Annotated[
+        str,
+        Field(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?$", max_length=2000),
+    ]
     api_key: SecretStr = Field(default_factory=lambda: SecretStr(""))
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
