@@ -35,7 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "QUART_SERVICE_ACCESS_LOG": "0",
         # Admin writes wait until every worker serves them: a short interval keeps
         # the hundreds of writes below fast.
-        "QUART_SERVICE_REFRESH_INTERVAL": "0.2",
+        "QUART_SERVICE_REFRESH_INTERVAL": "0.05",
     }
     tmp_path = tmp_path_factory.mktemp("openapi")
     with running_server(tmp_path, app="quart_service.app:app", workers=2, env=env) as running:
@@ -108,7 +108,7 @@ def test_schemathesis_finds_no_undocumented_status_and_no_server_error(
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color",
         "run", server.url + "/openapi.json",
         "--header", f"Authorization: Bearer {TOKEN}",
-        "--max-examples", "10", "--seed", "1", "--workers", "2",
+        "--max-examples", "5", "--seed", "1", "--workers", "2",
         "--generation-database", "none", "--no-shrink",
         "--exclude-path-regex", NOT_FUZZED,
         "--request-timeout", "20",
