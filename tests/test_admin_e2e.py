@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -74,7 +75,7 @@ def _stored(data_dir: Path, name: str) -> dict[str, Any] | None:
     return None if row is None else dict(json.loads(row[0]))
 
 
-BAD_CREATES = [
+BAD_CREATES: list[tuple[dict[str, Any], str]] = [
     ({"engine": "local", "parameters": {"tokens_per_second": "fast"}},
      "parameters.tokens_per_second"),
     ({"engine": "local", "parameters": {"temperatur": 1}}, "parameters.temperatur"),
@@ -254,3 +255,29 @@ def test_an_older_world_readable_database_is_made_private(tmp_path: Path) -> Non
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("factory", "sources"),
+    [
+        ("quart_service.engines.local:create", ["local.py"]),
+        ("quart_service.engines.upstream:create", ["upstream.py"]),
+        ("quart_service.engines.neural:create", ["neural/engine.py", "neural/_entry.py"]),
+    ],
+)
+def test_every_parameter_an_engine_reads_is_declared(factory: str, sources: list[str]) -> None:
+    # The admin API refuses undeclared parameters: one the engine reads but does not
+    # declare could never be set through it.
+    from quart_service.engines import parameters as declared_parameters
+    from quart_service.plugins.loader import import_string
+
+    schema = declared_parameters.parameters_schema(import_string(factory))
+    assert schema is not None
+    folder = Path(declared_parameters.__file__).parent
+    read: set[str] = set()
+    for source in sources:
+        text = (folder / source).read_text()
+        read |= set(re.findall(r"parameters\.get\(\s*\"(\w+)\"", text))
+        read |= set(re.findall(r"_(?:count|number)\(\s*parameters,\s*\"(\w+)\"", text))
+    assert read, "no parameter reads found: the patterns above are out of date"
+    assert read <= set(schema.model_fields), read - set(schema.model_fields)

@@ -50,7 +50,9 @@ def _has_model(value: int) -> Any:
 
 
 def _write(client: httpx.Client, value: int) -> None:
-    answer = client.patch("/admin/models/m", json={"parameters": {"tokens_per_second": value}}, headers=AUTH)
+    answer = client.patch(
+        "/admin/models/m", json={"parameters": {"tokens_per_second": value}}, headers=AUTH
+    )
     if answer.status_code == 404:
         body = {"name": "m", "engine": "local", "parameters": {"tokens_per_second": value}}
         answer = client.post("/admin/models", json=body, headers=AUTH)
@@ -255,7 +257,9 @@ def test_postgres_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer) ->
 
                 def written() -> bool:
                     answer = writer.patch(
-                        "/admin/models/m", json={"parameters": {"tokens_per_second": 2}}, headers=AUTH
+                        "/admin/models/m",
+                        json={"parameters": {"tokens_per_second": 2}},
+                        headers=AUTH,
                     )
                     return answer.status_code == 200
 

@@ -15,7 +15,9 @@ __all__ = ["NeuralParameters"]
 class NeuralParameters(EngineParameters):
     """``weights`` (a .safetensors path on every host), ``load``, ``tokenizer``
     (``bytes``, ``gpt2-bytes`` or a tokenizer.json path), ``tokens_per_second``,
-    ``max_batch`` and ``embed_batch`` (see docs/engines.md)."""
+    ``max_batch``, ``embed_batch``, ``prefill_chunk`` and ``prompts_first`` (see
+    docs/engines.md; a parameter the engine reads must be declared here, or the admin
+    API refuses it)."""
 
     weights: Annotated[str, Field(min_length=1)]
     load: Literal["mmap", "copy"] = "mmap"
@@ -23,3 +25,5 @@ class NeuralParameters(EngineParameters):
     tokens_per_second: Annotated[float, Field(ge=0, le=10_000)] = 0
     max_batch: Annotated[int, Field(ge=0, le=4096), WHOLE] = 32
     embed_batch: Annotated[int, Field(ge=0, le=4096), WHOLE] = 64
+    prefill_chunk: Annotated[int, Field(ge=0, le=4096), WHOLE] = 256
+    prompts_first: bool = False
