@@ -13,6 +13,7 @@ from typing import Any
 from quart import Blueprint, Quart
 
 from .api.admin import admin
+from .api.docs_page import docs
 from .api.openai import v1
 from .api.openapi_doc import openapi
 from .config import Settings, settings_sources, split_list, split_pairs
@@ -67,6 +68,7 @@ def create_app(
         app.register_blueprint(scrape)
     app.register_blueprint(v1)
     app.register_blueprint(openapi)
+    app.register_blueprint(docs)
     if settings.admin_token:
         app.register_blueprint(admin)
     if settings.identity_endpoint:

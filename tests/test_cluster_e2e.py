@@ -46,13 +46,15 @@ def _shared_database(backend: Backend) -> dict[str, str]:
 
 
 def _has_model(value: int) -> Any:
-    return lambda answer: answer["models"].get("m") == {"v": value}
+    return lambda answer: answer["models"].get("m") == {"tokens_per_second": value}
 
 
 def _write(client: httpx.Client, value: int) -> None:
-    answer = client.patch("/admin/models/m", json={"parameters": {"v": value}}, headers=AUTH)
+    answer = client.patch(
+        "/admin/models/m", json={"parameters": {"tokens_per_second": value}}, headers=AUTH
+    )
     if answer.status_code == 404:
-        body = {"name": "m", "engine": "local", "parameters": {"v": value}}
+        body = {"name": "m", "engine": "local", "parameters": {"tokens_per_second": value}}
         answer = client.post("/admin/models", json=body, headers=AUTH)
     assert answer.status_code in (200, 201), answer.text
 
@@ -245,7 +247,7 @@ def test_postgres_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer) ->
                 pg.stop()
                 stopped = time.monotonic()
                 refused = writer.patch(
-                    "/admin/models/m", json={"parameters": {"v": 2}}, headers=AUTH
+                    "/admin/models/m", json={"parameters": {"tokens_per_second": 2}}, headers=AUTH
                 )
                 assert refused.status_code == 503
                 assert refused.json()["error"]["code"] == "database_unavailable"
@@ -255,7 +257,9 @@ def test_postgres_stopped_for_ten_seconds(tmp_path: Path, redis: RedisServer) ->
 
                 def written() -> bool:
                     answer = writer.patch(
-                        "/admin/models/m", json={"parameters": {"v": 2}}, headers=AUTH
+                        "/admin/models/m",
+                        json={"parameters": {"tokens_per_second": 2}},
+                        headers=AUTH,
                     )
                     return answer.status_code == 200
 

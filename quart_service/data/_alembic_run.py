@@ -24,6 +24,7 @@ from sqlalchemy.pool import NullPool
 from ..errors import MigrationError
 from .database import is_postgres
 from .migrations import Migration, Target
+from .sqlite import private_database
 
 if TYPE_CHECKING:
     from .migrations import _State
@@ -66,6 +67,8 @@ def _engine(database: Target, busy_timeout: float) -> Engine:
         )
     database = Path(database)
     database.parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 before SQLite opens it (its WAL and shm files take that mode).
+    private_database(database, create=True)
     engine = create_engine(
         URL.create("sqlite", database=str(database)),
         connect_args={"timeout": busy_timeout},

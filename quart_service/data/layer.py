@@ -142,6 +142,22 @@ class DataLayer:
         """The leader's last word on the database (how stale the data may be)."""
         return self.plane.freshness()
 
+    async def models_served(self) -> bool:
+        """After a write to the models table: ask the leader to refresh now and wait
+        until every worker of this host serves the table as it is now (or later);
+        False if that took longer than ``2 * refresh_interval + 2`` seconds (the
+        change still arrives once the refresh succeeds) or the table is not watched."""
+        try:
+            revision = await self.models.revision()
+        except Exception as exc:  # the write is done; only the wait is lost
+            _log.warning("cannot read the models table's revision: %s", exc)
+            return False
+        if revision is None:
+            return False
+        self.plane.request_refresh()
+        timeout = 2 * self.settings.refresh_interval + 2
+        return await self.plane.wait_served(MODELS.name, {"models": revision}, timeout)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self, metrics: Metrics) -> None:

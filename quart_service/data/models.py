@@ -165,3 +165,21 @@ class ModelRepository:
             if updated == 0:
                 return None
         return await self.get(name)
+
+    async def delete(self, name: str) -> ModelConfig | None:
+        """Remove a model; the row it was, or None if there was none."""
+        model = await self.get(name)
+        if model is None:
+            return None
+        deleted = await self._database.execute(
+            "DELETE FROM models WHERE name = ?", (name,), kind="write"
+        )
+        return model if deleted else None
+
+    async def revision(self) -> int | None:
+        """The table's change marker now (None if the table is not watched): a write
+        is served by a worker once its snapshot was loaded at this revision or later."""
+        row = await self._database.fetchone(
+            "SELECT revision FROM table_revisions WHERE table_name = ?", ("models",), kind="read"
+        )
+        return None if row is None else int(row[0])

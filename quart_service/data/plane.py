@@ -48,6 +48,8 @@ _log = logging.getLogger("quart_service.data")
 
 _MAX_BACKOFF = 30.0
 _FILES = "datasets"
+# One file per worker: the generation it serves (so a writer can wait for all of them).
+_SERVED = "workers"
 
 #: Called with the snapshot served before (None at first) and the new one.
 SwapListener = Callable[[Snapshot | None, Snapshot], None]
@@ -177,6 +179,11 @@ class DataPlane:
         self._lock = LeaderLock(data_dir / "leader.lock")
         self._manifest_file = PublishedFile(data_dir / "snapshot.json")
         self._status_file = PublishedFile(data_dir / "refresh.json")
+        # Touched by a worker that wrote to the database: the leader polls at once.
+        self._request_file = PublishedFile(data_dir / "refresh.request")
+        self._poll_now = False
+        self._served_file = PublishedFile(data_dir / _SERVED / str(os.getpid()))
+        self._started = _start_time(os.getpid())
         self._manifest: _Manifest | None = None
         self.snapshot: Snapshot | None = None
         self.swapped_at: float | None = None
@@ -231,6 +238,61 @@ class DataPlane:
             await asyncio.sleep(0.05)
         return self.snapshot
 
+    def request_refresh(self) -> None:
+        """Ask this host's leader to poll now rather than at its next interval (this
+        worker just wrote to the database). Without Redis the leader hears it within
+        ``min(refresh_interval / 5, 0.25)`` s; in a cluster the change comes with the
+        cluster's next poll."""
+        if self._lock.held:
+            self._poll_now = True
+        else:
+            try:
+                self._request_file.publish(f"{os.getpid()} {time.time()}")
+            except OSError as exc:
+                _log.warning("cannot ask the leader to refresh: %s", exc)
+
+    async def wait_served(self, dataset: str, revisions: Mapping[str, int], timeout: float) -> bool:
+        """Wait until every live worker of this host serves ``dataset`` loaded at
+        ``revisions`` or later (the table revisions a write produced); False if
+        ``timeout`` seconds passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def here() -> bool:
+            served = self.revisions(dataset)
+            return all((served.get(t) or 0) >= r for t, r in revisions.items())
+
+        while not here():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        generation = self.generation
+        while any(served < generation for served in self._workers_served()):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def _workers_served(self) -> list[int]:
+        """The generation each live worker of this host serves (from their files)."""
+        served: list[int] = []
+        try:
+            files = list((self.data_dir / _SERVED).iterdir())
+        except FileNotFoundError:
+            return served
+        for path in files:
+            if not path.name.isdigit():
+                continue  # a file being written (``<pid>.<random>``)
+            try:
+                generation, started = (int(part) for part in path.read_text().split())
+            except (OSError, ValueError):
+                continue  # being replaced, or gone
+            if _start_time(int(path.name)) != started:
+                path.unlink(missing_ok=True)  # that worker is gone (or its pid reused)
+                continue
+            served.append(generation)
+        return served
+
     # -- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -249,6 +311,7 @@ class DataPlane:
                     next_poll = loop.time() + self.interval
                 await asyncio.sleep(follow_every)
         finally:
+            self._served_file.path.unlink(missing_ok=True)
             if self._feed_task is not None:
                 self._feed_task.cancel()
                 await asyncio.gather(self._feed_task, return_exceptions=True)
@@ -268,12 +331,18 @@ class DataPlane:
             await self._from_cluster(retry=retry)
             if retry:
                 next_poll = loop.time() + self.interval
-        elif self._lock.held and loop.time() >= next_poll:
+        elif self._lock.held and (self._poll_requested() or loop.time() >= next_poll):
             succeeded = await self._poll()
             backoff = self.interval if succeeded else min(backoff * 2, _MAX_BACKOFF)
             next_poll = loop.time() + backoff
         self._follow()
         return next_poll, backoff
+
+    def _poll_requested(self) -> bool:
+        """A worker of this host wrote and asked for a poll now (one stat)."""
+        asked = self._poll_now or self._request_file.read_if_changed() is not None
+        self._poll_now = False
+        return asked
 
     async def _markers(self) -> dict[str, int]:
         """Every watched table's revision: the one statement of a poll."""
@@ -445,6 +514,10 @@ class DataPlane:
     def _swap(self, snapshot: Snapshot) -> None:
         old, self.snapshot = self.snapshot, snapshot
         self.swapped_at = time.time()
+        try:
+            self._served_file.publish(f"{snapshot.generation} {self._started}")
+        except OSError as exc:
+            _log.warning("cannot record the generation this worker serves: %s", exc)
         for listener in self._listeners:
             try:
                 listener(old, snapshot)
@@ -507,6 +580,17 @@ class DataPlane:
             self._status_file.publish(json.dumps(status))
         except OSError as exc:
             _log.warning("cannot write refresh status: %s", exc)
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (None: no such process):
+    with the pid, it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: fields count from the last ")".
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _stamp(dataset: Dataset[Any], revisions: Mapping[str, int | None]) -> str:

@@ -58,6 +58,8 @@ def _new_file(path: Path) -> Iterator[tuple[sqlite3.Connection, Path]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
+    # 0600 from the start: a published copy of the models table holds their secrets.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     connection = sqlite3.connect(tmp, isolation_level=None)
     try:
         # A copy we can always rebuild: no journal, no fsync per page.

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,36 @@ from ..observability.metrics import Counts
 from .database import BUSY_RETRY_AFTER, UNAVAILABLE_RETRY_AFTER, Database
 from .published import Published, copy_query
 
-__all__ = ["SQLiteDatabase"]
+__all__ = ["SQLiteDatabase", "private_database"]
+
+_log = logging.getLogger("quart_service.data")
+
+# SQLite's companions of a database file: its WAL, the WAL's index, the rollback journal.
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def private_database(path: Path, *, create: bool = False) -> None:
+    """Keep the SQLite file readable by this user only (0600): it holds the models'
+    parameters, secrets included (an upstream's ``api_key``).
+
+    ``create``: make the file, empty (a valid empty database), with mode 0600 before
+    SQLite opens it, so no other user can open it even for a moment; SQLite then gives
+    its ``-wal``, ``-shm`` and ``-journal`` files the database file's mode. A file
+    made by an older version (0644) is tightened, with its companions; a file this
+    user does not own is left as it is, with a warning."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return  # new and empty: no companions yet
+    for candidate in [path, *(path.with_name(path.name + s) for s in _COMPANIONS)]:
+        try:
+            mode = stat.S_IMODE(os.stat(candidate).st_mode)
+            if mode & 0o077:
+                os.chmod(candidate, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except PermissionError as exc:
+            _log.warning("cannot make %s private (mode 0600): %s", candidate, exc)
 
 
 class SQLiteDatabase(Database):
@@ -125,6 +156,7 @@ class SQLiteDatabase(Database):
 
     async def _open(self) -> aiosqlite.Connection:
         # mode=rw: a missing file is an error, not a new empty database.
+        await asyncio.get_running_loop().run_in_executor(None, private_database, self.path)
         connection = await aiosqlite.connect(
             f"file:{self.path}?mode=rw", uri=True, timeout=self._busy_timeout, isolation_level=None
         )

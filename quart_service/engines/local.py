@@ -26,13 +26,16 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from ..data.models import ModelConfig
 from ..errors import EngineError
 from .base import Candidate, Engine, EngineContext, GenerationRequest, Token
+from .parameters import WHOLE, EngineParameters, parameters
 
-__all__ = ["CORPUS", "LocalEngine", "NGramModel", "create"]
+__all__ = ["CORPUS", "LocalEngine", "LocalParameters", "NGramModel", "create"]
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 _TOKEN = re.compile(r"[A-Za-z0-9'-]+|[.,;:!?]")
@@ -196,6 +199,18 @@ def _number(
     return float(value)
 
 
+class LocalParameters(EngineParameters):
+    """The ``local`` engine's parameters (checked when a model is written). A
+    ``corpus`` has at least six words, enough for any ``order``."""
+
+    order: Annotated[int, Field(ge=2, le=5), WHOLE] = 3
+    corpus: (
+        Annotated[str, Field(pattern=r"([A-Za-z0-9'-]+[^A-Za-z0-9'-]+){5}[A-Za-z0-9'-]")] | None
+    ) = None
+    tokens_per_second: Annotated[float, Field(ge=0, le=10_000)] = 0
+
+
+@parameters(LocalParameters)
 async def create(model: ModelConfig, context: EngineContext) -> Engine:
     """Build the engine for ``model`` (trains the n-gram model on the pool)."""
     parameters = model.parameters

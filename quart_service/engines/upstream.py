@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+from pydantic import Field, SecretStr
 
 from ..data.models import ModelConfig
 from ..errors import EngineError
 from .base import Engine, EngineContext, GenerationRequest, ProxyReply
+from .parameters import EngineParameters, parameters
 
-__all__ = ["RELAYED_HEADERS", "UpstreamEngine", "create"]
+__all__ = ["RELAYED_HEADERS", "UpstreamEngine", "UpstreamParameters", "create"]
 
 # The upstream's headers a client may act on: when to retry, how much quota is left.
 RELAYED_HEADERS = ("retry-after", "retry-after-ms")
@@ -140,6 +142,20 @@ def _content(line: str) -> str | None:
     return content if isinstance(content, str) else ""
 
 
+class UpstreamParameters(EngineParameters):
+    """The ``upstream`` engine's parameters; ``api_key`` is write-only (never returned
+    by the admin API)."""
+
+    # A host name or IPv4 address, an optional port, an optional path.
+    base_url: Annotated[
+        str,
+        Field(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?$", max_length=2000),
+    ]
+    api_key: SecretStr = Field(default_factory=lambda: SecretStr(""))
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+
+@parameters(UpstreamParameters)
 async def create(model: ModelConfig, context: EngineContext) -> Engine:
     """Build the engine for ``model`` from its parameters."""
     parameters = model.parameters

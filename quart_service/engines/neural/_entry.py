@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import EngineError
+from ..parameters import parameters
+from .parameters import NeuralParameters
 
 if TYPE_CHECKING:
     from ...data.models import ModelConfig
@@ -13,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["create"]
 
 
+@parameters(NeuralParameters)
 async def create(model: ModelConfig, context: EngineContext) -> Engine:
     """Build the engine for ``model`` (entry point ``neural``); see :mod:`.engine`."""
     try:
