@@ -9,7 +9,6 @@ from typing import Any
 import jsonschema
 from quart.typing import TestAppProtocol as RunningApp
 
-
 USER = [{"role": "user", "content": "We the People"}]
 CHAT = {"model": "local-ngram", "messages": USER, "max_tokens": 3}
 TEXT = {"model": "local-ngram", "prompt": "We the People", "max_tokens": 3}

@@ -37,8 +37,6 @@ __all__ = [
     "EmbeddingRequest",
     "FilePart",
     "ImagePart",
-    "ModelCreate",
-    "ModelUpdate",
     "Number",
     "RefusalPart",
     "ResponseFormat",
@@ -243,24 +241,3 @@ class EmbeddingRequest(_Open):
     def texts(self) -> list[str]:
         """The inputs as a list."""
         return [self.input] if isinstance(self.input, str) else list(self.input)
-
-
-class ModelCreate(BaseModel):
-    """``POST /admin/models``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/-]+$")]
-    engine: Annotated[StrictStr, Field(min_length=1, max_length=100)]
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    enabled: StrictBool = True
-
-
-class ModelUpdate(BaseModel):
-    """``PATCH /admin/models/<name>``: the fields to change."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    engine: Annotated[StrictStr, Field(min_length=1, max_length=100)] | None = None
-    parameters: dict[str, Any] | None = None
-    enabled: StrictBool | None = None
