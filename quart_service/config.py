@@ -31,6 +31,7 @@ __all__ = [
     "MIB",
     "MILLISECONDS",
     "SECONDS",
+    "WORKLOADS",
     "Settings",
     "split_list",
     "split_pairs",
@@ -45,6 +46,8 @@ MILLISECONDS: Final = SECONDS / 1000
 BYTES: Final = 1
 KIB: Final = 1024 * BYTES
 MIB: Final = 1024 * KIB
+# The workload hints of the default sizes (quart_service.sizing has the rule).
+WORKLOADS: Final = ("mixed", "io", "cpu", "native")
 _SECRETS = frozenset({"admin_token", "database_url"})  # a URL may hold a password
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -61,7 +64,16 @@ class Settings:
     or :meth:`from_mapping`; it is immutable and picklable (spawned workers get it)."""
 
     executor_threads: int = _setting(
-        16, "Threads in the one shared pool of each worker process.", minimum=1
+        0,
+        "Threads in the one shared pool of each worker process; 0: as the workload "
+        "setting says (docs/process-model.md, 'Choosing workers and threads').",
+        minimum=0,
+    )
+    workload: str = _setting(
+        "mixed",
+        "What the pool carries, for the default sizes: io (blocking waits: 32 threads), "
+        "cpu (Python holding the GIL: 2), native (code releasing the GIL: native budget "
+        "+ 1) or mixed (16). quart-service serve runs one worker per CPU.",
     )
     executor_queue: int = _setting(
         64,
@@ -250,6 +262,10 @@ class Settings:
         if self.cache_backend == "redis" and not (self.cache_url or self.coordination_url):
             raise SettingsError(
                 "setting 'cache_backend' is 'redis': set cache_url (or coordination_url)"
+            )
+        if self.workload not in WORKLOADS:
+            raise SettingsError(
+                f"setting 'workload': expected one of {', '.join(WORKLOADS)}, got {self.workload!r}"
             )
         if self.plugin_failure not in {"skip", "fail"}:
             raise SettingsError(

@@ -24,6 +24,7 @@ from quart import Quart
 from .config import Settings
 from .context import SETTINGS_KEY
 from .drain import Drain
+from .executor import Pool
 from .native_threads import NativeBudget
 from .observability.logs import configure_logging
 from .observability.metrics import Metrics, enable_multiprocess
@@ -124,8 +125,10 @@ class Service:
     def _summary(self) -> str:
         registry = next((p for p in self.parts if isinstance(p, ResourceRegistry)), None)
         resources = len(registry.names()) if registry is not None else 0
+        pool = next((p for p in self.parts if isinstance(p, Pool)), None)
+        threads = pool.executor.stats().max_threads if pool is not None else 0
         return (
-            f"{self.settings.executor_threads} pool threads, {resources} resources, "
+            f"{threads} pool threads, {resources} resources, "
             f"parts: {', '.join(part.name for part in self.parts)}"
         )
 

@@ -15,6 +15,7 @@ NAME]`` moves one source down or up to version N; one line per action.
 
 from __future__ import annotations
 
+import logging
 import math
 import shlex
 import sys
@@ -104,6 +105,7 @@ def serve(
 
     from ..native_threads import WORKERS_ENV
     from ..observability.metrics import enable_multiprocess
+    from ..sizing import for_this_host
     from .supervisor import Supervisor
 
     settings = _settings_or_exit()
@@ -116,9 +118,14 @@ def serve(
     config.application_path = app
     if bind:
         config.bind = list(bind)
-    if workers is not None:
-        config.workers = workers
-    config.workers = max(config.workers, 1)
+    # The worker count: --workers, else the file's, else the rule's (one per CPU).
+    sizing = for_this_host(
+        settings.workload,
+        workers=workers or _file_workers(config_path),
+        threads=settings.executor_threads,
+    )
+    config.workers = sizing.workers
+    logging.getLogger("quart_service.serve").info("serving with %s", sizing.describe())
     if server != "hypercorn":
         argv = other_server_argv(server, app, config, settings.stream_drain_timeout)
         # How each worker learns the worker count for its native thread budget:
@@ -245,6 +252,18 @@ def other_server_argv(server: str, app: str, config: Config, drain_timeout: floa
         # The service writes its own access log (QUART_SERVICE_ACCESS_LOG).
         "--no-access-log", app,
     ]  # fmt: skip
+
+
+def _file_workers(config_path: str) -> int | None:
+    """The ``workers`` the server's TOML file sets, if it sets it."""
+    import tomllib
+
+    try:
+        with open(config_path, "rb") as handle:
+            workers = tomllib.load(handle).get("workers")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # no file: Hypercorn's defaults; a bad one was refused already
+    return workers if isinstance(workers, int) and workers >= 1 else None
 
 
 def _installed_plugins(settings: Settings) -> LoadedPlugins:
