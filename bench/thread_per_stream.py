@@ -8,9 +8,11 @@ For each count of open streams, on loopback, 2 worker processes per server:
   (the shipped hypercorn.toml): ``GET /idle``, one event then heartbeats, on the
   event loop; pool of 16 threads that the streams do not use;
 * ``flask-gthread`` Flask (``bench.flask_streams``) on ``gunicorn -k gthread`` with
-  ``--threads`` = streams / 2 + 16 per worker and ``--worker-connections`` to match:
+  ``--threads`` = streams + 16 per worker and ``--worker-connections`` to match:
   each open stream holds a thread (its generator sleeps between heartbeats), so a
-  worker needs a thread per stream it serves.
+  worker needs a thread per stream it serves, and the workers share one listening
+  socket whose split is uneven, so each must be able to take them all (the pool
+  starts threads only as streams arrive).
 
 Streams are opened by :mod:`bench.idle_streams`' client processes (raw uvloop
 protocols) with a heartbeat every 2 s; once all are open and held for ``--hold`` s:
@@ -22,8 +24,10 @@ hold the streams.
 
 Then what a *fixed* thread count does (Gunicorn's documented way to run gthread:
 ``--threads`` a small multiple of the cores; here 2 workers x 16 threads): 100 streams
-are opened; streams beyond the 32 threads get no first event, and a ``GET /hello``
-sent meanwhile gets no answer within 5 s. Bounded in time: every wait has a timeout.
+are opened; streams beyond the threads of the worker that accepted them get no first
+event, and of 10 ``GET /hello`` sent meanwhile on new connections, those that land
+on a worker with no free thread get no answer within 2 s. Bounded in time: every wait
+has a timeout.
 """
 
 from __future__ import annotations
@@ -116,7 +120,11 @@ def running(stack: str, folder: Path, streams: int) -> Iterator[tuple[Server, st
         ) as server:
             yield server, "/livez"
     else:
-        per_worker = streams // WORKERS + 16
+        # The workers share one listening socket and the split is uneven (one may take
+        # most streams), so each must be able to hold all of them: a stream beyond a
+        # worker's threads waits in its queue and never gets its first event.
+        # gunicorn starts the threads as connections need them.
+        per_worker = streams + 16
         with running_gunicorn(folder, per_worker, per_worker + 64) as gunicorn:
             yield gunicorn, "/hello"
 
@@ -138,9 +146,9 @@ def base_state(server: Server) -> dict[str, Any]:
 # -- a fixed thread count ---------------------------------------------------------------------
 
 
-async def _fixed_pool_check(port: int, streams: int, wait: float) -> dict[str, Any]:
-    """Open ``streams`` streams; count first events within ``wait`` s; then time one
-    ``GET /hello`` on a new connection (bounded by ``wait``)."""
+async def _fixed_pool_check(port: int, streams: int, wait: float, probes: int) -> dict[str, Any]:
+    """Open ``streams`` streams; count first events within ``wait`` s; then send
+    ``probes`` ``GET /hello``, each on a new connection and bounded by ``wait``."""
     request = b"GET /idle HTTP/1.1\r\nHost: bench\r\n\r\n"
     writers: list[asyncio.StreamWriter] = []
     evented = 0
@@ -155,18 +163,17 @@ async def _fixed_pool_check(port: int, streams: int, wait: float) -> dict[str, A
             evented += 1
 
     await asyncio.gather(*(one() for _ in range(streams)))
-    began = time.monotonic()
-    answered: float | None = None
-    try:
-        async with httpx.AsyncClient(timeout=wait) as client:
-            response = await client.get(f"http://127.0.0.1:{port}/hello")
-            response.raise_for_status()
-            answered = time.monotonic() - began
-    except httpx.TimeoutException:
-        answered = None
+    answered: list[float] = []
+    for _ in range(probes):
+        began = time.monotonic()
+        with contextlib.suppress(httpx.TimeoutException):
+            async with httpx.AsyncClient(timeout=wait) as client:
+                response = await client.get(f"http://127.0.0.1:{port}/hello")
+                response.raise_for_status()
+                answered.append(time.monotonic() - began)
     for writer in writers:
         writer.transport.abort()
-    return {"streams": streams, "evented": evented, "hello_s": answered}
+    return {"streams": streams, "evented": evented, "probes": probes, "answered": answered}
 
 
 def main() -> None:
@@ -212,7 +219,7 @@ def main() -> None:
             folder = Path(tmp) / "fixed"
             folder.mkdir()
             with running_gunicorn(folder, 16, 1000) as gunicorn:
-                fixed = asyncio.run(_fixed_pool_check(gunicorn.port, 100, 5.0))
+                fixed = asyncio.run(_fixed_pool_check(gunicorn.port, 100, 2.0, 10))
     print(
         f"\n{'stack':14} {'streams':>7} {'open':>6} {'beats ok':>8} {'threads/wkr':>12} "
         f"{'PSS MB':>14} {'KiB/stream':>10} {'probe p50':>9} {'p99 ms':>7} {'CPU %':>6}"
@@ -233,15 +240,13 @@ def main() -> None:
         "workers' while held, % of one core)"
     )
     if fixed is not None:
-        hello = (
-            f"answered in {fixed['hello_s'] * 1000:.0f} ms"
-            if fixed["hello_s"] is not None
-            else "no answer within 5 s"
-        )
+        answered = fixed["answered"]
+        slowest = f", the slowest in {max(answered) * 1000:.0f} ms" if answered else ""
         print(
             f"\nflask-gthread, fixed 2 workers x 16 threads: {fixed['evented']} of "
-            f"{fixed['streams']} streams got their first event within 5 s; GET /hello "
-            f"meanwhile: {hello}"
+            f"{fixed['streams']} streams got their first event within 2 s; then "
+            f"{len(answered)} of {fixed['probes']} GET /hello (new connections) answered "
+            f"within 2 s{slowest}"
         )
 
 

@@ -178,7 +178,9 @@ class Pool:
         sizing = for_this_host(
             settings.workload, workers=server_workers(), threads=settings.executor_threads
         )
-        _log.info("worker %d: pool of %d threads (%s)", os.getpid(), sizing.threads, sizing.reason)
+        _log.info(
+            "worker %d: pool of %d threads (%s)", os.getpid(), sizing.threads, sizing.threads_reason
+        )
         self._executor = BoundedExecutor(
             sizing.threads,
             settings.executor_queue,

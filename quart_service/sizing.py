@@ -76,21 +76,27 @@ class Sizing:
     threads_from: str  # "rule" or "operator"
 
     @property
-    def reason(self) -> str:
-        """Why these numbers, in one line."""
+    def workers_reason(self) -> str:
+        """Why this many workers."""
         cpus = _plural(self.cpus, "CPU")
         if self.workers_from == "rule":
-            workers = f"{_plural(self.workers, 'worker')} for {cpus} (one GIL each)"
-        else:
-            workers = f"{_plural(self.workers, 'worker')} set by the operator ({cpus})"
+            return f"{_plural(self.workers, 'worker')} for {cpus} (one GIL each)"
+        return f"{_plural(self.workers, 'worker')} set by the operator ({cpus})"
+
+    @property
+    def threads_reason(self) -> str:
+        """Why this many pool threads per worker."""
         if self.threads_from == "rule":
-            threads = (
+            return (
                 f"{self.threads} pool threads each: workload {self.workload}, "
                 + _WHY[self.workload]
             )
-        else:
-            threads = f"{self.threads} pool threads each (executor_threads)"
-        return f"{workers}; {threads}"
+        return f"{self.threads} pool threads each (executor_threads)"
+
+    @property
+    def reason(self) -> str:
+        """Why these numbers, in one line."""
+        return f"{self.workers_reason}; {self.threads_reason}"
 
     def describe(self) -> str:
         """The start-up line: ``2 workers x 16 pool threads (...)``."""
