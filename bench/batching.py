@@ -32,6 +32,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -115,10 +116,15 @@ async def _steady(
 ) -> tuple[list[int], list[float], float]:
     """``count`` clients, each starting a new stream as soon as its last one ended,
     for ``seconds``: streams join a batch that is already running, as they do in
-    service. The first round of each client is left out of the figures."""
+    service. As in service, they do not arrive in step: each client's first stream
+    starts at a random moment of the first second, and each stream asks for a random
+    number of tokens between half and one and a half times ``tokens`` (seeded: every
+    run draws the same). Streams begun in the first quarter are left out of the
+    figures."""
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
     generated: list[int] = []
     firsts: list[float] = []
+    draw = random.Random(count)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
         measured_from = started + seconds / 4
@@ -126,10 +132,12 @@ async def _steady(
         every: list[tuple[int, float]] = []
 
         async def loop(n: int) -> None:
+            await asyncio.sleep(draw.random())
             round_ = 0
             while time.perf_counter() - started < seconds:
                 began = time.perf_counter()
-                count_, first = await _one_stream(client, model, n * 1000 + round_, tokens)
+                length = draw.randint(max(1, tokens // 2), tokens * 3 // 2)
+                count_, first = await _one_stream(client, model, n * 1000 + round_, length)
                 every.append((count_, first))
                 if began >= measured_from:
                     generated.append(count_)
@@ -201,6 +209,17 @@ def main() -> None:
     parser.add_argument(
         "--native-threads", default="0", help="the workers' native_threads (0: automatic)"
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="the batched model's prefill_chunk (0: every prompt whole in one step)",
+    )
+    parser.add_argument(
+        "--prompts-first",
+        action="store_true",
+        help="the batched model's prompts_first: steps with prompts feed only them",
+    )
     args = parser.parse_args()
     counts = [int(x) for x in args.streams.split(",")]
     config = GPT2Config(
@@ -212,7 +231,8 @@ def main() -> None:
         size = write_random_weights(weights, config, seed=1)
         print(
             f"model: {args.layers} layers x {args.embd}, {size / 1e6:.1f} MB; "
-            f"{args.workers} worker(s), native_threads {args.native_threads}; "
+            f"{args.workers} worker(s), native_threads {args.native_threads}, "
+            f"prefill_chunk {args.prefill_chunk}, prompts_first {args.prompts_first}; "
             f"{args.tokens} tokens per stream; "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
@@ -230,7 +250,12 @@ def main() -> None:
             pinned_workers(server, args.workers) as clients,
         ):
             for name, knobs in MODELS.items():
-                put_model(server, name, {"weights": str(weights), **knobs})
+                chunk = (
+                    {"prefill_chunk": args.prefill_chunk, "prompts_first": args.prompts_first}
+                    if name == "batched"
+                    else {}
+                )
+                put_model(server, name, {"weights": str(weights), **knobs, **chunk})
             wait_all(clients, "/data", lambda a: set(MODELS) <= set(a["models"]), timeout=15)
             pids = server.worker_pids()
             for name in MODELS:  # build each engine in every worker, warm the caches

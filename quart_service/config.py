@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, get_type_hints
@@ -33,6 +33,7 @@ __all__ = [
     "SECONDS",
     "WORKLOADS",
     "Settings",
+    "settings_sources",
     "split_list",
     "split_pairs",
 ]
@@ -52,6 +53,12 @@ _SECRETS = frozenset({"admin_token", "database_url"})  # a URL may hold a passwo
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bad(key: str, problem: str) -> SettingsError:
+    """A bad value of one setting; ``param`` keeps the key, so that a constructor that
+    knows where the value came from can say so (the settings file, the variable)."""
+    return SettingsError(f"setting {key!r}: {problem}", param=key)
 
 
 def _setting(default: Any, doc: str, *, minimum: float | None = None) -> Any:
@@ -248,46 +255,37 @@ class Settings:
                     object.__setattr__(self, f.name, float(value))
                     value = float(value)
                 else:
-                    raise SettingsError(
-                        f"setting {f.name!r}: expected {_type_name(expected)}, "
-                        f"got {value!r} ({type(value).__name__})"
+                    raise _bad(
+                        f.name,
+                        f"expected {_type_name(expected)}, got {value!r} ({type(value).__name__})",
                     )
             minimum = f.metadata.get("minimum")
             if minimum is not None and value < minimum:
-                raise SettingsError(f"setting {f.name!r}: must be >= {minimum}, got {value!r}")
+                raise _bad(f.name, f"must be >= {minimum}, got {value!r}")
         if self.cache_backend not in {"memory", "redis"}:
-            raise SettingsError(
-                f"setting 'cache_backend': expected 'memory' or 'redis', got {self.cache_backend!r}"
-            )
+            raise _bad("cache_backend", f"expected 'memory' or 'redis', got {self.cache_backend!r}")
         if self.cache_backend == "redis" and not (self.cache_url or self.coordination_url):
-            raise SettingsError(
-                "setting 'cache_backend' is 'redis': set cache_url (or coordination_url)"
-            )
+            raise _bad("cache_backend", "'redis' needs cache_url (or coordination_url)")
         if self.workload not in WORKLOADS:
-            raise SettingsError(
-                f"setting 'workload': expected one of {', '.join(WORKLOADS)}, got {self.workload!r}"
-            )
+            raise _bad("workload", f"expected one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if self.plugin_failure not in {"skip", "fail"}:
-            raise SettingsError(
-                f"setting 'plugin_failure': expected 'skip' or 'fail', got {self.plugin_failure!r}"
-            )
+            raise _bad("plugin_failure", f"expected 'skip' or 'fail', got {self.plugin_failure!r}")
         for key in ("blueprint_prefixes", "wsgi_mounts"):
             for item in split_list(getattr(self, key)):
                 if "=" not in item:
-                    raise SettingsError(f"setting {key!r}: expected name=value pairs, got {item!r}")
+                    raise _bad(key, f"expected name=value pairs, got {item!r}")
         if self.database_url and not self.database_url.startswith(_POSTGRES_SCHEMES):
-            raise SettingsError(
-                "setting 'database_url': expected postgresql://... (or empty for the "
-                f"SQLite file), got a URL starting {self.database_url.split(':')[0]!r}"
+            raise _bad(
+                "database_url",
+                "expected postgresql://... (or empty for the SQLite file), got a URL "
+                f"starting {self.database_url.split(':')[0]!r}",
             )
         if self.log_format not in {"text", "json"}:
-            raise SettingsError(
-                f"setting 'log_format': expected 'text' or 'json', got {self.log_format!r}"
-            )
+            raise _bad("log_format", f"expected 'text' or 'json', got {self.log_format!r}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise SettingsError(
-                f"setting 'log_level': expected one of DEBUG, INFO, WARNING, ERROR, "
-                f"CRITICAL, got {self.log_level!r}"
+            raise _bad(
+                "log_level",
+                f"expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {self.log_level!r}",
             )
 
     # -- constructors ---------------------------------------------------------------
@@ -295,27 +293,27 @@ class Settings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "mapping") -> Settings:
         """Settings from native Python values; unknown keys are refused."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SettingsError(
-                f"unknown setting {unknown[0]!r} in {source}; known settings: "
-                + ", ".join(sorted(known))
-            )
-        return cls(**values)
+        return cls._build(values, lambda _key: source)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Settings:
         """Settings from a TOML file of flat ``key = value`` lines."""
-        return cls.from_mapping(_read_toml(Path(path)), source=str(path))
+        return cls.from_mapping(_read_toml(Path(path)), source=f"the settings file {path}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``QUART_SERVICE_*`` variables over the optional TOML file."""
+        """Settings from ``QUART_SERVICE_*`` variables over the optional TOML file.
+
+        A bad key or value is named with where it came from: the settings file (its
+        path) or the environment variable."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         if env.get(CONFIG_ENV):
-            values.update(_read_toml(Path(env[CONFIG_ENV])))
+            path = env[CONFIG_ENV]
+            from_file = _read_toml(Path(path))
+            values.update(from_file)
+            origins.update(dict.fromkeys(from_file, f"the settings file {path} ({CONFIG_ENV})"))
         hints = get_type_hints(cls)
         for name, raw in env.items():
             if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
@@ -323,11 +321,28 @@ class Settings:
             key = name[len(ENV_PREFIX) :].lower()
             if key not in hints:
                 raise SettingsError(
-                    f"unknown setting {name}; known settings: "
+                    f"unknown setting {name} (an environment variable); known settings: "
                     + ", ".join(ENV_PREFIX + k.upper() for k in sorted(hints))
                 )
             values[key] = _cast(name, raw, hints[key])
-        return cls.from_mapping(values, source="the environment")
+            origins[key] = f"the environment variable {name}"
+        return cls._build(values, lambda key: origins.get(key, "the defaults"))
+
+    @classmethod
+    def _build(cls, values: Mapping[str, Any], origin: Callable[[str], str]) -> Settings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(
+                f"unknown setting {unknown[0]!r} in {origin(unknown[0])}; known settings: "
+                + ", ".join(sorted(known))
+            )
+        try:
+            return cls(**values)
+        except SettingsError as exc:
+            if exc.param is None:
+                raise
+            raise SettingsError(f"{exc} (from {origin(exc.param)})", param=exc.param) from None
 
     @property
     def database_file(self) -> Path:
@@ -358,6 +373,20 @@ class Settings:
             )
             for f in dataclasses.fields(self)
         ]
+
+
+def settings_sources(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Where :meth:`Settings.from_env` takes its values from, for start-up logs: the
+    settings file (absolute path) and the ``QUART_SERVICE_*`` variables set (names
+    only: values may be secrets); ``["the defaults"]`` when neither."""
+    env = os.environ if environ is None else environ
+    sources = []
+    if env.get(CONFIG_ENV):
+        sources.append(f"file {Path(env[CONFIG_ENV]).resolve()} ({CONFIG_ENV})")
+    names = sorted(n for n in env if n.startswith(ENV_PREFIX) and n != CONFIG_ENV)
+    if names:
+        sources.append("environment " + ", ".join(names))
+    return sources or ["the defaults"]
 
 
 def split_list(value: str) -> list[str]:

@@ -15,7 +15,7 @@ from quart import Blueprint, Quart
 from .api.admin import admin
 from .api.openai import v1
 from .api.openapi_doc import openapi
-from .config import Settings, split_list, split_pairs
+from .config import Settings, settings_sources, split_list, split_pairs
 from .data.datasets import Dataset
 from .data.layer import DataLayer
 from .engines.host import EngineHost
@@ -45,6 +45,7 @@ def create_app(
     """Build the Quart app: settings (from the environment by default), the built-in
     routes, ``blueprints``, this process's ``resources`` and the ``datasets`` they
     read, declared (nothing is created or loaded here)."""
+    sources = settings_sources() if settings is None else ["create_app(settings)"]
     settings = Settings.from_env() if settings is None else settings
     # First, before team plugins are imported below and before any engine or resource
     # loads a model library: the native thread caps must be in the environment when a
@@ -117,7 +118,12 @@ def create_app(
     # The registry starts after the parts its resources need (the snapshot needs the
     # data layer), so warming and the required resources find them ready.
     service = Service(
-        settings, [pool, streams, data, engines, plugins, registry], streams, native=native
+        settings,
+        [pool, streams, data, engines, plugins, registry],
+        streams,
+        native=native,
+        sources=sources,
+        mounts=[f"{p}={t}" for p, t in split_pairs(settings.wsgi_mounts).items()],
     )
     # Outermost: ids, access log and metrics see what the client sees.
     observer = RequestObserver(app.asgi_app, settings, lambda: service.drain.draining)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from quart import Quart
 
 from .config import Settings
 from .context import SETTINGS_KEY
+from .data.layer import SNAPSHOT
+from .data.snapshot import Snapshot
 from .drain import Drain
 from .executor import Pool
 from .native_threads import NativeBudget
@@ -52,8 +55,16 @@ class Service:
         observer: RequestObserver | None = None,
         *,
         native: NativeBudget | None = None,
+        sources: Sequence[str] = (),
+        mounts: Sequence[str] = (),
     ) -> None:
+        """``sources``: where the settings came from; ``mounts``: the mounted WSGI
+        apps (``/prefix=module:attribute``); both for the start-up log."""
         self.settings = settings
+        self.sources = list(sources)
+        self.mounts = list(mounts)
+        self._blueprints: list[str] = []
+        self._models_logged: asyncio.Task[None] | None = None
         self.drain = Drain(settings.stream_drain_timeout, streams, self._is_stopping, self.stop)
         self.worker = _Worker(native)
         self.parts: tuple[Part, ...] = (self.worker, *parts, self.drain)
@@ -68,6 +79,7 @@ class Service:
     def install(self, app: Quart) -> None:
         """Put the settings and every part on ``app.extensions``; hook the lifecycle."""
         self._extensions = app.extensions
+        self._blueprints = _blueprints(app)
         app.extensions[SETTINGS_KEY] = self.settings
         app.extensions[PARTS_KEY] = self.parts
         for part in self.parts:
@@ -95,6 +107,10 @@ class Service:
                 "worker %d: native thread budget %s", os.getpid(), self.worker.native.describe()
             )
         _log.info("worker %d serving: %s", os.getpid(), self._summary())
+        _log.info("worker %d configuration: %s", os.getpid(), self._configuration())
+        registry = self._registry()
+        if registry is not None and SNAPSHOT in registry:
+            self._models_logged = asyncio.get_running_loop().create_task(self._log_models(registry))
 
     async def stop(self) -> None:
         """Stop the started parts in reverse order (once)."""
@@ -102,10 +118,11 @@ class Service:
             return
         self._stopping = True
         _log.info("worker %d stopping", os.getpid())
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        for task in (self._sampler, self._models_logged):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         while self._started:
             part = self._started.pop()
             try:
@@ -122,15 +139,59 @@ class Service:
             await asyncio.sleep(_SAMPLE_INTERVAL)
             self.metrics.sample()
 
+    def _registry(self) -> ResourceRegistry | None:
+        return next((p for p in self.parts if isinstance(p, ResourceRegistry)), None)
+
     def _summary(self) -> str:
-        registry = next((p for p in self.parts if isinstance(p, ResourceRegistry)), None)
-        resources = len(registry.names()) if registry is not None else 0
+        registry = self._registry()
+        names = registry.names() if registry is not None else []
         pool = next((p for p in self.parts if isinstance(p, Pool)), None)
         threads = pool.executor.stats().max_threads if pool is not None else 0
         return (
-            f"{threads} pool threads, {resources} resources, "
-            f"parts: {', '.join(part.name for part in self.parts)}"
+            f"{threads} pool threads, "
+            f"parts: {', '.join(part.name for part in self.parts)}; "
+            f"{len(names)} resources: {', '.join(names) or 'none'}"
         )
+
+    def _configuration(self) -> str:
+        """Where the settings came from, where the data lives, what is mounted."""
+        settings = self.settings
+        database = (
+            "PostgreSQL (database_url)"
+            if settings.database_url
+            else str(settings.database_file.resolve())
+        )
+        parts = [
+            f"settings from {'; '.join(self.sources) or 'create_app()'}",
+            f"database {database}",
+            f"blueprints {', '.join(self._blueprints) or 'none'}",
+        ]
+        if self.mounts:
+            parts.append(f"WSGI mounts {', '.join(self.mounts)}")
+        return "; ".join(parts)
+
+    async def _log_models(self, registry: ResourceRegistry) -> None:
+        # Once the first snapshot is loaded (in the background: start-up does not
+        # wait for the database); a failure is logged by the registry itself.
+        try:
+            snapshot: Snapshot = await registry.get(SNAPSHOT)
+            models = snapshot.models
+        except Exception:
+            return
+        listed = ", ".join(
+            f"{name} ({config.engine}{'' if config.enabled else ', disabled'})"
+            for name, config in sorted(models.items())
+        )
+        _log.info("worker %d models: %s", os.getpid(), listed or "none")
+
+
+def _blueprints(app: Quart) -> list[str]:
+    """Each registered blueprint with the common prefix of its routes."""
+    found = []
+    for name in app.blueprints:
+        rules = [r.rule for r in app.url_map.iter_rules() if r.endpoint.startswith(name + ".")]
+        found.append(f"{name} at {posixpath.commonpath(rules) if rules else '-'}")
+    return found
 
 
 class _Worker:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -31,6 +32,11 @@ def _alone() -> Iterator[io.StringIO]:
         root.handlers[:] = saved_root
 
 
+_CLIENT = 'client=10.0.0.7 ua="sdk \\"x\\"/1"'
+# ISO 8601 to the millisecond, with the UTC offset.
+_ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
+
+
 def _both_ways(fmt: str) -> tuple[str, str]:
     with _alone() as stream:
         return _write_both(fmt, stream)
@@ -41,12 +47,16 @@ def _write_both(fmt: str, stream: io.StringIO) -> tuple[str, str]:
     handler = service_handler(ACCESS_LOGGER)
     assert handler is not None
     handler.setStream(stream)
-    AccessLog(fmt == "json").write("GET", "/v1/models", "/v1/models", 200, 0.0021, 412, "req-1")
+    AccessLog(fmt == "json").write(
+        "GET", "/v1/models", "/v1/models", 200, 0.0021, 412, "req-1", "10.0.0.7", 'sdk "x"/1'
+    )
     direct = stream.getvalue()
     fields = {"method": "GET", "path": "/v1/models", "route": "/v1/models", "status": 200}
     fields |= {"duration_ms": 2.1, "bytes": 412, "request_id": "req-1"}
+    fields |= {"client": "10.0.0.7", "user_agent": 'sdk "x"/1'}
     ACCESS_LOGGER.info(
-        "GET /v1/models 200 2.1ms 412B id=req-1", extra=fields if fmt == "json" else None
+        f"GET /v1/models 200 2.1ms 412B id=req-1 {_CLIENT}",
+        extra=fields if fmt == "json" else None,
     )
     return direct, stream.getvalue()[len(direct) :]
 
@@ -54,7 +64,7 @@ def _write_both(fmt: str, stream: io.StringIO) -> tuple[str, str]:
 def test_text_line_is_the_logging_line() -> None:
     direct, logged = _both_ways("text")
     assert direct.endswith(
-        "] [INFO] quart_service.access: GET /v1/models 200 2.1ms 412B id=req-1\n"
+        f"] [INFO] quart_service.access: GET /v1/models 200 2.1ms 412B id=req-1 {_CLIENT}\n"
     )
     assert direct.split("] ", 2)[1:] == logged.split("] ", 2)[1:]
 
@@ -65,6 +75,11 @@ def test_json_line_has_the_logging_fields() -> None:
     assert ours.keys() == theirs.keys()
     for key in ours.keys() - {"time"}:
         assert ours[key] == theirs[key], key
+    assert ours["client"] == "10.0.0.7"
+    assert ours["user_agent"] == 'sdk "x"/1'
+    # Both ways write ISO 8601 times with milliseconds.
+    assert _ISO_MS.match(ours["time"]), ours["time"]
+    assert _ISO_MS.match(theirs["time"]), theirs["time"]
 
 
 def test_lines_go_through_logging_when_something_else_listens(
@@ -75,4 +90,6 @@ def test_lines_go_through_logging_when_something_else_listens(
         assert logging.getLogger().handlers  # pytest's capture listens on the root
         assert service_handler(ACCESS_LOGGER) is None
         AccessLog(False).write("POST", "/x", "<unmatched>", 404, 0.001, 10, "abc")
-    assert [r.getMessage() for r in caplog.records] == ["POST /x 404 1.0ms 10B id=abc"]
+    assert [r.getMessage() for r in caplog.records] == [
+        'POST /x 404 1.0ms 10B id=abc client=- ua=""'
+    ]

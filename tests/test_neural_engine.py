@@ -17,7 +17,7 @@ import pytest
 from quart_service.data.models import ModelConfig
 from quart_service.engines.base import EngineContext, GenerationRequest
 from quart_service.engines.neural import create
-from quart_service.engines.neural.engine import NeuralEngine
+from quart_service.engines.neural.engine import NO_TOKEN, NeuralEngine
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.sampling import Sampler
 from quart_service.engines.neural.weights import GPT2Config
@@ -99,7 +99,11 @@ async def test_the_same_seed_gives_the_same_text(weights_file: Path) -> None:
 
 
 async def test_concurrent_generations_keep_their_own_state(weights_file: Path) -> None:
-    engine = await _engine(weights_file)
+    # Each steps by itself (max_batch 0), interleaved on the pool: a sampled stream's
+    # draws then match exactly. In one batch, a row's last bits depend on which other
+    # rows share its step (docs/engines.md), and a temperature draw that lands on a
+    # boundary could then flip a token; temperature 0 is compared batched elsewhere.
+    engine = await _engine(weights_file, max_batch=0)
     alone = [await _text(engine, temperature=0.8, seed=s) for s in range(4)]
     together = await asyncio.gather(*(_text(engine, temperature=0.8, seed=s) for s in range(4)))
     assert list(together) == alone
@@ -142,6 +146,42 @@ async def test_steps_batch_several_decodings(weights_file: Path) -> None:
     assert [list(column) for column in zip(*together, strict=True)] == alone
 
 
+async def test_a_long_prompt_joins_in_chunks_and_the_others_step_on(weights_file: Path) -> None:
+    """With ``prefill_chunk`` 8, a 20-token prompt joining two decoding streams is fed
+    over three steps: the two get a token at every one of them, the newcomer gets
+    NO_TOKEN until its prompt is whole, and then the tokens it gets alone."""
+    engine = await _engine(weights_file, prefill_chunk=8)
+    request = GenerationRequest(prompt="a prompt of twenty b", max_tokens=4, temperature=0.0)
+    alone = engine.start(request)
+    expected = [engine.step([alone])[0] for _ in range(6)]
+    assert expected[:2] == [NO_TOKEN, NO_TOKEN]  # 8 + 8 + 4 tokens: three steps
+    running = [engine.start(GenerationRequest(prompt=p, max_tokens=8)) for p in "xy"]
+    engine.step(running)
+    joining = engine.start(request)
+    outputs = [engine.step([*running, joining]) for _ in range(6)]
+    assert all(o[0] != NO_TOKEN and o[1] != NO_TOKEN for o in outputs)
+    assert [o[2] for o in outputs] == expected
+    whole = await _engine(weights_file, prefill_chunk=0)
+    decoding = whole.start(request)
+    assert [whole.step([decoding])[0] for _ in range(4)] == expected[2:]
+
+
+async def test_prompts_first_gives_a_joining_stream_a_step_of_its_own(weights_file: Path) -> None:
+    engine = await _engine(weights_file, prompts_first=True)
+    running = [engine.start(GenerationRequest(prompt=p, max_tokens=8)) for p in "xy"]
+    first = engine.step(running)
+    assert NO_TOKEN not in first
+    request = GenerationRequest(prompt="joining", max_tokens=3, temperature=0.0)
+    alone = engine.start(request)
+    expected = [engine.step([alone])[0] for _ in range(3)]
+    joining = engine.start(request)
+    outputs = [engine.step([*running, joining]) for _ in range(3)]
+    # Its prompt's step is its own: the two sit it out, then all step together.
+    assert outputs[0][:2] == [NO_TOKEN, NO_TOKEN]
+    assert all(NO_TOKEN not in o for o in outputs[1:])
+    assert [o[2] for o in outputs] == expected
+
+
 async def test_embeddings(weights_file: Path) -> None:
     engine = await _engine(weights_file)
     vectors = await CONTEXT.run_sync(
@@ -181,6 +221,8 @@ async def test_pace(weights_file: Path) -> None:
         ({"load": "stream"}, "'load'"),
         ({"tokenizer": 5}, "'tokenizer'"),
         ({"tokens_per_second": -1}, "tokens_per_second"),
+        ({"prefill_chunk": -1}, "prefill_chunk"),
+        ({"prompts_first": "yes"}, "prompts_first"),
     ],
 )
 async def test_bad_parameters_are_named(

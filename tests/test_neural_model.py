@@ -121,6 +121,22 @@ def test_a_prompt_in_one_go_equals_it_fed_token_by_token(model: GPT2Model) -> No
     assert int(stepped.argmax()) == int(whole.argmax())
 
 
+def test_a_prompt_fed_in_chunks_equals_it_fed_whole(model: GPT2Model) -> None:
+    """A long prompt fed a few tokens per forward (beside another state decoding)
+    ends with the same cache length and last logits as the prompt fed at once."""
+    ids = list(range(30, 97))
+    whole = model.forward([model.new_state(ids)])
+    chunked, other = model.new_state(ids), model.new_state([5])
+    fed = []
+    while chunked.pending:
+        logits = model.forward([other, chunked], [1, 16])
+        other.feed(int(logits[0].argmax()))
+        fed.append(len(ids) - len(chunked.pending))
+    assert fed == [16, 32, 48, 64, 67]
+    assert chunked.length == len(ids)
+    np.testing.assert_allclose(logits[1], whole[0], rtol=0, atol=1e-5)
+
+
 def test_batched_decoding_equals_each_state_alone(model: GPT2Model) -> None:
     """Several states of different lengths in one forward: each row equals that state
     run alone. Row results may differ in the last bits (one row goes through BLAS's

@@ -2,23 +2,41 @@
 
 Every record carries the id of the request it was written in (``request_id``), so
 the lines of one request can be found together; JSON lines have it as a field.
+JSON lines carry their time in ISO 8601 with milliseconds and the UTC offset
+(``2026-11-26T03:04:05.678+00:00``), which log stores parse without a pattern;
+text lines keep Hypercorn's layout, so both servers' lines read alike.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
 from .request_id import current_request_id
 
-__all__ = ["RequestIdFilter", "configure_logging", "service_handler"]
+__all__ = ["RequestIdFilter", "configure_logging", "iso_time", "service_handler"]
 
 _TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 _JSON = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s %(request_id)s"
 _DATE = "%Y-%m-%d %H:%M:%S %z"
 _MARK = "_quart_service_handler"
+
+
+def iso_time(created: float) -> str:
+    """``created`` (seconds since the epoch) in ISO 8601, local time with its offset,
+    to the millisecond: ``2026-11-26T03:04:05.678+00:00``."""
+    return datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
+
+
+class _IsoTimeJson(JsonFormatter):
+    """python-json-logger's formatter with ISO 8601 times (``datefmt`` has no
+    milliseconds: ``time.strftime`` knows none)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso_time(record.created)
 
 
 class RequestIdFilter(logging.Filter):
@@ -41,9 +59,8 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     handler = ours[0] if ours else logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _IsoTimeJson(
                 _JSON,
-                datefmt=_DATE,
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )

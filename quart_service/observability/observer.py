@@ -128,8 +128,17 @@ class RequestObserver:
             if metrics is not None:
                 metrics.observe_request(route, scope["method"], final, elapsed, first_byte)
             if self.access_log is not None:
+                client = scope.get("client")
                 self.access_log.write(
-                    scope["method"], scope["path"], route, final, elapsed, sent, request_id
+                    scope["method"],
+                    scope["path"],
+                    route,
+                    final,
+                    elapsed,
+                    sent,
+                    request_id,
+                    client[0] if client else "-",
+                    _user_agent(scope["headers"]),
                 )
             RESPONSE_SEND.reset(send_token)
             REQUEST_ID.reset(token)
@@ -147,6 +156,13 @@ class RequestObserver:
         if size > self.max_headers:
             return 431, "headers_too_large", f"The headers are over {self.max_headers} bytes."
         return None
+
+
+def _user_agent(headers: Any) -> str:
+    for name, value in headers:
+        if name == b"user-agent":
+            return str(value.decode("latin-1"))
+    return ""
 
 
 def _incoming_id(headers: Any) -> str | None:

@@ -1,7 +1,11 @@
 """The ``quart-service`` command: operator tools around the service.
 
 ``quart-service serve`` runs the service on Hypercorn's workers under a supervisor
-(see :mod:`quart_service.server.supervisor`); ``--server granian|uvicorn`` checks the
+(see :mod:`quart_service.server.supervisor`). It logs which files it uses (the server
+file, the settings file and variables, the database) and refuses to start without
+its server file (``hypercorn.toml`` in the current folder, or ``--config``), rather
+than run one worker on Hypercorn's defaults; ``--reload`` is the development mode
+(workers replaced when a source file changes). ``--server granian|uvicorn`` checks the
 settings and then execs that server instead, with the file's bind and workers and
 timeouts that let the drain finish (docs/servers.md says what it does not give).
 ``quart-service check`` validates the settings (environment and TOML file) and
@@ -15,17 +19,18 @@ NAME]`` moves one source down or up to version N; one line per action.
 
 from __future__ import annotations
 
-import logging
 import math
 import shlex
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from ..config import ENV_PREFIX, Settings
 from ..errors import MigrationError, SettingsError
 from ..observability.logs import configure_logging
+from ._reload import FileWatch
 
 if TYPE_CHECKING:
     from hypercorn.config import Config
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "other_server_argv"]
 
+# The server settings ``serve`` reads by default, from the current folder.
+_SERVER_FILE = "hypercorn.toml"
 # Servers that ``serve --server`` hands over to (docs/servers.md).
 _OTHER_SERVERS = ("granian", "uvicorn")
 
@@ -69,9 +76,9 @@ def check() -> None:
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
-    default="hypercorn.toml",
-    show_default=True,
-    help="Hypercorn settings (TOML); Hypercorn's defaults when the file is missing.",
+    default=None,
+    help="Hypercorn settings (TOML): bind, workers, timeouts. Default: hypercorn.toml "
+    "in the current folder; serve refuses to start without it.",
 )
 @click.option("--bind", "-b", multiple=True, help="Address to listen on (overrides the file).")
 @click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes.")
@@ -88,21 +95,39 @@ def check() -> None:
     help="All workers accept on one listening socket (plain Hypercorn's way) instead "
     "of one SO_REUSEPORT socket each; the kernel then does not balance them.",
 )
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Development mode: replace the workers one at a time when a .py file under "
+    "--reload-dir (or the settings file) changes.",
+)
+@click.option(
+    "--reload-dir",
+    "reload_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="A folder --reload watches (repeatable). Default: the current folder and the "
+    "folder of the quart_service package.",
+)
 def serve(
     app: str,
     server: str,
-    config_path: str,
+    config_path: str | None,
     bind: tuple[str, ...],
     workers: int | None,
     max_start_failures: int,
     shared_socket: bool,
+    reload: bool,
+    reload_dirs: tuple[str, ...],
 ) -> None:
     """Serve APP with supervised Hypercorn workers (replaced when they die), or hand over
     to Granian's or Uvicorn's own process manager (--server)."""
+    import logging
     import os
 
     from hypercorn.config import Config
 
+    from ..config import CONFIG_ENV, settings_sources
     from ..native_threads import WORKERS_ENV
     from ..observability.metrics import enable_multiprocess
     from ..sizing import for_this_host
@@ -110,23 +135,35 @@ def serve(
 
     settings = _settings_or_exit()
     configure_logging(settings.log_level, settings.log_format)
+    path = Path(config_path or _SERVER_FILE)
+    if not path.is_file():
+        _refuse_without_server_file(path, given=config_path is not None)
     try:
-        config = Config.from_toml(config_path) if os.path.exists(config_path) else Config()
+        config = Config.from_toml(path)
     except Exception as exc:  # Hypercorn raises whatever TOML parsing or its setters raise
-        click.echo(f"quart_service: bad server config {config_path}: {exc}", err=True)
+        click.echo(f"quart_service: bad server config {path}: {exc}", err=True)
         sys.exit(2)
+    log = logging.getLogger("quart_service.serve")
+    log.info("server settings from %s", path.resolve())
+    log.info(
+        "service settings from %s; database %s",
+        "; ".join(settings_sources()),
+        "PostgreSQL (database_url)" if settings.database_url else settings.database_file.resolve(),
+    )
     config.application_path = app
     if bind:
         config.bind = list(bind)
     # The worker count: --workers, else the file's, else the rule's (one per CPU).
     sizing = for_this_host(
         settings.workload,
-        workers=workers or _file_workers(config_path),
+        workers=workers or _file_workers(path),
         threads=settings.executor_threads,
     )
     config.workers = sizing.workers
-    logging.getLogger("quart_service.serve").info("serving with %s", sizing.describe())
+    log.info("serving with %s", sizing.describe())
     if server != "hypercorn":
+        if reload:
+            raise click.UsageError("--reload goes with the Hypercorn workers, not --server")
         argv = other_server_argv(server, app, config, settings.stream_drain_timeout)
         # How each worker learns the worker count for its native thread budget:
         # Granian's workers carry no config we can read (quart_service.native_threads).
@@ -138,12 +175,18 @@ def serve(
         config.graceful_timeout = settings.stream_drain_timeout + 1
     if settings.metrics:
         enable_multiprocess(settings.metrics_root)
+    watch = None
+    if reload:
+        folders = [Path(d) for d in reload_dirs] or [Path.cwd(), Path(__file__).parents[1]]
+        settings_file = os.environ.get(CONFIG_ENV)
+        watch = FileWatch(folders, [Path(settings_file)] if settings_file else [])
     supervisor = Supervisor(
         config,
         drain_timeout=settings.stream_drain_timeout,
         max_start_failures=max_start_failures,
         count_metrics=settings.metrics,
         socket_per_worker=not shared_socket,
+        watch=watch,
     )
     sys.exit(supervisor.run())
 
@@ -254,12 +297,12 @@ def other_server_argv(server: str, app: str, config: Config, drain_timeout: floa
     ]  # fmt: skip
 
 
-def _file_workers(config_path: str) -> int | None:
+def _file_workers(config_path: Path) -> int | None:
     """The ``workers`` the server's TOML file sets, if it sets it."""
     import tomllib
 
     try:
-        with open(config_path, "rb") as handle:
+        with config_path.open("rb") as handle:
             workers = tomllib.load(handle).get("workers")
     except (OSError, tomllib.TOMLDecodeError):
         return None  # no file: Hypercorn's defaults; a bad one was refused already
@@ -284,6 +327,24 @@ def _installed_plugins(settings: Settings) -> LoadedPlugins:
     for name, error in plugins.skipped.items():
         click.echo(f"quart_service: team plugin {name!r} left out: {error}", err=True)
     return plugins
+
+
+def _refuse_without_server_file(path: Path, *, given: bool) -> NoReturn:
+    """Exit 2 with what to do: without its server file, serve would run on Hypercorn's
+    defaults (one worker, a 3 s graceful timeout that cuts streams) and, from another
+    folder, on a fresh ./data database. Say so instead of starting like that."""
+    if given:
+        click.echo(f"quart_service: the server config {path} does not exist", err=True)
+    else:
+        click.echo(
+            f"quart_service: no {_SERVER_FILE} in {Path.cwd()}. serve reads the server "
+            "settings (bind, workers, timeouts) from it, and the service keeps its data "
+            "in ./data (QUART_SERVICE_DATA_DIR) relative to the current folder: run it "
+            "from the service's folder, or pass --config PATH (an empty file for "
+            "Hypercorn's own defaults: one worker, a 3 s graceful timeout).",
+            err=True,
+        )
+    sys.exit(2)
 
 
 def _settings_or_exit() -> Settings:

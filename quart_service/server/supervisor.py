@@ -17,7 +17,10 @@ at once. The supervisor runs the same Hypercorn worker code and adds:
 * SIGTERM (or Ctrl-C) drains every worker (see :mod:`quart_service.drain`) and exits
   0; a second one kills at once;
 * SIGHUP replaces the workers one at a time: a new worker is serving before an old
-  one starts to drain, so no request fails and code or settings changes go live.
+  one starts to drain, so no request fails and code or settings changes go live;
+* in development mode (``watch``: ``serve --reload``), a changed source file does
+  what SIGHUP does; a new worker that fails to start (a syntax error) leaves the old
+  ones serving and does not count towards giving up: the next save tries again.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from hypercorn.config import Config
 from prometheus_client import Counter
 
 from ..observability.metrics import forget_process
+from ._reload import FileWatch
 from ._sockets import Listeners
 from .worker import READY, STOPPING, run_worker
 
@@ -78,8 +82,10 @@ class Supervisor:
         max_start_failures: int = 5,
         count_metrics: bool = False,
         socket_per_worker: bool = True,
+        watch: FileWatch | None = None,
     ) -> None:
         self.config = config
+        self.watch = watch
         self.listeners = Listeners(config, config.workers, per_worker=socket_per_worker)
         self.drain_timeout = drain_timeout
         self.max_start_failures = max_start_failures
@@ -129,6 +135,11 @@ class Supervisor:
             if self.listeners.per_worker
             else "one shared listening socket",
         )
+        if self.watch is not None:
+            _log.warning(
+                "development mode: workers are replaced when a .py file changes under %s",
+                ", ".join(map(str, self.watch.folders)),
+            )
         try:
             while not self._stop:
                 self._step()
@@ -141,6 +152,12 @@ class Supervisor:
         self._read_pipes()
         if self._stop:
             return
+        if self.watch is not None:
+            changed = self.watch.changed()
+            if changed:
+                more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+                _log.info("reload: %s changed%s", changed[0], more)
+                self._reload = True
         if self._reload:
             self._reload = False
             self._begin_reload()
@@ -169,6 +186,16 @@ class Supervisor:
                 self._start_failed(worker, code)
 
     def _start_failed(self, worker: _Worker, code: int | None) -> None:
+        if self.watch is not None and worker.replaces is not None:
+            # Development mode: the old workers serve on; the next save tries again.
+            _log.error(
+                "reload: the new worker %d exited before serving (%s); the old ones "
+                "keep serving. Its own log lines above say why.",
+                worker.pid,
+                _describe(code),
+            )
+            self._reload_queue.clear()
+            return
         self._failures += 1
         self._count_restart("startup_failed")
         if worker.replaces is not None:

@@ -116,7 +116,11 @@ def spawn_hypercorn(
     if command == "serve":
         program = [sys.executable, "-m", "quart_service.server.cli", "serve"]
         if config is None:
-            config_args = ["--config", "/nonexistent/hypercorn.toml"]
+            # serve refuses to start without a server file: an empty one gives
+            # Hypercorn's defaults.
+            empty = log_path.with_suffix(".toml")
+            empty.write_text("")
+            config_args = ["--config", str(empty)]
     else:
         program = [sys.executable, "-m", "hypercorn"]
     with log_path.open("wb") as log_file:

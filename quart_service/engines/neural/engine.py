@@ -16,6 +16,14 @@ Parameters (the model row's):
   stream alone (one pool job per token each: the unbatched baseline).
 - ``embed_batch``: texts embedded together in one job (default 64); ``0`` embeds each
   request's texts alone.
+- ``prefill_chunk``: prompt tokens fed per step, over all the streams that join it
+  (default 256); a longer prompt, or many prompts at once, are fed over several steps,
+  so one step never holds the streams already decoding for long. ``0``: every prompt
+  whole in the step it joins.
+- ``prompts_first``: a step that has prompts to feed feeds only them (the streams
+  already decoding sit it out), so a joining stream's first token waits for its own
+  prompt, not for every other stream's next token too (default false: prompts join
+  the decoding streams' step).
 
 A generation is a :class:`Decoding`; :meth:`NeuralEngine.step` advances a batch of
 them by one token (the first step feeds the prompt), on the worker's pool. Streams
@@ -27,6 +35,7 @@ batching: a stream joins and leaves between steps), embeddings share jobs throug
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +49,11 @@ from .model import DecodeState, GPT2Model
 from .sampling import Sampler
 from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 
-__all__ = ["Decoding", "NeuralEngine", "create", "load_tokenizer"]
+__all__ = ["NO_TOKEN", "Decoding", "NeuralEngine", "create", "load_tokenizer"]
+
+NO_TOKEN = -1
+"""A step's output for a stream that got no token from it: its prompt is not fed whole
+yet, or (``prompts_first``) it sat the step out while prompts were fed."""
 
 
 class Decoding:
@@ -92,12 +105,16 @@ class NeuralEngine:
         pace: float,
         max_batch: int = 32,
         embed_batch: int = 64,
+        prefill_chunk: int = 256,
+        prompts_first: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.dimensions = model.config.n_embd
         self._context = context
         self._pace = pace
+        self._prefill_chunk = prefill_chunk
+        self._prompts_first = prompts_first
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
         self._steps: StepBatcher[Decoding, int | None] | None = (
@@ -132,10 +149,43 @@ class NeuralEngine:
 
     def step(self, decodings: Sequence[Decoding]) -> list[int | None]:
         """One forward pass for all of ``decodings`` together, then a token sampled for
-        each: its id, or None where the model ended the text. Blocking: run it on the
-        pool."""
-        logits = self.model.forward([d.state for d in decodings])
-        return [d.accept(d.sampler.sample(row)) for d, row in zip(decodings, logits, strict=True)]
+        each: its id, None where the model ended the text, or :data:`NO_TOKEN` where
+        it got none from this step. Blocking: run it on the pool."""
+        counts = self._feed_counts(decodings)
+        fed = [d.state for d, n in zip(decodings, counts, strict=True) if n]
+        rows = iter(self.model.forward(fed, [n for n in counts if n]))
+        tokens: list[int | None] = []
+        for decoding, count in zip(decodings, counts, strict=True):
+            row = next(rows) if count else None
+            if row is None or decoding.state.pending:
+                tokens.append(NO_TOKEN)
+            else:
+                tokens.append(decoding.accept(decoding.sampler.sample(row)))
+        return tokens
+
+    def _feed_counts(self, decodings: Sequence[Decoding]) -> list[int]:
+        """Tokens each state is fed this step: a decoding state its one token; prompts,
+        first come first fed, share ``prefill_chunk`` (the first always gets some, so
+        every step makes progress; the others may get none and wait a step)."""
+        budget = self._prefill_chunk or sys.maxsize
+        counts = []
+        prompts = False
+        for decoding in decodings:
+            state = decoding.state
+            pending = len(state.pending)
+            if pending == 1 and state.length:  # decoding: its last token
+                counts.append(pending)
+                continue
+            take = min(pending, budget)
+            budget -= take
+            counts.append(take)
+            prompts = True
+        if prompts and self._prompts_first:
+            for i, decoding in enumerate(decodings):
+                state = decoding.state
+                if len(state.pending) == 1 and state.length:
+                    counts[i] = 0
+        return counts
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         decoding = self.start(request)
@@ -147,6 +197,8 @@ class NeuralEngine:
             async for token in tokens:
                 if token is None:
                     break
+                if token == NO_TOKEN:
+                    continue
                 piece = decoder.feed(token)
                 if decoding.finished:
                     piece += decoder.flush()
@@ -237,8 +289,14 @@ async def create(model: ModelConfig, context: EngineContext) -> Engine:
     pace = _pace(parameters)
     max_batch = _count(parameters, "max_batch", 32)
     embed_batch = _count(parameters, "embed_batch", 64)
+    prefill_chunk = _count(parameters, "prefill_chunk", 256)
+    prompts_first = parameters.get("prompts_first", False)
+    if not isinstance(prompts_first, bool):
+        raise EngineError(f"parameter 'prompts_first' must be true or false, got {prompts_first!r}")
     gpt2, tokenizer = await context.run_sync(_build, parameters)
-    return NeuralEngine(gpt2, tokenizer, context, pace, max_batch, embed_batch)
+    return NeuralEngine(
+        gpt2, tokenizer, context, pace, max_batch, embed_batch, prefill_chunk, prompts_first
+    )
 
 
 def _count(parameters: Mapping[str, Any], name: str, default: int) -> int:

@@ -96,15 +96,16 @@ class GPT2Model:
         self._check_ids(prompt_ids)
         return DecodeState(prompt_ids)
 
-    def forward(self, states: Sequence[DecodeState]) -> _Array:
-        """Feed each state's pending tokens, append them to its KV cache, and return the
-        logits of its last position: ``[len(states), vocab]``.
+    def forward(self, states: Sequence[DecodeState], counts: Sequence[int] | None = None) -> _Array:
+        """Feed each state's pending tokens (or only its first ``counts[i]``: a long
+        prompt fed in chunks over several calls), append them to its KV cache, and
+        return the logits of the last position fed: ``[len(states), vocab]``.
 
         All the states' tokens share each projection and MLP matmul (one ``[N, d] @ W``
         product); attention runs per state."""
         if not states:
             return np.empty((0, self.config.vocab_size), dtype=np.float32)
-        hidden, ends = self._hidden(states)
+        hidden, ends = self._hidden(states, counts)
         last = _layer_norm(hidden[ends - 1], self.weights.ln_f_w, self.weights.ln_f_b, self._eps)
         logits: _Array = last @ self.weights.wte.T
         return logits
@@ -136,22 +137,29 @@ class GPT2Model:
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise EngineError(f"token ids must be in [0, {self.config.vocab_size})")
 
-    def _hidden(self, states: Sequence[DecodeState]) -> tuple[_Array, npt.NDArray[np.intp]]:
-        """Run every state's pending tokens through the blocks; the residual stream of
-        all of them, ``[N, d]``, and where each state's rows end."""
+    def _hidden(
+        self, states: Sequence[DecodeState], fed: Sequence[int] | None = None
+    ) -> tuple[_Array, npt.NDArray[np.intp]]:
+        """Run every state's pending tokens (its first ``fed[i]``) through the blocks;
+        the residual stream of all of them, ``[N, d]``, and where each state's rows end."""
         config, w = self.config, self.weights
         if len({id(s) for s in states}) != len(states):
             raise EngineError("forward() of the same state twice in one batch")
-        counts = [len(s.pending) for s in states]
+        if fed is None:
+            counts = [len(s.pending) for s in states]
+        else:
+            counts = [min(n, len(s.pending)) for s, n in zip(states, fed, strict=True)]
         for state, count in zip(states, counts, strict=True):
-            if not count:
+            if count < 1:
                 raise EngineError("forward() of a state with no pending token")
             if state.length + count > config.n_ctx:
                 raise EngineError(
                     f"the context is full: {state.length} + {count} > {config.n_ctx} tokens"
                 )
             state._reserve(config, state.length + count)
-        tokens = np.fromiter((t for s in states for t in s.pending), dtype=np.intp)
+        tokens = np.fromiter(
+            (t for s, n in zip(states, counts, strict=True) for t in s.pending[:n]), dtype=np.intp
+        )
         positions = np.concatenate(
             [np.arange(s.length, s.length + n) for s, n in zip(states, counts, strict=True)]
         )
@@ -165,9 +173,9 @@ class GPT2Model:
             x = x + (attended @ block.attn_proj_w + block.attn_proj_b)
             h = _layer_norm(x, block.ln_2_w, block.ln_2_b, eps)
             x = x + (_gelu(h @ block.fc_w + block.fc_b) @ block.fc_proj_w + block.fc_proj_b)
-        for state in states:
-            state.length += len(state.pending)
-            state.pending = []
+        for state, count in zip(states, counts, strict=True):
+            state.length += count
+            del state.pending[:count]
         return x, ends
 
     def _attend(
