@@ -31,6 +31,7 @@ __all__ = [
     "MIB",
     "MILLISECONDS",
     "SECONDS",
+    "WORKLOADS",
     "Settings",
     "settings_sources",
     "split_list",
@@ -46,6 +47,8 @@ MILLISECONDS: Final = SECONDS / 1000
 BYTES: Final = 1
 KIB: Final = 1024 * BYTES
 MIB: Final = 1024 * KIB
+# The workload hints of the default sizes (quart_service.sizing has the rule).
+WORKLOADS: Final = ("mixed", "io", "cpu", "native")
 _SECRETS = frozenset({"admin_token", "api_keys", "database_url"})  # a URL may hold a password
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -68,7 +71,16 @@ class Settings:
     or :meth:`from_mapping`; it is immutable and picklable (spawned workers get it)."""
 
     executor_threads: int = _setting(
-        16, "Threads in the one shared pool of each worker process.", minimum=1
+        0,
+        "Threads in the one shared pool of each worker process; 0: as the workload "
+        "setting says (docs/process-model.md, 'Choosing workers and threads').",
+        minimum=0,
+    )
+    workload: str = _setting(
+        "mixed",
+        "What the pool carries, for the default sizes: io (blocking waits: 32 threads), "
+        "cpu (Python holding the GIL: 2), native (code releasing the GIL: native budget "
+        "+ 1) or mixed (16). quart-service serve runs one worker per CPU.",
     )
     executor_queue: int = _setting(
         64,
@@ -259,6 +271,8 @@ class Settings:
             raise _bad("cache_backend", f"expected 'memory' or 'redis', got {self.cache_backend!r}")
         if self.cache_backend == "redis" and not (self.cache_url or self.coordination_url):
             raise _bad("cache_backend", "'redis' needs cache_url (or coordination_url)")
+        if self.workload not in WORKLOADS:
+            raise _bad("workload", f"expected one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if self.plugin_failure not in {"skip", "fail"}:
             raise _bad("plugin_failure", f"expected 'skip' or 'fail', got {self.plugin_failure!r}")
         for key in ("blueprint_prefixes", "wsgi_mounts"):

@@ -18,6 +18,8 @@ which is never refused, so a stream is not cut half-way.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,8 +28,10 @@ from typing import Any, ParamSpec, TypeVar
 
 from .config import Settings
 from .errors import Overloaded
+from .native_threads import server_workers
 from .observability.metrics import Count, Metrics
 from .part import Readiness
+from .sizing import for_this_host
 
 __all__ = ["THREAD_NAME_PREFIX", "BoundedExecutor", "ExecutorStats", "Pool"]
 
@@ -35,6 +39,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 THREAD_NAME_PREFIX = "quart-service-pool"
+_log = logging.getLogger("quart_service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +174,15 @@ class Pool:
     async def start(self, metrics: Metrics) -> None:
         """Create the pool and make it the loop's default executor."""
         settings = self._settings
+        # executor_threads = 0: the rule's size for this host and workload (sizing.py).
+        sizing = for_this_host(
+            settings.workload, workers=server_workers(), threads=settings.executor_threads
+        )
+        _log.info(
+            "worker %d: pool of %d threads (%s)", os.getpid(), sizing.threads, sizing.threads_reason
+        )
         self._executor = BoundedExecutor(
-            settings.executor_threads,
+            sizing.threads,
             settings.executor_queue,
             retry_after=settings.retry_after,
             shed=metrics.count(metrics.shed, "executor_full"),

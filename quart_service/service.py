@@ -27,6 +27,7 @@ from .context import SETTINGS_KEY
 from .data.layer import SNAPSHOT
 from .data.snapshot import Snapshot
 from .drain import Drain
+from .executor import Pool
 from .native_threads import NativeBudget
 from .observability.logs import configure_logging
 from .observability.metrics import Metrics, enable_multiprocess
@@ -144,8 +145,10 @@ class Service:
     def _summary(self) -> str:
         registry = self._registry()
         names = registry.names() if registry is not None else []
+        pool = next((p for p in self.parts if isinstance(p, Pool)), None)
+        threads = pool.executor.stats().max_threads if pool is not None else 0
         return (
-            f"{self.settings.executor_threads} pool threads, "
+            f"{threads} pool threads, "
             f"parts: {', '.join(part.name for part in self.parts)}; "
             f"{len(names)} resources: {', '.join(names) or 'none'}"
         )

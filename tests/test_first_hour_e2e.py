@@ -192,4 +192,4 @@ def test_a_bad_key_or_value_in_the_settings_file_is_reported_as_from_that_file(
     assert f"(from the settings file {settings_file}" in bad_value.stderr
     # The same value from the environment names the variable.
     with pytest.raises(SettingsError, match="from the environment variable QUART_SERVICE_"):
-        Settings.from_env({**env, "QUART_SERVICE_EXECUTOR_THREADS": "0"})
+        Settings.from_env({**env, "QUART_SERVICE_EXECUTOR_THREADS": "-1"})

@@ -16,7 +16,7 @@ from .support.server import free_port, server_env, spawn_hypercorn
 
 def test_defaults_are_usable_and_picklable() -> None:
     settings = Settings()
-    assert settings.executor_threads >= 1
+    assert settings.executor_threads >= 0  # 0: the rule sizes the pool (sizing.py)
     assert pickle.loads(pickle.dumps(settings)) == settings
     with pytest.raises(AttributeError):
         settings.executor_threads = 3  # type: ignore[misc]
@@ -44,7 +44,8 @@ def test_environment_overrides_the_toml_file(tmp_path: Path) -> None:
     [
         ({"QUART_SERVICE_EXECUTOR_THREDS": "4"}, "QUART_SERVICE_EXECUTOR_THREDS"),
         ({"QUART_SERVICE_EXECUTOR_THREADS": "many"}, "QUART_SERVICE_EXECUTOR_THREADS"),
-        ({"QUART_SERVICE_EXECUTOR_THREADS": "0"}, "executor_threads"),
+        ({"QUART_SERVICE_EXECUTOR_THREADS": "-1"}, "executor_threads"),
+        ({"QUART_SERVICE_WORKLOAD": "gpu"}, "workload"),
         ({"QUART_SERVICE_STREAM_HEARTBEAT": "soon"}, "QUART_SERVICE_STREAM_HEARTBEAT"),
         ({"QUART_SERVICE_WARM_RESOURCES": "perhaps"}, "QUART_SERVICE_WARM_RESOURCES"),
         ({"QUART_SERVICE_LOG_LEVEL": "LOUD"}, "log_level"),

@@ -130,6 +130,7 @@ def serve(
     from ..config import CONFIG_ENV, settings_sources
     from ..native_threads import WORKERS_ENV
     from ..observability.metrics import enable_multiprocess
+    from ..sizing import for_this_host
     from .supervisor import Supervisor
 
     settings = _settings_or_exit()
@@ -152,9 +153,14 @@ def serve(
     config.application_path = app
     if bind:
         config.bind = list(bind)
-    if workers is not None:
-        config.workers = workers
-    config.workers = max(config.workers, 1)
+    # The worker count: --workers, else the file's, else the rule's (one per CPU).
+    sizing = for_this_host(
+        settings.workload,
+        workers=workers or _file_workers(path),
+        threads=settings.executor_threads,
+    )
+    config.workers = sizing.workers
+    log.info("serving with %s", sizing.describe())
     if server != "hypercorn":
         if reload:
             raise click.UsageError("--reload goes with the Hypercorn workers, not --server")
@@ -289,6 +295,18 @@ def other_server_argv(server: str, app: str, config: Config, drain_timeout: floa
         # The service writes its own access log (QUART_SERVICE_ACCESS_LOG).
         "--no-access-log", app,
     ]  # fmt: skip
+
+
+def _file_workers(config_path: Path) -> int | None:
+    """The ``workers`` the server's TOML file sets, if it sets it."""
+    import tomllib
+
+    try:
+        with config_path.open("rb") as handle:
+            workers = tomllib.load(handle).get("workers")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None  # no file: Hypercorn's defaults; a bad one was refused already
+    return workers if isinstance(workers, int) and workers >= 1 else None
 
 
 def _installed_plugins(settings: Settings) -> LoadedPlugins:
