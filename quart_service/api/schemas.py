@@ -25,6 +25,8 @@ from pydantic import (
     field_validator,
 )
 
+from ..engines.parameters import WHOLE
+
 __all__ = [
     "MAX_CHOICES",
     "MAX_EMBEDDING_INPUTS",
@@ -136,7 +138,7 @@ class ResponseFormat(_Open):
     json_schema: _Object | None = None
 
 
-_Tokens = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+_Tokens = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT), WHOLE]
 _Penalty = Annotated[Number, Field(ge=-2, le=2)]
 
 
@@ -145,11 +147,11 @@ class _Sampling(_Open):
     max_tokens: _Tokens | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, WHOLE] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES), WHOLE] | None = None
     frequency_penalty: _Penalty | None = None
     presence_penalty: _Penalty | None = None
     logit_bias: dict[str, Annotated[Number, Field(ge=-100, le=100)]] | None = None
@@ -171,7 +173,7 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: _Tokens | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20), WHOLE] | None = None
     tools: list[_Object] | None = None
     tool_choice: StrictStr | _Object | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -197,8 +199,8 @@ class CompletionRequest(_Sampling):
 
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_CHOICES)]
     echo: StrictBool | None = None
-    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5), WHOLE] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES), WHOLE] | None = None
     suffix: StrictStr | None = None
 
     def prompts(self) -> list[str]:
@@ -219,7 +221,7 @@ class EmbeddingRequest(_Open):
         ]
     )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    dimensions: Annotated[StrictInt, Field(ge=1), WHOLE] | None = None
     user: StrictStr | None = None
 
     @field_validator("input", mode="before")

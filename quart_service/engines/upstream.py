@@ -162,8 +162,9 @@ async def create(model: ModelConfig, context: EngineContext) -> Engine:
     base_url = parameters.get("base_url")
     if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
         raise EngineError("parameter 'base_url' must be an http(s) URL, e.g. http://host/v1")
-    upstream_model = parameters.get("model", model.name)
-    api_key = parameters.get("api_key", "")
+    # An explicit null is the default, as the declared parameters allow it.
+    upstream_model = parameters.get("model") or model.name
+    api_key = parameters.get("api_key") or ""
     if not isinstance(upstream_model, str) or not isinstance(api_key, str):
         raise EngineError("parameters 'model' and 'api_key' must be text")
     return UpstreamEngine(context, base_url, upstream_model, api_key)
