@@ -217,7 +217,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--prompts-first",
-        action="store_true",
+        choices=("true", "false"),
+        default="true",
         help="the batched model's prompts_first: steps with prompts feed only them",
     )
     args = parser.parse_args()
@@ -251,7 +252,10 @@ def main() -> None:
         ):
             for name, knobs in MODELS.items():
                 chunk = (
-                    {"prefill_chunk": args.prefill_chunk, "prompts_first": args.prompts_first}
+                    {
+                        "prefill_chunk": args.prefill_chunk,
+                        "prompts_first": args.prompts_first == "true",
+                    }
                     if name == "batched"
                     else {}
                 )

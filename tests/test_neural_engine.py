@@ -150,7 +150,7 @@ async def test_a_long_prompt_joins_in_chunks_and_the_others_step_on(weights_file
     """With ``prefill_chunk`` 8, a 20-token prompt joining two decoding streams is fed
     over three steps: the two get a token at every one of them, the newcomer gets
     NO_TOKEN until its prompt is whole, and then the tokens it gets alone."""
-    engine = await _engine(weights_file, prefill_chunk=8)
+    engine = await _engine(weights_file, prefill_chunk=8, prompts_first=False)
     request = GenerationRequest(prompt="a prompt of twenty b", max_tokens=4, temperature=0.0)
     alone = engine.start(request)
     expected = [engine.step([alone])[0] for _ in range(6)]

@@ -22,8 +22,8 @@ Parameters (the model row's):
   whole in the step it joins.
 - ``prompts_first``: a step that has prompts to feed feeds only them (the streams
   already decoding sit it out), so a joining stream's first token waits for its own
-  prompt, not for every other stream's next token too (default false: prompts join
-  the decoding streams' step).
+  prompt, not for every other stream's next token too (default true; false: prompts
+  join the decoding streams' step).
 
 Log-probabilities (``logprobs``) are the model's own: a log-softmax of the logits,
 before temperature and top_p, computed in the step (on the pool) only for the
@@ -123,7 +123,7 @@ class NeuralEngine:
         max_batch: int = 32,
         embed_batch: int = 64,
         prefill_chunk: int = 256,
-        prompts_first: bool = False,
+        prompts_first: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -350,7 +350,7 @@ async def create(model: ModelConfig, context: EngineContext) -> Engine:
     max_batch = _count(parameters, "max_batch", 32)
     embed_batch = _count(parameters, "embed_batch", 64)
     prefill_chunk = _count(parameters, "prefill_chunk", 256)
-    prompts_first = parameters.get("prompts_first", False)
+    prompts_first = parameters.get("prompts_first", True)
     if not isinstance(prompts_first, bool):
         raise EngineError(f"parameter 'prompts_first' must be true or false, got {prompts_first!r}")
     gpt2, tokenizer = await context.run_sync(_build, parameters)

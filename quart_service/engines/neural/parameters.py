@@ -26,4 +26,4 @@ class NeuralParameters(EngineParameters):
     max_batch: Annotated[int, Field(ge=0, le=4096), WHOLE] = 32
     embed_batch: Annotated[int, Field(ge=0, le=4096), WHOLE] = 64
     prefill_chunk: Annotated[int, Field(ge=0, le=4096), WHOLE] = 256
-    prompts_first: bool = False
+    prompts_first: bool = True
