@@ -24,37 +24,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
 import logging
 import math
 import struct
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, request
 
 from ..config import split_list
 from ..context import engines, pool, settings, snapshot
 from ..data.models import ModelConfig
 from ..engines.base import (
-    Candidate,
     Embedder,
     Engine,
     GenerationRequest,
     Message,
     Proxy,
-    ProxyReply,
     Token,
     TokenEngine,
 )
-from ..errors import ErrorAnswer, InvalidParameter, ModelNotFound, ServiceError, Unauthorized
+from ..errors import InvalidParameter, ModelNotFound, ServiceError, Unauthorized
 from ..streaming import sse
+from .bodies import read_body, run_sync
 from .compat import check_chat, check_completion
 from .generation import SLICE, Chunk, Generation, closing, count_tokens, merge
+from .relay import error_event, relay
 from .schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .shapes import ChatChunks, TextChunks, chat_logprobs, text_logprobs
 
 __all__ = ["DEFAULT_MAX_TOKENS", "v1"]
 
@@ -62,12 +61,6 @@ _log = logging.getLogger("quart_service.api")
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
 DEFAULT_MAX_TOKENS = 256
-M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
-# A body larger than this is parsed and validated on the pool: json.loads of a 10 MB
-# body holds the GIL ~10 ms, well within budget, but a body of many small strings
-# costs far more per byte.
-_LARGE_BODY = 1024 * 1024
 
 
 @v1.before_request
@@ -88,69 +81,6 @@ async def _authorise() -> None:
             "of the keys the server was given (the api_keys setting).",
             code="invalid_api_key",
         )
-
-
-async def _run_sync(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on the worker's pool (503 when the pool and its queue are full)."""
-    return await asyncio.wrap_future(pool().submit(fn, *args))
-
-
-def _parse(raw: bytes, schema: type[M]) -> tuple[dict[str, Any], M]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidParameter(
-            "The request body is not valid UTF-8.", code="invalid_body"
-        ) from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise InvalidParameter(
-            f"The request body is not valid JSON: {exc}.", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidParameter("The request body must be a JSON object.", code="invalid_body")
-    try:
-        return data, schema.model_validate(data)
-    except ValidationError as exc:
-        param, message = _first_error(exc)
-        text = f"Invalid value for '{param}': {message}." if param else message
-        raise InvalidParameter(text, param=param, code="invalid_value") from None
-
-
-# Parts of a pydantic error location that name a branch of a union, not a field.
-_BRANCHES = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
-_PART_TAGS = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
-
-
-def _clean(loc: tuple[int | str, ...]) -> list[str]:
-    parts: list[str] = []
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            parts.append(str(part))
-        elif "[" in part or part in _BRANCHES or part[:1].isupper():
-            continue
-        elif part in _PART_TAGS and i + 1 < len(loc) and isinstance(loc[i - 1], int):
-            continue  # a tagged union's tag (messages.0.content.0.<tag>.text)
-        else:
-            parts.append(part)
-    return parts
-
-
-def _first_error(exc: ValidationError) -> tuple[str | None, str]:
-    """The field at fault and why: of a union's errors, the most specific one."""
-    errors = exc.errors()
-    best = max(errors, key=lambda e: len(_clean(e["loc"])))
-    param = ".".join(_clean(best["loc"])) or None
-    return param, best["msg"]
-
-
-async def _body(schema: type[M]) -> tuple[dict[str, Any], M]:
-    """The body as sent and as validated. A large body is parsed on the pool."""
-    raw = await request.get_data(False, False, False)  # 413 past max_body_size
-    if len(raw) > _LARGE_BODY:
-        return await _run_sync(_parse, raw, schema)
-    return _parse(raw, schema)
 
 
 async def _model(name: str, param: str | None = "model") -> ModelConfig:
@@ -184,66 +114,6 @@ async def list_models() -> dict[str, Any]:
 async def retrieve_model(model_id: str) -> dict[str, Any]:
     """One enabled model (``client.models.retrieve(id)``)."""
     return _model_object(await _model(model_id, param=None))
-
-
-# -- relaying to an upstream server ------------------------------------------------------
-
-
-async def _relay(engine: Proxy, endpoint: str, body: dict[str, Any]) -> Response:
-    counts = engines().counts
-    counts.requests.inc()
-    reply = await engine.relay(endpoint, body)
-    if reply.lines is None:
-        return _relayed(reply)
-    counts.streams.inc()
-    return sse(_relayed_events(reply.lines), headers=reply.headers)
-
-
-def _relayed(reply: ProxyReply) -> Response:
-    """The upstream's whole answer: its status and body (an error that is not in
-    OpenAI's shape is put in it)."""
-    headers = {**reply.headers, "Content-Type": "application/json"}
-    if reply.status == 200:
-        return Response(reply.body, status=200, headers=headers)
-    _log.warning("upstream answered %d: %s", reply.status, reply.body[:300])
-    try:
-        parsed = json.loads(reply.body)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and "error" in parsed:
-        return Response(reply.body, status=reply.status, headers=headers)
-    detail = reply.body[:500].decode(errors="replace")
-    answer = ErrorAnswer(
-        request.path, reply.status, "upstream_error", f"The upstream answered: {detail}"
-    ).response()
-    answer.headers.update(reply.headers)
-    return answer
-
-
-async def _relayed_events(lines: AsyncIterator[str]) -> AsyncIterator[Any]:
-    """The upstream's SSE lines as they come; a failure mid-stream ends the stream with
-    an OpenAI error event and ``[DONE]``."""
-    counts = engines().counts
-    boundary = True  # between two events
-    try:
-        async with closing(lines) as relayed:
-            async for line in relayed:
-                if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                    counts.tokens.inc()
-                boundary = line == ""
-                yield (line + "\n").encode()
-    except ServiceError as exc:
-        _log.warning("a relayed stream failed: %s", exc.message)
-        if not boundary:
-            yield b"\n"
-        yield _error_event(exc)
-        yield "[DONE]"
-
-
-def _error_event(exc: ServiceError) -> dict[str, Any]:
-    """An error in OpenAI's shape, as a stream event."""
-    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
 
 
 # -- generating here ---------------------------------------------------------------------
@@ -289,7 +159,7 @@ def _usage(generations: list[Generation]) -> dict[str, int]:
 
 
 async def _prompt_tokens(engine: Engine, prompt: str) -> int:
-    return await count_tokens(engine.count_tokens, prompt, _run_sync)
+    return await count_tokens(engine.count_tokens, prompt, run_sync)
 
 
 async def _whole(generation: Generation) -> tuple[str, list[Token]]:
@@ -315,11 +185,11 @@ def _head(prefix: str, model: ModelConfig) -> dict[str, Any]:
 @v1.post("/chat/completions")
 async def chat_completions() -> Response | dict[str, Any]:
     """Chat completions, streamed as ``chat.completion.chunk`` events or answered whole."""
-    raw, body = await _body(ChatCompletionRequest)
+    raw, body = await read_body(ChatCompletionRequest)
     model = await _model(body.model)
     engine = await _engine(model)
     if isinstance(engine, Proxy):
-        return await _relay(engine, "chat/completions", raw)
+        return await relay(engine, "chat/completions", raw)
     check_chat(body, isinstance(engine, TokenEngine))
     messages = tuple(Message(m.role, m.text()) for m in body.messages)
     prompt = "\n".join(m.content for m in messages)
@@ -330,12 +200,12 @@ async def chat_completions() -> Response | dict[str, Any]:
     generations = await _generations(engine, requests, await _prompt_tokens(engine, prompt))
     head = _head("chatcmpl", model)
     if body.stream:
-        return _stream(generations, head, _wants_usage(body), _ChatChunks(top))
+        return _stream(generations, head, _wants_usage(body), ChatChunks(top))
     wholes = await _wholes(generations)
     choices = []
     for i, (generation, (text, tokens)) in enumerate(zip(generations, wholes, strict=True)):
         message = {"role": "assistant", "content": text, "refusal": None}
-        logprobs = _chat_logprobs(tokens, top) if top is not None else None
+        logprobs = chat_logprobs(tokens, top) if top is not None else None
         choices.append(
             {
                 "index": i,
@@ -357,11 +227,11 @@ async def chat_completions() -> Response | dict[str, Any]:
 async def completions() -> Response | dict[str, Any]:
     """Text completions of one prompt or a list (``n`` choices each, indexed prompt by
     prompt), streamed or answered whole."""
-    raw, body = await _body(CompletionRequest)
+    raw, body = await read_body(CompletionRequest)
     model = await _model(body.model)
     engine = await _engine(model)
     if isinstance(engine, Proxy):
-        return await _relay(engine, "completions", raw)
+        return await relay(engine, "completions", raw)
     check_completion(body, isinstance(engine, TokenEngine))
     prompts, n = body.prompts(), body.choices()
     if len(prompts) * n > MAX_CHOICES:
@@ -380,7 +250,7 @@ async def completions() -> Response | dict[str, Any]:
     generations = await _generations(engine, requests, prompt_tokens)
     head = _head("cmpl", model)
     if body.stream:
-        chunks = _TextChunks(body.logprobs, echoes)
+        chunks = TextChunks(body.logprobs, echoes)
         return _stream(generations, head, _wants_usage(body), chunks)
     wholes = await _wholes(generations)
     choices = []
@@ -388,7 +258,7 @@ async def completions() -> Response | dict[str, Any]:
         echo = echoes[i]
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _text_logprobs(tokens, body.logprobs, len(echo))
+            logprobs = text_logprobs(tokens, body.logprobs, len(echo))
         choices.append(
             {
                 "index": i,
@@ -405,110 +275,11 @@ async def completions() -> Response | dict[str, Any]:
     }
 
 
-# -- log-probabilities in OpenAI's shapes --------------------------------------------------
-
-
-def _candidate(candidate: Candidate) -> dict[str, Any]:
-    return {
-        "token": candidate.token,
-        "logprob": candidate.logprob,
-        "bytes": list(candidate.bytes),
-    }
-
-
-def _chat_logprobs(tokens: list[Token], top: int) -> dict[str, Any]:
-    """``choices[].logprobs`` of a chat answer: one entry per token, with its ``top``
-    likeliest alternatives."""
-    content = []
-    for token in tokens:
-        if token.sampled is None:
-            continue
-        entry = _candidate(token.sampled)
-        entry["top_logprobs"] = [_candidate(c) for c in token.top[:top]]
-        content.append(entry)
-    return {"content": content, "refusal": None}
-
-
-def _text_logprobs(tokens: list[Token], top: int, offset: int) -> dict[str, Any]:
-    """``choices[].logprobs`` of a text completion (the legacy shape): the tokens, their
-    log-probabilities, the ``top`` likeliest alternatives of each (and the sampled
-    token, as vLLM does), and where each token starts in the choice's text."""
-    answer: dict[str, list[Any]] = {
-        "tokens": [],
-        "token_logprobs": [],
-        "top_logprobs": [],
-        "text_offset": [],
-    }
-    for token in tokens:
-        sampled = token.sampled
-        if sampled is None:
-            continue
-        alternatives = {c.token: c.logprob for c in token.top[:top]}
-        alternatives.setdefault(sampled.token, sampled.logprob)
-        answer["tokens"].append(sampled.token)
-        answer["token_logprobs"].append(sampled.logprob)
-        answer["top_logprobs"].append(alternatives)
-        answer["text_offset"].append(offset)
-        offset += len(token.text)
-    return answer
-
-
 # -- streams -------------------------------------------------------------------------------
 
 
 def _wants_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
-
-
-class _ChatChunks:
-    """``chat.completion.chunk`` events."""
-
-    object = "chat.completion.chunk"
-
-    def __init__(self, top: int | None) -> None:
-        self.top = top
-
-    def start(self, index: int) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": ""}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-
-    def text(self, index: int, chunk: Chunk) -> dict[str, Any]:
-        logprobs = _chat_logprobs(chunk.tokens, self.top) if self.top is not None else None
-        delta = {"content": chunk.text}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
-
-    def finish(self, index: int, reason: str | None) -> dict[str, Any]:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
-
-
-class _TextChunks:
-    """``text_completion`` events; an echoed prompt comes first in each choice."""
-
-    object = "text_completion"
-
-    def __init__(self, top: int | None, echoes: list[str]) -> None:
-        self.top = top
-        self.echoes = echoes
-        self.offsets = [len(e) for e in echoes]
-
-    def start(self, index: int) -> dict[str, Any]:
-        return self._choice(index, self.echoes[index], None, None)
-
-    def text(self, index: int, chunk: Chunk) -> dict[str, Any]:
-        logprobs = None
-        if self.top is not None:
-            logprobs = _text_logprobs(chunk.tokens, self.top, self.offsets[index])
-        self.offsets[index] += len(chunk.text)
-        return self._choice(index, chunk.text, logprobs, None)
-
-    def finish(self, index: int, reason: str | None) -> dict[str, Any]:
-        return self._choice(index, "", None, reason)
-
-    @staticmethod
-    def _choice(
-        index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None
-    ) -> dict[str, Any]:
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
 async def _ended(generation: Generation) -> AsyncGenerator[Chunk | None, None]:
@@ -523,7 +294,7 @@ def _stream(
     generations: list[Generation],
     head: dict[str, Any],
     usage: bool,
-    chunks: _ChatChunks | _TextChunks,
+    chunks: ChatChunks | TextChunks,
 ) -> Response:
     engines().counts.streams.inc()
     where = f"{request.method} {request.path}"
@@ -544,10 +315,10 @@ def _stream(
                 yield {**event(None), "usage": _usage(generations)}
         except ServiceError as exc:
             _log.warning("%s: a stream failed: %s: %s", where, exc.code, exc.message)
-            yield _error_event(exc)
+            yield error_event(exc)
         except Exception:
             _log.exception("%s: a stream failed", where)
-            yield _error_event(ServiceError("The server failed; the error was logged."))
+            yield error_event(ServiceError("The server failed; the error was logged."))
         yield "[DONE]"
 
     return sse(events())
@@ -560,11 +331,11 @@ def _stream(
 async def embeddings() -> Response | dict[str, Any]:
     """Embeddings in OpenAI's shape, for one text or a list; ``encoding_format`` float
     or base64 (little-endian float32, what the official client asks for by default)."""
-    raw, body = await _body(EmbeddingRequest)
+    raw, body = await read_body(EmbeddingRequest)
     model = await _model(body.model)
     engine = await _engine(model)
     if isinstance(engine, Proxy):
-        return await _relay(engine, "embeddings", raw)
+        return await relay(engine, "embeddings", raw)
     if not isinstance(engine, Embedder):
         raise InvalidParameter(
             f"The model '{model.name}' (engine '{model.engine}') does not embed text.",
