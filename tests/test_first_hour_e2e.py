@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,44 @@ def test_a_bad_key_or_value_in_the_settings_file_is_reported_as_from_that_file(
     # The same value from the environment names the variable.
     with pytest.raises(SettingsError, match="from the environment variable QUART_SERVICE_"):
         Settings.from_env({**env, "QUART_SERVICE_EXECUTOR_THREADS": "-1"})
+
+
+def _readme_curls() -> list[str]:
+    """The curl commands of README.md's "watch a stream" block, continuation lines joined."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("in another terminal", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl")]
+
+
+def test_the_readme_curls_show_a_paced_stream_and_a_bounded_one(server: Server) -> None:
+    """README's first curls, run as written against a real server: one stream whose
+    events arrive over time (a person sees it stream), and a chat stream that ends
+    after at most the max_tokens it asks for."""
+    curls = _readme_curls()
+    paced = [c for c in curls if "-d " not in c]
+    chat = [c for c in curls if "/v1/chat/completions" in c]
+    assert paced, curls
+    assert chat, curls
+    url = re.search(r"'(http://127\.0\.0\.1:8000[^']+)'", paced[0])
+    assert url is not None, paced[0]
+    arrivals = []
+    with httpx.stream("GET", url[1].replace("http://127.0.0.1:8000", server.url)) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) >= 5
+    assert arrivals[-1] - arrivals[0] >= 1.0  # paced: spread over seconds, not one burst
+    data = re.search(r"-d '(\{.*\})'", chat[0])
+    assert data is not None, chat[0]
+    body = json.loads(data[1])
+    assert body["stream"] is True
+    assert 1 <= body["max_tokens"] <= 64
+    pieces = 0
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as answer:
+        assert answer.status_code == 200
+        lines = [line for line in answer.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        delta = json.loads(line[5:])["choices"][0]["delta"]
+        pieces += bool(delta.get("content"))
+    assert 1 <= pieces <= body["max_tokens"]
