@@ -792,7 +792,11 @@ async def test_a_job_whose_callers_all_left_before_it_reached_a_thread_does_not_
     busy = threading.Event()
     blockers = [pool.submit(busy.wait, LIMIT) for _ in range(pool.max_threads)]
     call = asyncio.create_task(batcher.call(1))
-    await until(lambda: pool.stats().queued == 1)
+    # Both blockers on their threads and the job behind them: "one queued" alone can be
+    # a blocker whose thread has not started yet, before the job was even submitted
+    # (then the caller leaves before any job exists, and none is skipped).
+    await until(lambda: pool.stats().active == pool.max_threads and pool.stats().queued == 1)
+    assert batcher.stats().in_flight == 1
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
