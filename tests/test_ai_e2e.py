@@ -11,8 +11,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from .support.admin import create_model
 from .support.data import wait_all
-from .support.server import Server, pinned_workers, running_server
+from .support.server import pinned_workers, running_server
 
 TOKEN = "test-admin-token"
 INTERVAL = 0.5
@@ -26,16 +27,6 @@ def _env(tmp_path: Path, name: str = "data") -> dict[str, str]:
         "QUART_SERVICE_IDENTITY_ENDPOINT": "1",
         "QUART_SERVICE_ADMIN_TOKEN": TOKEN,
     }
-
-
-def _create_model(server: Server, name: str, engine: str, parameters: dict[str, Any]) -> None:
-    response = httpx.post(
-        server.url + "/admin/models",
-        json={"name": name, "engine": engine, "parameters": parameters},
-        headers=ADMIN,
-        timeout=10,
-    )
-    assert response.status_code == 201, response.text
 
 
 def _wait_model(clients: dict[int, httpx.Client], name: str, parameters: dict[str, Any]) -> None:
@@ -187,8 +178,8 @@ def test_admin_update_reaches_every_worker_and_rebuilds_only_that_engine(
         running_server(tmp_path, workers=2, env=_env(tmp_path)) as server,
         pinned_workers(server, 2) as clients,
     ):
-        _create_model(server, "a", "local", {"order": 2})
-        _create_model(server, "b", "local", {"order": 3})
+        create_model(server.url, TOKEN, "a", "local", {"order": 2})
+        create_model(server.url, TOKEN, "b", "local", {"order": 3})
         _wait_model(clients, "a", {"order": 2})
         _wait_model(clients, "b", {"order": 3})
         before = {}
@@ -249,11 +240,11 @@ def test_upstream_engine_proxies_a_second_instance_and_stops_it_on_disconnect(
         running_server(tmp_path, workers=2, env=_env(tmp_path, "front")) as front,
         pinned_workers(front, 2) as front_workers,
     ):
-        _create_model(upstream, "paced", "local", {"tokens_per_second": 20})
+        create_model(upstream.url, TOKEN, "paced", "local", {"tokens_per_second": 20})
         _wait_model(upstream_workers, "paced", {"tokens_per_second": 20})
         base = {"base_url": upstream.url + "/v1", "model": "local-ngram"}
-        _create_model(front, "proxied", "upstream", base)
-        _create_model(front, "proxied-paced", "upstream", {**base, "model": "paced"})
+        create_model(front.url, TOKEN, "proxied", "upstream", base)
+        create_model(front.url, TOKEN, "proxied-paced", "upstream", {**base, "model": "paced"})
         _wait_model(front_workers, "proxied-paced", {**base, "model": "paced"})
 
         assert _stream_text(front.url, "proxied") == _stream_text(upstream.url, "local-ngram")
@@ -287,7 +278,7 @@ def test_a_stream_longer_than_the_response_timeout_reaches_the_openai_client_who
         running_server(tmp_path, workers=2, env=env) as server,
         pinned_workers(server, 2) as clients,
     ):
-        _create_model(server, "slow", "local", {"tokens_per_second": 5})
+        create_model(server.url, TOKEN, "slow", "local", {"tokens_per_second": 5})
         _wait_model(clients, "slow", {"tokens_per_second": 5})
         started = time.monotonic()
         client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -19,6 +19,7 @@ import httpx
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.weights import GPT2Config
 
+from .support.admin import create_model
 from .support.data import wait_all
 from .support.server import pinned_workers, running_server
 
@@ -44,12 +45,7 @@ def test_livez_stays_fast_while_a_10_mb_prompt_is_processed(tmp_path: Path) -> N
         running_server(tmp_path, workers=1, env=env) as server,
         pinned_workers(server, 1) as clients,
     ):
-        created = httpx.post(
-            server.url + "/admin/models",
-            json={"name": "gpt", "engine": "neural", "parameters": {"weights": str(weights)}},
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        )
-        assert created.status_code == 201, created.text
+        create_model(server.url, TOKEN, "gpt", "neural", {"weights": str(weights)})
         wait_all(clients, "/data", lambda a: "gpt" in a["models"], timeout=10)
         (probe,) = clients.values()
         # Built once per worker on first use (importing numpy holds the GIL for a

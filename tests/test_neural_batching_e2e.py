@@ -23,6 +23,7 @@ from openai import OpenAI
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.weights import GPT2Config
 
+from .support.admin import create_model
 from .support.data import wait_all
 from .support.server import Server, pinned_workers, running_server, wait_for
 
@@ -90,13 +91,7 @@ def _serving(tmp_path: Path, seed: int) -> Iterator[tuple[Server, dict[int, http
         running_server(tmp_path, workers=2, env=env) as server,
         pinned_workers(server, 2) as clients,
     ):
-        response = httpx.post(
-            server.url + "/admin/models",
-            json={"name": "gpt", "engine": "neural", "parameters": {"weights": str(weights)}},
-            headers={"Authorization": f"Bearer {TOKEN}"},
-            timeout=10,
-        )
-        assert response.status_code == 201, response.text
+        create_model(server.url, TOKEN, "gpt", "neural", {"weights": str(weights)})
         wait_all(clients, "/data", lambda a: "gpt" in a["models"], timeout=10)
         yield server, clients
 

@@ -19,6 +19,7 @@ import pytest
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.weights import GPT2Config
 
+from .support.admin import create_model
 from .support.data import wait_all
 from .support.memory import file_mapping, memory
 from .support.server import pinned_workers, running_server
@@ -58,13 +59,7 @@ def test_four_workers_hold_one_copy_of_a_100_mb_model(tmp_path: Path) -> None:
             "big": {"weights": str(big)},
         }
         for name, parameters in models.items():
-            response = httpx.post(
-                server.url + "/admin/models",
-                json={"name": name, "engine": "neural", "parameters": parameters},
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                timeout=10,
-            )
-            assert response.status_code == 201, response.text
+            create_model(server.url, TOKEN, name, "neural", parameters)
         wait_all(clients, "/data", lambda a: set(models) <= set(a["models"]), timeout=10)
         for client in clients.values():
             _complete(client, "warm")

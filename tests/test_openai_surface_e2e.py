@@ -28,6 +28,7 @@ from openai import OpenAI
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.weights import GPT2Config
 
+from .support.admin import create_model
 from .support.data import wait_all
 from .support.server import ROOT, Server, free_port, pinned_workers, running_server, wait_for
 
@@ -89,12 +90,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, s
             "up-down": ("upstream", {"base_url": down}),
         }
         for name, (engine, parameters) in models.items():
-            answer = httpx.post(
-                server.url + "/admin/models",
-                json={"name": name, "engine": engine, "parameters": parameters},
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            )
-            assert answer.status_code == 201, answer.text
+            create_model(server.url, TOKEN, name, engine, parameters)
         wait_all(clients, "/data", lambda a: set(models) <= set(a["models"]), timeout=10)
         yield server, upstream
 
