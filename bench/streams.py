@@ -68,7 +68,9 @@ from typing import cast
 import psutil
 
 from quart_service.observability.proc import rss_bytes
-from tests.support.server import ROOT, SHIPPED_CONFIG, free_port, server_env
+from tests.support.server import SHIPPED_CONFIG, free_port
+
+from ._servers import launch, started
 
 WORKERS = 2
 DEFAULT_STREAMS = (100, 1000, 5000)
@@ -190,31 +192,20 @@ def running(stack: Stack, tmp: Path) -> Iterator[Running]:
     """Start ``stack`` on a free port, wait until both workers exist and it streams."""
     port = free_port()
     log_path = tmp / f"{stack.name}-{port}.log"
-    env = server_env({"QUART_SERVICE_DATA_DIR": str(tmp / f"data-{port}")})
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            stack.argv(port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Running(process, port, log_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{stack.name} exited:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{stack.name} did not start:\n{log_path.read_text()}")
-            server.workers = server.find_workers()
-            if len(server.workers) == WORKERS:
-                # Short streams over several connections: both workers answer and
-                # have imported whatever they import on first use.
-                warm_up = Load(port, streams=16, tokens=5, rate=100, stagger=0.2, timeout=10)
-                warm = asyncio.run(_client(warm_up, time.monotonic()))
-                if warm.completed == 16:
-                    break
-            time.sleep(0.2)
+    env = {"QUART_SERVICE_DATA_DIR": str(tmp / f"data-{port}")}
+    server = Running(launch(stack.argv(port), env, log_path), port, log_path)
+
+    def ready() -> bool:
+        server.workers = server.find_workers()
+        if len(server.workers) != WORKERS:
+            return False
+        # Short streams over several connections: both workers answer and have
+        # imported whatever they import on first use.
+        warm_up = Load(port, streams=16, tokens=5, rate=100, stagger=0.2, timeout=10)
+        return asyncio.run(_client(warm_up, time.monotonic())).completed == 16
+
+    with started(server, stack.name, ready, timeout=60, every=0.2):
         yield server
-    finally:
-        server.stop()
 
 
 # --- the load generator -------------------------------------------------------------

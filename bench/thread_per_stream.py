@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +48,9 @@ import psutil
 
 from quart_service.observability.proc import thread_count
 from tests.support.memory import memory
-from tests.support.server import ROOT, Server, free_port, running_server, server_env
+from tests.support.server import Server, free_port, running_server
 
+from ._servers import launch, started
 from .idle_streams import _FD_SLACK, measure, raise_nofile
 
 HEARTBEAT = 2.0
@@ -82,27 +82,19 @@ def running_gunicorn(folder: Path, threads: int, connections: int) -> Iterator[G
         "--timeout", "120", "--graceful-timeout", "2",
         "--bind", f"127.0.0.1:{port}", "bench.flask_streams:app",
     ]  # fmt: skip
-    env = server_env({"BENCH_HEARTBEAT": str(HEARTBEAT)})
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    server = Gunicorn(process, port, log_path)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log()}")
-            if len(server.worker_pids()) >= WORKERS:
-                with contextlib.suppress(httpx.HTTPError):
-                    httpx.get(server.url + "/hello", timeout=2).raise_for_status()
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gunicorn did not start:\n{server.log()}")
-            time.sleep(0.1)
+    env = {"BENCH_HEARTBEAT": str(HEARTBEAT)}
+    server = Gunicorn(launch(command, env, log_path), port, log_path)
+
+    def ready() -> bool:
+        if len(server.worker_pids()) < WORKERS:
+            return False
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(server.url + "/hello", timeout=2).raise_for_status()
+            return True
+        return False
+
+    with started(server, "gunicorn", ready, timeout=30, every=0.1):
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
