@@ -29,12 +29,10 @@ import argparse
 import asyncio
 import json
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -44,15 +42,10 @@ from statistics import median
 import httpx
 import psutil
 
-from bench.compare import cpu_seconds
-from tests.support.server import (
-    ROOT,
-    SHIPPED_CONFIG,
-    Server,
-    free_port,
-    server_env,
-    wait_until_serving,
-)
+from tests.support.server import SHIPPED_CONFIG, Server, free_port, wait_until_serving
+
+from ._servers import launch
+from ._wrk import measure_wrk
 
 APP = "quart_service.app:app"
 WORKERS = 2
@@ -99,11 +92,7 @@ def start(tmp: Path, mode: str, *, stream_heartbeat: float = 15) -> Server:
         "--config", str(SHIPPED_CONFIG), "--bind", f"127.0.0.1:{port}",
         "--workers", str(WORKERS), *MODES[mode],
     ]  # fmt: skip
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=server_env(env), stdout=log_file, stderr=subprocess.STDOUT
-        )
-    server = Server(process, port, log_path)
+    server = Server(launch(command, env, log_path), port, log_path)
     try:
         wait_until_serving(server, WORKERS, 30)
     except BaseException:
@@ -160,53 +149,23 @@ def _connections_per_pid(pids: list[int], port: int) -> Counter[int]:
     return counts
 
 
-def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-
-
-def _wrk(url: str, seconds: float, connections: int) -> tuple[int, float, float]:
-    """One ``wrk --latency`` run: completed requests, p99 ms, wrk's CPU seconds."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s", "--latency", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    completed = re.search(r"(\d+) requests in", out)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
-    if completed is None or p99 is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise RuntimeError(f"{url}: {errors.group(1)} failed responses")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return int(completed.group(1)), _ms(p99.group(1)), cpu
-
-
 def measure(server: Server, seconds: float, connections: int, streams: int) -> Sample:
     pids = server.worker_pids()
     bursts = [_per_worker(asyncio.run(_burst(server.url, BURST)), pids) for _ in range(4)]
-    url = server.url + "/livez"
-    _wrk(url, 1, connections)  # warm up: first-use paths in both workers
     counted: Counter[int] = Counter()
 
     def count_midway() -> None:
         time.sleep(seconds / 2)
         counted.update(_connections_per_pid(pids, server.port))
 
-    counter = threading.Thread(target=count_midway)
-    cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
-    counter.start()
-    completed, p99, wrk_cpu = _wrk(url, seconds, connections)
-    elapsed = time.monotonic() - started
-    cpu = [cpu_seconds(p) - b for p, b in zip(pids, cpu_before, strict=True)]
-    counter.join()
+    load = measure_wrk(
+        server, "/livez", seconds, connections, latency=True, threads=False, meanwhile=count_midway
+    )
     idle = asyncio.run(_streams(server.port, streams, over=2.0))
     background = subprocess.Popen(
-        ["wrk", "-t1", "-c16", "-d4s", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["wrk", "-t1", "-c16", "-d4s", server.url + "/livez"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         time.sleep(0.5)
@@ -216,11 +175,11 @@ def measure(server: Server, seconds: float, connections: int, streams: int) -> S
     return Sample(
         bursts=bursts,
         wrk_connections=_per_worker(counted, pids),
-        cpu_share=max(cpu) / sum(cpu) if sum(cpu) else 0.0,
-        p99_ms=p99,
-        requests_per_s=completed / elapsed,
-        cpu_us_per_request=sum(cpu) / completed * 1e6,
-        wrk_cpu_percent=wrk_cpu / elapsed * 100,
+        cpu_share=load.busiest,
+        p99_ms=load.run.p99_ms,
+        requests_per_s=load.run.completed / load.elapsed,
+        cpu_us_per_request=sum(load.worker_cpu) / load.run.completed * 1e6,
+        wrk_cpu_percent=load.run.cpu / load.elapsed * 100,
         streams_idle=_per_worker(idle, pids),
         streams_loaded=_per_worker(loaded, pids),
     )

@@ -22,17 +22,18 @@ machine; worker CPU time per request (utime+stime from /proc) is the steadier nu
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from tests.support.server import ROOT, SHIPPED_CONFIG, Server, peak_threads, running_server
+from tests.support.server import ROOT, SHIPPED_CONFIG, Server, running_server
+
+# cpu_seconds: other benches import it from here.
+from ._wrk import cpu_seconds as cpu_seconds
+from ._wrk import measure_wrk
 
 EVENTS_PER_STREAM = 100
 ROUTES = {
@@ -94,41 +95,15 @@ class Results:
         return max(s.peak_threads for s in self.samples[(stack, route)])
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # USER_HZ is 100 on Linux
-
-
-def wrk(url: str, seconds: float, connections: int) -> int:
-    """Completed requests of one wrk run."""
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    match = re.search(r"(\d+) requests in", out)
-    if match is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise RuntimeError(f"{url}: {errors.group(1)} failed responses")
-    return int(match.group(1))
-
-
 def measure(server: Server, route: str, seconds: float, connections: int) -> Sample:
-    pids = server.worker_pids()
-    wrk(server.url + route, 1, connections)  # warm up: imports, first-use paths
-    with peak_threads(pids, every=0.05) as peak:
-        cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
-        completed = wrk(server.url + route, seconds, connections)
-        elapsed = time.monotonic() - started
-        cpu = [cpu_seconds(p) - before for p, before in zip(pids, cpu_before, strict=True)]
-    # Pitfall 3: with asyncio workers one worker may take every connection.
-    share = max(cpu) / sum(cpu) if sum(cpu) else 0.0
-    return Sample(completed / elapsed, sum(cpu) / completed * 1e6, max(peak.values()), share)
+    load = measure_wrk(server, route, seconds, connections)
+    completed = load.run.completed
+    return Sample(
+        completed / load.elapsed,
+        sum(load.worker_cpu) / completed * 1e6,
+        load.peak_threads,
+        load.busiest,
+    )
 
 
 def run(

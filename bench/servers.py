@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from statistics import median
 
 from tests.support.other_servers import Kind, running_other_server
-from tests.support.server import Server, peak_threads, running_server
+from tests.support.server import Server, running_server
 
-from .compare import EVENTS_PER_STREAM, cpu_seconds
+from ._wrk import measure_wrk
+from .compare import EVENTS_PER_STREAM
 
 STACKS = (
     "service@hypercorn",
@@ -52,25 +49,6 @@ APPS = {
     "bare": "bench.apps:bare",
     "fastapi": "bench.apps_fastapi:app",
 }
-
-
-def wrk(url: str, seconds: float, connections: int) -> tuple[int, float]:
-    """Completed requests of one wrk run and the CPU seconds wrk itself used."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    match = re.search(r"(\d+) requests in", out)
-    if match is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    if errors := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        raise RuntimeError(f"{url}: {errors.group(1)} failed responses")
-    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return int(match.group(1)), used
 
 
 @contextlib.contextmanager
@@ -89,20 +67,15 @@ def serving(stack: str, tmp: Path) -> Iterator[Server]:
 
 
 def measure(server: Server, route: str, seconds: float, connections: int) -> dict[str, float]:
-    pids = server.worker_pids()
-    wrk(server.url + route, 1, connections)  # warm up: imports, first-use paths
-    with peak_threads(pids, every=0.05) as peak:
-        cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
-        completed, wrk_cpu = wrk(server.url + route, seconds, connections)
-        elapsed = time.monotonic() - started
-        cpu = [cpu_seconds(p) - b for p, b in zip(pids, cpu_before, strict=True)]
+    load = measure_wrk(server, route, seconds, connections)
     per = EVENTS_PER_STREAM if route == ROUTES["paced"] else 1
+    events = load.run.completed * per
     return {
-        "per_s": completed * per / elapsed,
-        "us": sum(cpu) / (completed * per) * 1e6,
-        "wrk_us": wrk_cpu / (completed * per) * 1e6,
-        "threads": max(peak.values()),
-        "busiest": max(cpu) / sum(cpu) if sum(cpu) else 0.0,
+        "per_s": events / load.elapsed,
+        "us": sum(load.worker_cpu) / events * 1e6,
+        "wrk_us": load.run.cpu / events * 1e6,
+        "threads": load.peak_threads,
+        "busiest": load.busiest,
     }
 
 
