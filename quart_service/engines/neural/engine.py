@@ -210,24 +210,19 @@ class NeuralEngine:
         """Tokens each state is fed this step: a decoding state its one token; prompts,
         first come first fed, share ``prefill_chunk`` (the first always gets some, so
         every step makes progress; the others may get none and wait a step)."""
+        # Decoding: past its prompt, with one token pending (the one sampled last).
+        is_decoding = [len(d.state.pending) == 1 and d.state.length > 0 for d in decodings]
+        # prompts_first: while any prompt is fed, the decoding states wait.
+        decode_feed = 0 if self._prompts_first and not all(is_decoding) else 1
         budget = self._prefill_chunk or sys.maxsize
         counts = []
-        prompts = False
-        for decoding in decodings:
-            state = decoding.state
-            pending = len(state.pending)
-            if pending == 1 and state.length:  # decoding: its last token
-                counts.append(pending)
+        for decoding, decodes in zip(decodings, is_decoding, strict=True):
+            if decodes:
+                counts.append(decode_feed)
                 continue
-            take = min(pending, budget)
+            take = min(len(decoding.state.pending), budget)
             budget -= take
             counts.append(take)
-            prompts = True
-        if prompts and self._prompts_first:
-            for i, decoding in enumerate(decodings):
-                state = decoding.state
-                if len(state.pending) == 1 and state.length:
-                    counts[i] = 0
         return counts
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
