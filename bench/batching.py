@@ -118,9 +118,11 @@ async def _steady(
     for ``seconds``: streams join a batch that is already running, as they do in
     service. As in service, they do not arrive in step: each client's first stream
     starts at a random moment of the first second, and each stream asks for a random
-    number of tokens between half and one and a half times ``tokens`` (seeded: every
-    run draws the same). Streams begun in the first quarter are left out of the
-    figures."""
+    number of tokens between half and one and a half times ``tokens``. Both come from
+    one generator seeded with ``count``: every run draws the same start moments, and
+    the same sequence of lengths, but which client's stream gets which length depends
+    on the order the streams end in, that is on scheduling. Streams begun in the first
+    quarter are left out of the figures."""
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
     generated: list[int] = []
     firsts: list[float] = []
