@@ -34,7 +34,23 @@ FAILED: Final = ("stream_failed", "The stream's producer failed; the error was l
 _NOTHING: Final = object()
 
 
-class InlineSource:
+class SourceState:
+    """What :class:`~.body.StreamBody` reads (and resets) on a source of either kind:
+    the tallies its clock moves to the metrics, whether the response waits for the
+    producer now (not for the client), the heartbeat being written beside it, and
+    whether (and how) the producer ended."""
+
+    __slots__ = ("beat", "events", "failure", "finished", "pulling", "writes")
+
+    def __init__(self) -> None:
+        self.events = self.writes = 0
+        self.pulling = False
+        self.beat: asyncio.Task[None] | None = None
+        self.finished = False  # the producer ended (or failed): pull no more
+        self.failure: tuple[str, str] | None = None
+
+
+class InlineSource(SourceState):
     """Pulls encoded items from one async generator, in the response's task."""
 
     __slots__ = (
@@ -47,13 +63,7 @@ class InlineSource:
         "_task",
         "_turned",
         "_yielded",
-        "beat",
         "cutting",
-        "events",
-        "failure",
-        "finished",
-        "pulling",
-        "writes",
     )
 
     def __init__(
@@ -65,25 +75,19 @@ class InlineSource:
         task: asyncio.Task[Any],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        super().__init__()
         self._agen = aiter(source)
         self._encode = encode
         self._limit = limit
         self._on_empty = on_empty  # the body's next frame when a pull brought nothing
         self._task = task
         self._loop = loop
-        # Tallies the body's clock moves to the metrics; whether the response waits
-        # for the generator now (not for the client); a heartbeat being written.
-        self.events = self.writes = 0
-        self.pulling = False
-        self.beat: asyncio.Task[None] | None = None
         # A step started by hand that suspended: the generator's __anext__ awaitable,
         # and what it yielded to the event loop (a future, or None for one turn).
         self._step: Generator[Any, Any, Any] | None = None
         self._yielded: Any = None
         self._turned = True  # the last pull let the event loop run
         self.cutting = False  # cut() cancelled the task; the pull takes it back
-        self.finished = False  # the generator ended (or failed): pull no more
-        self.failure: tuple[str, str] | None = None
 
     @types.coroutine
     def pull(self) -> Generator[Any, Any, bytes]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..executor import BoundedExecutor
 from ._channel import Channel
-from ._inline import FAILED
+from ._inline import FAILED, SourceState
 
 _log = logging.getLogger("quart_service.streaming")
 
@@ -99,22 +99,12 @@ class ThreadPump:
                 _log.exception("closing a stream's iterator failed")
 
 
-class ThreadSource:
+class ThreadSource(SourceState):
     """A sync iterator pulled like :class:`~._inline.InlineSource`: ``pull`` waits for
-    what the pool thread buffered and takes all of it."""
+    what the pool thread buffered and takes all of it. Its ``beat`` stays None: its
+    heartbeats come from ``pull``."""
 
-    __slots__ = (
-        "_channel",
-        "_cut",
-        "_on_empty",
-        "_pump",
-        "beat",
-        "events",
-        "failure",
-        "finished",
-        "pulling",
-        "writes",
-    )
+    __slots__ = ("_channel", "_cut", "_on_empty", "_pump")
 
     def __init__(
         self,
@@ -126,15 +116,11 @@ class ThreadSource:
         context: Context,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        super().__init__()
         self._on_empty = on_empty
-        self.events = self.writes = 0
-        self.pulling = False
-        self.beat: asyncio.Task[None] | None = None  # unused: heartbeats come from pull
         self._channel = Channel(loop, limit)
         self._pump = ThreadPump(iterator, encode, self._channel, executor, context, loop)
         self._pump.start()
-        self.finished = False
-        self.failure: tuple[str, str] | None = None
         self._cut = False
 
     async def pull(self) -> bytes:
