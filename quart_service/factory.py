@@ -26,6 +26,7 @@ from .native_threads import cap_native_threads
 from .observability.observer import RequestObserver, mark_route
 from .plugins.loader import import_string, load_plugins
 from .plugins.wsgi import WSGIMounts
+from .quart_app import ServiceQuart
 from .routes.demo import demo
 from .routes.health import health, identity
 from .routes.scrape import scrape
@@ -54,7 +55,7 @@ def create_app(
     # this is the first code of ours a worker runs; quart-service serve applied them
     # earlier, before the app module was imported (see quart_service.native_threads).
     native = cap_native_threads(settings.native_threads)
-    app = Quart("quart_service", static_folder=None)
+    app = ServiceQuart("quart_service", static_folder=None)
     app.config.update(
         RESPONSE_TIMEOUT=settings.response_timeout or None,
         MAX_CONTENT_LENGTH=settings.max_body_size,
@@ -62,7 +63,7 @@ def create_app(
     # Keep the order a view wrote its keys in, and skip the sort on every response.
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    app.before_request(mark_route)
+    app.request_steps.append(mark_route)
     app.register_blueprint(health)
     if settings.metrics:
         app.register_blueprint(scrape)
@@ -106,7 +107,7 @@ def create_app(
     engines = EngineHost(registry, pool, native.threads)
     for spec in [*plugins.resources, *resources]:
         registry.declare(spec)
-    app.before_request(plugins.gate)
+    app.request_steps.append(plugins.gate)
     install_error_handlers(app)
 
     if settings.wsgi_mounts:

@@ -4,7 +4,8 @@ An ASGI middleware around the whole app (WSGI mounts included), so it sees what 
 client sees: the status actually sent, every body byte, and the end of a stream, not
 the moment a view returned. The route label is the matched URL rule
 (``/v1/models``, ``/model/<int:i>``), written into the ASGI scope by a
-``before_request`` hook, so metric series stay few whatever the paths requested.
+step run before each request's view, so metric series stay few whatever the paths
+requested.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
-from quart import request
+from quart import Request
 
 from ..config import Settings
 from ..errors import ErrorAnswer
@@ -43,8 +44,8 @@ _HEADER = b"x-request-id"
 _CLOSE = (b"connection", b"close")
 
 
-async def mark_route() -> None:
-    """``before_request`` hook: record the matched URL rule for the observer."""
+def mark_route(request: Request) -> None:
+    """Request step: record the matched URL rule for the observer."""
     rule = request.url_rule
     if rule is not None:
         request.scope[ROUTE_KEY] = rule.rule  # type: ignore[literal-required]
@@ -85,6 +86,7 @@ class RequestObserver:
         id_header = (_HEADER, request_id.encode())
         status = 0
         sent = 0
+        streamed = False  # no Content-Length: the body goes out in pieces
         first_byte: float | None = None
         metrics = self.metrics  # None until the worker has started
         # No shared-file write per request: the gauge is sampled.
@@ -93,19 +95,18 @@ class RequestObserver:
         # A plain function that returns the server's own awaitable: no coroutine of
         # ours per message (a stream sends one message per token).
         def observed_send(message: Any) -> Awaitable[None]:
-            nonlocal status, sent, first_byte
+            nonlocal status, sent, streamed, first_byte
             kind = message["type"]
             if kind == "http.response.body":
                 body = message.get("body", b"")
                 if body:
                     sent += len(body)
-                    # Time to first byte of responses sent in pieces (streams): for a
-                    # one-piece answer it would only repeat the duration.
-                    if first_byte is None and message.get("more_body", False):
+                    if first_byte is None:
                         first_byte = time.perf_counter() - started
             elif kind == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), id_header]
+                streamed = not any(name.lower() == b"content-length" for name, _ in headers)
                 if self.draining():
                     # Keep-alive clients leave this worker after this response.
                     headers.append(_CLOSE)
@@ -126,7 +127,10 @@ class RequestObserver:
             final = status or 499
             self.in_progress -= 1
             if metrics is not None:
-                metrics.observe_request(route, scope["method"], final, elapsed, first_byte)
+                # Time to first byte of responses sent in pieces (streams): for an
+                # answer of known length it would only repeat the duration.
+                first = first_byte if streamed else None
+                metrics.observe_request(route, scope["method"], final, elapsed, first)
             if self.access_log is not None:
                 client = scope.get("client")
                 self.access_log.write(

@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from quart import Blueprint, Quart, request
+from quart import Blueprint, Quart, Request
 
 from ..data.datasets import Dataset
 from ..data.migrations import MigrationSource
@@ -89,8 +89,8 @@ class LoadedPlugins:
         if blueprint is not None:
             self._unavailable[blueprint] = name
 
-    async def gate(self) -> None:
-        """Before each request: refuse the routes of a plugin skipped after mounting."""
+    def gate(self, request: Request) -> None:
+        """Request step: refuse the routes of a plugin skipped after mounting."""
         name = self._unavailable.get(request.blueprint or "") if self._unavailable else None
         if name is not None:
             raise PluginUnavailable(

@@ -1,0 +1,42 @@
+"""The service's Quart class: its own per-request steps run as plain calls.
+
+Quart runs each ``before_request`` function through ``ensure_async`` (an inspection
+of the function) and the function then reads the request through its context proxy:
+about 2.5 µs a hook on every request, more than the step itself. The service adds
+two steps to every request (the route label for the metrics, the gate of skipped
+team plugins), so they run here instead, as plain calls given the request, before
+the app's and the blueprints' own hooks (as hooks registered first would).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from quart import Quart, Request
+from quart.ctx import RequestContext
+from quart.globals import request_ctx
+from quart.typing import ResponseReturnValue
+
+__all__ = ["RequestStep", "ServiceQuart"]
+
+RequestStep = Callable[[Request], None]
+"""A step run on every request before its view: it may raise to answer instead."""
+
+
+class ServiceQuart(Quart):
+    """Quart, plus :attr:`request_steps` run before every request's own hooks."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.request_steps: list[RequestStep] = []
+
+    async def preprocess_request(
+        self, request_context: RequestContext | None = None
+    ) -> ResponseReturnValue | None:
+        """Run the service's steps, then Quart's own (url value preprocessors and
+        ``before_request`` hooks)."""
+        if self.request_steps:
+            request = (request_context or request_ctx).request
+            for step in self.request_steps:
+                step(request)
+        return await super().preprocess_request(request_context)
