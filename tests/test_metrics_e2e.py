@@ -33,7 +33,9 @@ def test_metrics_after_a_known_sequence_show_exact_counts_summed_over_workers(
 ) -> None:
     env = {"QUART_SERVICE_ACCESS_LOG": "0"}
     with running_server(tmp_path, app=APP, workers=3, env=env) as server:
-        # The start-up check made requests: count from a first scrape on.
+        # The start-up check made requests: count from a first scrape on, once every
+        # worker moved its request tallies to the shared files (every 0.25 s).
+        time.sleep(0.35)
         baseline = _samples(httpx.get(server.url + "/metrics").text)
         pids: set[int] = set()
         # A new connection per request, so the requests spread over the workers.
@@ -49,7 +51,7 @@ def test_metrics_after_a_known_sequence_show_exact_counts_summed_over_workers(
             response = httpx.get(server.url + "/demo/stream?count=5&interval=0", headers=close)
             assert response.text.count("data: ") == 5
         assert len(pids) >= 2, "the requests reached several workers"
-        time.sleep(0.35)  # stream counts reach the metrics at the next clock tick
+        time.sleep(0.35)  # request and stream counts reach the files at the next tick
         text = httpx.get(server.url + "/metrics").text
     final = _samples(text)
     samples = {key: value - baseline.get(key, 0.0) for key, value in final.items()}

@@ -13,9 +13,10 @@ times over; its owner flushes on a clock instead.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
-__all__ = ["Count", "Counts"]
+__all__ = ["Count", "Counts", "Observations"]
 
 
 class Count:
@@ -83,3 +84,44 @@ class Counts:
     def total(self) -> int | float:
         """The sum over every label."""
         return sum(count.value for count in self._counts.values())
+
+
+class Observations:
+    """Observations of one Prometheus histogram child, moved to it at :meth:`flush`.
+
+    ``observe`` costs a bisect and two additions; the child's own ``observe`` writes
+    its sum and a bucket through to the shared file (two locked mmap writes) on
+    every request. The flush adds each bucket's count and the sum to the child's
+    values (prometheus-client keeps per-bucket counts, summed into cumulative ones
+    when collected, so adding ``n`` to a bucket is ``n`` observations in it).
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_child", "_counts", "_pending", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        # The child's upper bounds, the last one +Inf: an observation falls in the
+        # first bucket whose bound is at least the value (as the child's observe).
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._buckets: list[Any] = child._buckets
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = False
+
+    def observe(self, value: float) -> None:
+        """Record one observation; the histogram moves at :meth:`flush`."""
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+        self._pending = True
+
+    def flush(self) -> None:
+        """Move the observations recorded since the last flush to the histogram."""
+        if not self._pending:
+            return
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        self._pending = False
+        self._child._sum.inc(total)
+        for bucket, count in zip(self._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
