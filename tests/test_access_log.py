@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from quart_service.observability.access import ACCESS_LOGGER, AccessLog
+from quart_service.observability.access import ACCESS_LOGGER, FLUSH_AFTER, AccessLog
 from quart_service.observability.logs import configure_logging, service_handler
 
 
@@ -93,3 +94,37 @@ def test_lines_go_through_logging_when_something_else_listens(
     assert [r.getMessage() for r in caplog.records] == [
         'POST /x 404 1.0ms 10B id=abc client=- ua=""'
     ]
+
+
+async def test_lines_are_written_in_batches_in_order_with_other_records() -> None:
+    with _alone() as stream:
+        configure_logging("INFO", "text")
+        handler = service_handler(ACCESS_LOGGER)
+        assert handler is not None
+        handler.setStream(stream)
+        access = AccessLog(False)
+        for n in range(3):
+            access.write("GET", f"/q{n}", "/q", 200, 0.001, 2, f"id-{n}")
+        assert stream.getvalue() == "", "queued: the lines go out together"
+
+        await asyncio.sleep(FLUSH_AFTER * 2)
+        first = stream.getvalue()
+        assert [line.split(": ", 1)[1].split()[1] for line in first.splitlines()] == [
+            "/q0",
+            "/q1",
+            "/q2",
+        ]
+
+        # A record the handler writes takes the queued lines with it, first.
+        access.write("GET", "/before", "/before", 200, 0.001, 2, "id-b")
+        logging.getLogger("quart_service").warning("after the access line")
+        later = stream.getvalue()[len(first) :].splitlines()
+        assert len(later) == 2
+        assert "GET /before 200" in later[0]
+        assert "after the access line" in later[1]
+
+        # Whatever is queued when the worker stops is written by the handler's flush
+        # (logging.shutdown flushes every handler at exit).
+        access.write("GET", "/last", "/last", 200, 0.001, 2, "id-l")
+        handler.flush()
+        assert stream.getvalue().endswith('GET /last 200 1.0ms 2B id=id-l client=- ua=""\n')

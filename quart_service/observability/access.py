@@ -4,8 +4,10 @@ Through ``logging``, one line cost about 40 µs of a worker's CPU inside a reque
 ``LogRecord``, the caller lookup, the formatter, the handler chain), more than a
 tenth of Hypercorn's whole per-request work. When the service's own stderr handler is
 the one that would write the line (the default: no logging configured elsewhere), the
-line is formatted here, in the same text or JSON layout, and written to that
-handler's stream under its lock. When an operator configured logging, or a test
+line is formatted here, in the same text or JSON layout, and queued on that handler:
+the lines of a busy worker go out together at most :data:`FLUSH_AFTER` seconds
+later, in one write (a worker killed with ``SIGKILL`` loses at most that much of its access
+log; any other exit writes it). When an operator configured logging, or a test
 captures it, the line goes through ``logging`` as any other record.
 
 The line names the client: its address (the peer of the connection; behind a proxy,
@@ -14,6 +16,7 @@ the proxy's) and its ``User-Agent``, cut to 200 characters.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -21,13 +24,16 @@ import time
 from datetime import datetime
 from typing import Any
 
-from .logs import service_handler
+from .logs import ServiceHandler, service_handler
 
-__all__ = ["ACCESS_LOGGER", "AccessLog"]
+__all__ = ["ACCESS_LOGGER", "FLUSH_AFTER", "AccessLog"]
 
 ACCESS_LOGGER = logging.getLogger("quart_service.access")
 
 _MAX_AGENT = 200  # characters of User-Agent kept: a header cannot blow up log lines
+
+FLUSH_AFTER = 0.1
+"""Seconds a queued access line may wait for the batch it is written in."""
 
 
 class AccessLog:
@@ -37,6 +43,9 @@ class AccessLog:
         self.json_format = json_format
         self._second = self._iso_second = -1
         self._stamp = self._iso_head = self._iso_offset = ""
+        self._pid = os.getpid()
+        # The handler lines are queued on until the next flush; None: none queued.
+        self._queue: ServiceHandler | None = None
 
     def write(
         self,
@@ -62,7 +71,7 @@ class AccessLog:
             f"{method} {path} {status} {ms:.1f}ms {sent}B id={request_id} "
             f'client={client} ua="{quoted}"'
         )
-        handler = service_handler(ACCESS_LOGGER)
+        handler = self._queue or self._handler()
         if handler is None:
             fields = self._fields(method, path, route, status, ms, sent, client, agent)
             ACCESS_LOGGER.info("%s", message, extra=fields if self.json_format else None)
@@ -71,7 +80,7 @@ class AccessLog:
             line = json.dumps(
                 {
                     "time": self._iso_time(),
-                    "process": os.getpid(),
+                    "process": self._pid,
                     "level": "INFO",
                     "logger": ACCESS_LOGGER.name,
                     "message": message,
@@ -80,9 +89,31 @@ class AccessLog:
                 }
             )
         else:
-            line = f"[{self._text_time()}] [{os.getpid()}] [INFO] {ACCESS_LOGGER.name}: {message}"
-        with handler.lock or _NO_LOCK:
-            handler.stream.write(line + "\n")
+            line = f"[{self._text_time()}] [{self._pid}] [INFO] {ACCESS_LOGGER.name}: {message}"
+        handler.defer(line + "\n")
+        if self._queue is None:
+            self._flush_soon(handler)
+
+    def _handler(self) -> ServiceHandler | None:
+        # Looked up when no line is queued: the handler found is kept until the flush,
+        # so a logging configuration changed meanwhile applies from the next batch.
+        handler = service_handler(ACCESS_LOGGER)
+        if handler is not None and os.getpid() != self._pid:
+            self._pid = os.getpid()  # a forked child writes its own pid
+        return handler
+
+    def _flush_soon(self, handler: ServiceHandler) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside a request's loop (a script, a test): at once
+            handler.flush()
+            return
+        self._queue = handler
+        loop.call_later(FLUSH_AFTER, self._flush)
+
+    def _flush(self) -> None:
+        handler, self._queue = self._queue, None
+        if handler is not None:
             handler.flush()
 
     def _text_time(self) -> str:
@@ -123,14 +154,3 @@ class AccessLog:
             "client": client,
             "user_agent": agent,
         }
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
 from .request_id import current_request_id
 
-__all__ = ["RequestIdFilter", "configure_logging", "iso_time", "service_handler"]
+__all__ = [
+    "RequestIdFilter",
+    "ServiceHandler",
+    "configure_logging",
+    "iso_time",
+    "service_handler",
+]
 
 _TEXT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 _JSON = "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s %(request_id)s"
@@ -39,6 +45,54 @@ class _IsoTimeJson(JsonFormatter):
         return iso_time(record.created)
 
 
+class ServiceHandler(logging.StreamHandler[TextIO]):
+    """The service's stderr handler: log records, and ready-made lines (the access
+    log) that it writes in batches.
+
+    A line written and flushed on its own costs a system call per request; queued
+    with :meth:`defer`, the lines of a busy worker go out in one write per flush
+    (as nginx's ``access_log ... buffer= flush=``). Whoever defers a line arranges
+    the flush. Queued lines are written before any record the handler emits, so
+    the order of lines is kept, and at :meth:`flush` (also at interpreter exit,
+    through ``logging.shutdown``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: list[str] = []
+
+    def defer(self, line: str) -> None:
+        """Queue ``line`` (ending in a newline) for the next write."""
+        self._pending.append(line)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:  # called under the handler's lock (Handler.handle)
+            self._write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        """Write the queued lines, then flush the stream."""
+        with self.lock or _NO_LOCK:
+            self._write_pending()
+            super().flush()
+
+    def _write_pending(self) -> None:
+        if self._pending and self.stream is not None:
+            lines, self._pending = self._pending, []
+            self.stream.write("".join(lines))
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
 class RequestIdFilter(logging.Filter):
     """Adds ``request_id`` (empty outside requests) to every record."""
 
@@ -56,7 +110,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     ours = [h for h in logger.handlers if getattr(h, _MARK, False)]
     if (logger.handlers and not ours) or (not ours and logging.getLogger().handlers):
         return
-    handler = ours[0] if ours else logging.StreamHandler()
+    handler = ours[0] if ours else ServiceHandler()
     if fmt == "json":
         handler.setFormatter(
             _IsoTimeJson(
@@ -72,15 +126,15 @@ def configure_logging(level: str, fmt: str = "text") -> None:
         logger.addHandler(handler)
 
 
-def service_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
+def service_handler(logger: logging.Logger) -> ServiceHandler | None:
     """The service's own stderr handler when it alone would write ``logger``'s
     records (nothing else configured, nobody capturing); else None."""
     parent = logging.getLogger("quart_service")
     if logger.handlers or not logger.propagate or len(parent.handlers) != 1:
         return None
     handler = parent.handlers[0]
-    if not getattr(handler, _MARK, False):
+    if not isinstance(handler, ServiceHandler) or not getattr(handler, _MARK, False):
         return None
     if (parent.propagate and logging.getLogger().handlers) or handler.filters[1:]:
         return None  # something else also receives the records (a capture, a config)
-    return handler  # type: ignore[return-value]
+    return handler
