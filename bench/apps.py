@@ -95,13 +95,16 @@ def _service_routes() -> Blueprint:
 
 
 def _bare() -> Quart:
+    # The routes in a blueprint, as the service's are (Quart looks up each request's
+    # blueprints for its hooks and handlers: the same routing work in both apps).
     app = Quart("bare")
+    bp = Blueprint("bench", __name__)
 
-    @app.get("/hello")
+    @bp.get("/hello")
     async def hello() -> dict[str, Any]:
         return {"message": "hello", "pid": os.getpid()}
 
-    @app.get("/sse")
+    @bp.get("/sse")
     async def stream() -> Response:
         async def produce() -> AsyncIterator[bytes]:
             for _ in range(EVENTS):
@@ -111,7 +114,7 @@ def _bare() -> Quart:
         response.timeout = None
         return response
 
-    @app.get("/paced")
+    @bp.get("/paced")
     async def paced() -> Response:
         async def produce() -> AsyncIterator[bytes]:
             for _ in range(EVENTS):
@@ -122,7 +125,7 @@ def _bare() -> Quart:
         response.timeout = None
         return response
 
-    @app.get("/awaited")
+    @bp.get("/awaited")
     async def awaited() -> Response:
         async def produce() -> AsyncIterator[bytes]:
             for _ in range(EVENTS):
@@ -133,7 +136,7 @@ def _bare() -> Quart:
         response.timeout = None
         return response
 
-    @app.get("/sync")
+    @bp.get("/sync")
     async def sync_stream() -> Response:
         def produce() -> Iterator[bytes]:
             for _ in range(EVENTS):
@@ -144,7 +147,7 @@ def _bare() -> Quart:
         response.timeout = None
         return response
 
-    @app.get("/idle")
+    @bp.get("/idle")
     async def idle() -> Response:
         # The same held stream written by hand: an event, then a comment per interval.
         async def produce() -> AsyncIterator[bytes]:
@@ -157,6 +160,7 @@ def _bare() -> Quart:
         response.timeout = None
         return response
 
+    app.register_blueprint(bp)
     return app
 
 
