@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from quart_service.observability.proc import rss_bytes
+from tests.support.other_servers import OTHER_SERVERS, Kind, running_other_server
 from tests.support.server import SHIPPED_CONFIG, Server, running_server, wait_for
 
 HEARTBEAT = 2.0
@@ -705,6 +706,18 @@ def _table(rows: dict[str, dict[str, Any]]) -> None:
         print(f"{key:24}" + "".join(cells))
 
 
+def _serving(
+    server: str, command: str, tmp: Path, app: str, env: dict[str, str]
+) -> contextlib.AbstractContextManager[Server]:
+    if server == "hypercorn":
+        return running_server(tmp, app=app, env=env, config=SHIPPED_CONFIG, command=command)
+    kind: Kind = "granian" if server == "granian" else "uvicorn"
+    # Uvicorn's default backlog (2048) is hypercorn.toml's; its access log is off here
+    # as the service's is.
+    extra = ["--no-access-log"] if kind == "uvicorn" else ["--backlog", "2048"]
+    return running_other_server(kind, tmp, app=app, env=env, extra=extra)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=20_000)
@@ -721,6 +734,13 @@ def main() -> None:
         "--stacks", default="service,bare-tuned,asgi", help="comma-separated, of these three"
     )
     parser.add_argument("--command", choices=("hypercorn", "serve"), default="hypercorn")
+    parser.add_argument(
+        "--server",
+        choices=("hypercorn", *OTHER_SERVERS),
+        default="hypercorn",
+        help="granian or uvicorn: that server's own command line (docs/servers.md), "
+        "2 workers; the asgi stack stays on Hypercorn's numbers",
+    )
     parser.add_argument(
         "--gc",
         action="store_true",
@@ -767,9 +787,7 @@ def main() -> None:
                 app = debug_app
                 env["BENCH_MEMDEBUG"] = str(folder)
                 env["BENCH_MEMDEBUG_TRACE"] = "1" if args.breakdown else "0"
-            with running_server(
-                Path(tmp), app=app, env=env, config=SHIPPED_CONFIG, command=args.command
-            ) as server:
+            with _serving(args.server, args.command, Path(tmp), app, env) as server:
                 if debug:
                     _memory_snapshot(folder, server.worker_pids(), ".base")
                     on_held = functools.partial(_memory_snapshot, folder, suffix=".json")
