@@ -713,8 +713,13 @@ def _serving(
         return running_server(tmp, app=app, env=env, config=SHIPPED_CONFIG, command=command)
     kind: Kind = "granian" if server == "granian" else "uvicorn"
     # Uvicorn's default backlog (2048) is hypercorn.toml's; its access log is off here
-    # as the service's is.
-    extra = ["--no-access-log"] if kind == "uvicorn" else ["--backlog", "2048"]
+    # as the service's is. Granian admits backlog / workers requests at once unless
+    # told (docs/servers.md): 1,024, where a worker here holds 10,000 streams.
+    extra = (
+        ["--no-access-log"]
+        if kind == "uvicorn"
+        else ["--backlog", "2048", "--backpressure", "16384"]
+    )
     return running_other_server(kind, tmp, app=app, env=env, extra=extra)
 
 
