@@ -56,6 +56,7 @@ _HEARTBEAT_FAILED: Final = "a heartbeat could not be written"  # the client left
 # Streams the clock looks at in one callback: between slices the loop polls its
 # sockets, so 10,000 streams' heartbeats never hold a request for long.
 _SLICE = 64
+_UNSET: Final = object()  # a context variable with no value in a context
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,8 +267,15 @@ class StreamBody(ResponseBody):
             task = asyncio.current_task()
             assert task is not None
             # The generator runs in this task: give it the view's context (request,
-            # app, the service's accessors) for the stream's life, set once.
-            self._restore = [(var, var.set(value)) for var, value in self._context.items()]
+            # app, the service's accessors) for the stream's life, set once. Only the
+            # variables whose value differs here are set (Quart has popped its request
+            # and app contexts; the observer's are the same): each set keeps a token
+            # and context nodes for the stream's life (about 60 B each, per stream).
+            self._restore = [
+                (var, var.set(value))
+                for var, value in self._context.items()
+                if var.get(_UNSET) is not value
+            ]
             self._source = InlineSource(
                 given, self._encoder.encode, limit, self._after_pull, task, loop
             )
