@@ -80,39 +80,13 @@ class RequestObserver:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
         request_id = _incoming_id(scope["headers"]) or os.urandom(16).hex()
         token = REQUEST_ID.set(request_id)
-        id_header = (_HEADER, request_id.encode())
-        status = 0
-        sent = 0
-        streamed = False  # no Content-Length: the body goes out in pieces
-        first_byte: float | None = None
+        exchange = _Exchange(send, (_HEADER, request_id.encode()), self.draining)
+        observed_send = exchange  # called as the send; no bound method kept (no cycle)
         metrics = self.metrics  # None until the worker has started
         # No shared-file write per request: the gauge is sampled.
         self.in_progress += 1
-
-        # A plain function that returns the server's own awaitable: no coroutine of
-        # ours per message (a stream sends one message per token).
-        def observed_send(message: Any) -> Awaitable[None]:
-            nonlocal status, sent, streamed, first_byte
-            kind = message["type"]
-            if kind == "http.response.body":
-                body = message.get("body", b"")
-                if body:
-                    sent += len(body)
-                    if first_byte is None:
-                        first_byte = time.perf_counter() - started
-            elif kind == "http.response.start":
-                status = message["status"]
-                headers = [*message.get("headers", ()), id_header]
-                streamed = not any(name.lower() == b"content-length" for name, _ in headers)
-                if self.draining():
-                    # Keep-alive clients leave this worker after this response.
-                    headers.append(_CLOSE)
-                message["headers"] = headers
-            return send(message)
-
         send_token = RESPONSE_SEND.set(observed_send)
         try:
             refusal = self._over_limit(scope)
@@ -121,15 +95,15 @@ class RequestObserver:
             else:
                 await ErrorAnswer(scope["path"], *refusal).send(observed_send)
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - exchange.started
             route = str(scope.get(ROUTE_KEY, UNMATCHED))
             # No response started: the client left first (or the app failed hard).
-            final = status or 499
+            final = exchange.status or 499
             self.in_progress -= 1
             if metrics is not None:
                 # Time to first byte of responses sent in pieces (streams): for an
                 # answer of known length it would only repeat the duration.
-                first = first_byte if streamed else None
+                first = exchange.first_byte if exchange.streamed else None
                 metrics.observe_request(route, scope["method"], final, elapsed, first)
             if self.access_log is not None:
                 client = scope.get("client")
@@ -139,7 +113,7 @@ class RequestObserver:
                     route,
                     final,
                     elapsed,
-                    sent,
+                    exchange.sent,
                     request_id,
                     client[0] if client else "-",
                     _user_agent(scope["headers"]),
@@ -160,6 +134,61 @@ class RequestObserver:
         if size > self.max_headers:
             return 431, "headers_too_large", f"The headers are over {self.max_headers} bytes."
         return None
+
+
+class _Exchange:
+    """What one response sent, seen through its ``send``.
+
+    One small object per request, not a closure: a held stream keeps it for its whole
+    life, and a closure over this state kept a cell per variable (about 0.4 KiB more
+    per stream at 20,000 idle streams).
+    """
+
+    __slots__ = (
+        "_draining",
+        "_id_header",
+        "_send",
+        "first_byte",
+        "sent",
+        "started",
+        "status",
+        "streamed",
+    )
+
+    def __init__(
+        self,
+        send: ASGISendCallable,
+        id_header: tuple[bytes, bytes],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._send = send
+        self._id_header = id_header
+        self._draining = draining
+        self.started = time.perf_counter()
+        self.status = 0
+        self.sent = 0
+        self.streamed = False  # no Content-Length: the body goes out in pieces
+        self.first_byte: float | None = None
+
+    def __call__(self, message: Any) -> Awaitable[None]:
+        """The response's send: a plain call that returns the server's own awaitable
+        (no coroutine of ours per message: a stream sends one message per token)."""
+        kind = message["type"]
+        if kind == "http.response.body":
+            body = message.get("body", b"")
+            if body:
+                self.sent += len(body)
+                if self.first_byte is None:
+                    self.first_byte = time.perf_counter() - self.started
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            headers = [*message.get("headers", ()), self._id_header]
+            self.streamed = not any(name.lower() == b"content-length" for name, _ in headers)
+            if self._draining():
+                # Keep-alive clients leave this worker after this response.
+                headers.append(_CLOSE)
+            message["headers"] = headers
+        return self._send(message)
 
 
 def _user_agent(headers: Any) -> str:
