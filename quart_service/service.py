@@ -133,6 +133,8 @@ class Service:
                 _log.exception("stopping %s failed", part.name)
         if self.metrics is not None:
             self.metrics.flush()  # the requests answered since the last tick
+        if self.observer is not None and self.observer.access_log is not None:
+            self.observer.access_log.flush()
 
     def _is_stopping(self) -> bool:
         return self._stopping

@@ -109,9 +109,10 @@ class AccessLog:
             handler.flush()
             return
         self._queue = handler
-        loop.call_later(FLUSH_AFTER, self._flush)
+        loop.call_later(FLUSH_AFTER, self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the queued lines now (the clock does it; so does a stopping worker)."""
         handler, self._queue = self._queue, None
         if handler is not None:
             handler.flush()
