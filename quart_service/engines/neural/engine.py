@@ -24,6 +24,12 @@ Parameters (the model row's):
   already decoding sit it out), so a joining stream's first token waits for its own
   prompt, not for every other stream's next token too (default true; false: prompts
   join the decoding streams' step).
+- ``decode_batch``: at most this many decoding streams are fed per step, those fed
+  least recently first; the others sit it out with ``NO_TOKEN`` (default 0: every
+  decoding stream in every step). A step then lasts about as long as that many
+  streams' tokens take, so a joining stream waits for a short step before its
+  prompt's: time to first token falls, and so does throughput (smaller matrix
+  products read every weight more often; docs/benchmarks.md, "Batched decoding").
 
 Log-probabilities (``logprobs``) are the model's own: a log-softmax of the logits,
 before temperature and top_p, computed in the step (on the pool) only for the
@@ -59,13 +65,23 @@ __all__ = ["NO_TOKEN", "Decoding", "NeuralEngine", "create", "load_tokenizer"]
 
 NO_TOKEN = -1
 """A step's output for a stream that got no token from it: its prompt is not fed whole
-yet, or (``prompts_first``) it sat the step out while prompts were fed."""
+yet, or it sat the step out: while prompts were fed (``prompts_first``), or while other
+decoding streams had their turn (``decode_batch``)."""
 
 
 class Decoding:
     """One request's generation: the model's state, its sampler and token budget."""
 
-    __slots__ = ("eos_id", "logprobs", "n_ctx", "records", "remaining", "sampler", "state")
+    __slots__ = (
+        "eos_id",
+        "fed_at",
+        "logprobs",
+        "n_ctx",
+        "records",
+        "remaining",
+        "sampler",
+        "state",
+    )
 
     def __init__(
         self,
@@ -86,6 +102,9 @@ class Decoding:
         # batcher may run steps ahead of the reader, so one slot would not do).
         self.logprobs = logprobs
         self.records: deque[tuple[float, list[tuple[int, float]]]] = deque()
+        # The engine's step count when it was last fed: with ``decode_batch``, the
+        # decodings fed least recently go first.
+        self.fed_at = 0
         if max_tokens < 1:
             state.finished = True
 
@@ -124,6 +143,7 @@ class NeuralEngine:
         embed_batch: int = 64,
         prefill_chunk: int = 256,
         prompts_first: bool = True,
+        decode_batch: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -132,6 +152,8 @@ class NeuralEngine:
         self._pace = pace
         self._prefill_chunk = prefill_chunk
         self._prompts_first = prompts_first
+        self._decode_batch = decode_batch
+        self._step_count = 0
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
         self._steps: StepBatcher[Decoding, int | None] | None = (
@@ -214,11 +236,24 @@ class NeuralEngine:
         is_decoding = [len(d.state.pending) == 1 and d.state.length > 0 for d in decodings]
         # prompts_first: while any prompt is fed, the decoding states wait.
         decode_feed = 0 if self._prompts_first and not all(is_decoding) else 1
+        self._step_count += 1
+        fed = set()
+        if decode_feed:
+            waiting = [i for i, decodes in enumerate(is_decoding) if decodes]
+            if self._decode_batch and len(waiting) > self._decode_batch:
+                # Those fed least recently first (a stable sort: then in batch order).
+                waiting.sort(key=lambda i: decodings[i].fed_at)
+                del waiting[self._decode_batch :]
+            fed.update(waiting)
         budget = self._prefill_chunk or sys.maxsize
         counts = []
-        for decoding, decodes in zip(decodings, is_decoding, strict=True):
+        for i, (decoding, decodes) in enumerate(zip(decodings, is_decoding, strict=True)):
             if decodes:
-                counts.append(decode_feed)
+                if i in fed:
+                    decoding.fed_at = self._step_count
+                    counts.append(1)
+                else:
+                    counts.append(0)
                 continue
             take = min(len(decoding.state.pending), budget)
             budget -= take
@@ -345,12 +380,21 @@ async def create(model: ModelConfig, context: EngineContext) -> Engine:
     max_batch = _count(parameters, "max_batch", 32)
     embed_batch = _count(parameters, "embed_batch", 64)
     prefill_chunk = _count(parameters, "prefill_chunk", 256)
+    decode_batch = _count(parameters, "decode_batch", 0)
     prompts_first = parameters.get("prompts_first", True)
     if not isinstance(prompts_first, bool):
         raise EngineError(f"parameter 'prompts_first' must be true or false, got {prompts_first!r}")
     gpt2, tokenizer = await context.run_sync(_build, parameters)
     return NeuralEngine(
-        gpt2, tokenizer, context, pace, max_batch, embed_batch, prefill_chunk, prompts_first
+        gpt2,
+        tokenizer,
+        context,
+        pace,
+        max_batch,
+        embed_batch,
+        prefill_chunk,
+        prompts_first,
+        decode_batch,
     )
 
 
