@@ -31,6 +31,12 @@ Parameters (the model row's):
   prompt's: time to first token falls, and so does throughput (smaller matrix
   products read every weight more often; docs/benchmarks.md, "Batched decoding").
 
+A decoding step (no prompt in it) stops between two layers when a stream waits to join
+and has a slot (:meth:`~quart_service.batching.StepBatcher.joinable`): its streams get
+``NO_TOKEN``, the next step feeds the newcomer's prompt, the one after finishes the
+stopped pass (:class:`~.model.ForwardPass`). The newcomer waits for one layer, not a
+whole step; nothing is computed twice.
+
 Log-probabilities (``logprobs``) are the model's own: a log-softmax of the logits,
 before temperature and top_p, computed in the step (on the pool) only for the
 generations that ask.
@@ -57,7 +63,7 @@ from ...batching import Batcher, StepBatcher
 from ...data.models import ModelConfig
 from ...errors import EngineError
 from ..base import Candidate, Engine, EngineContext, GenerationRequest, Token
-from .model import DecodeState, GPT2Model
+from .model import DecodeState, ForwardPass, GPT2Model
 from .sampling import Sampler, log_probabilities
 from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 
@@ -153,6 +159,9 @@ class NeuralEngine:
         self._prefill_chunk = prefill_chunk
         self._prompts_first = prompts_first
         self._decode_batch = decode_batch
+        # A decoding step's pass stopped between two layers for a joining stream's
+        # prompt, and the decodings it feeds: it goes on at the next step without prompts.
+        self._suspended: tuple[ForwardPass, list[Decoding]] | None = None
         self._step_count = 0
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
@@ -211,12 +220,41 @@ class NeuralEngine:
         """One forward pass for all of ``decodings`` together, then a token sampled for
         each: its id, None where the model ended the text, or :data:`NO_TOKEN` where
         it got none from this step. Blocking: run it on the pool."""
+        suspended = self._suspended
+        if suspended is not None:
+            present = {id(d) for d in decodings}
+            if not all(id(d) in present for d in suspended[1]):
+                # One of its streams left or sits steps out: drop the pass. Nothing of it
+                # counts until it ends (the states' lengths), so its states are as before.
+                suspended = self._suspended = None
         counts = self._feed_counts(decodings)
-        fed = [d.state for d, n in zip(decodings, counts, strict=True) if n]
-        rows = iter(self.model.forward(fed, [n for n in counts if n]))
+        fed = [d for d, n in zip(decodings, counts, strict=True) if n]
+        prompts = not all(_decodes(d) for d in fed)
+        if suspended is not None and not prompts:
+            # The pass that made way for a prompt goes on; the others sit this step out.
+            pass_, fed = suspended
+            logits = pass_.run(self._joinable)
+            if logits is None:
+                return [NO_TOKEN] * len(decodings)
+            self._suspended = None
+        elif suspended is None and fed and not prompts and self._steps is not None:
+            # Decoding only: stop between two layers for a stream that can join, so that
+            # its prompt waits for one layer of this step, not all of them.
+            pass_ = self.model.start([d.state for d in fed], [n for n in counts if n])
+            logits = pass_.run(self._joinable)
+            if logits is None:
+                self._suspended = (pass_, fed)
+                return [NO_TOKEN] * len(decodings)
+        else:
+            if suspended is not None:  # its states sit out the prompts' step
+                waiting = {id(d) for d in suspended[1]}
+                fed = [d for d in fed if id(d) not in waiting]
+            count_of = {id(d): n for d, n in zip(decodings, counts, strict=True)}
+            logits = self.model.forward([d.state for d in fed], [count_of[id(d)] for d in fed])
+        rows = {id(d): row for d, row in zip(fed, logits, strict=True)}
         tokens: list[int | None] = []
-        for decoding, count in zip(decodings, counts, strict=True):
-            row = next(rows) if count else None
+        for decoding in decodings:
+            row = rows.get(id(decoding))
             if row is None or decoding.state.pending:
                 tokens.append(NO_TOKEN)
             else:
@@ -227,6 +265,11 @@ class NeuralEngine:
                     )
                 tokens.append(decoding.accept(token))
         return tokens
+
+    def _joinable(self) -> bool:
+        """A stream waits to join the batch and has a slot (read on the pool's thread: a
+        stale answer costs one layer of waiting or one early stop)."""
+        return self._steps is not None and self._steps.joinable()
 
     def _feed_counts(self, decodings: Sequence[Decoding]) -> list[int]:
         """Tokens each state is fed this step: a decoding state its one token; prompts,
@@ -329,6 +372,11 @@ class NeuralEngine:
         # Nothing to release by hand: the mapping goes when the last array over it
         # does (a step still running on the pool keeps it until it ends).
         return None
+
+
+def _decodes(decoding: Decoding) -> bool:
+    """Past its prompt, with one token pending (the one sampled last)."""
+    return len(decoding.state.pending) == 1 and decoding.state.length > 0
 
 
 def load_tokenizer(spec: str | None, metadata: Mapping[str, str]) -> Tokenizer:

@@ -15,7 +15,7 @@ different lengths). Only each state's last position goes through the LM head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy.typing as npt
 from ...errors import EngineError
 from .weights import GPT2Config, GPT2Weights, load_weights
 
-__all__ = ["DecodeState", "GPT2Model"]
+__all__ = ["DecodeState", "ForwardPass", "GPT2Model"]
 
 _Array = npt.NDArray[np.float32]
 
@@ -105,7 +105,20 @@ class GPT2Model:
         product); attention runs per state."""
         if not states:
             return np.empty((0, self.config.vocab_size), dtype=np.float32)
-        hidden, ends = self._hidden(states, counts)
+        return self._logits(*self._hidden(states, counts))
+
+    def start(
+        self, states: Sequence[DecodeState], counts: Sequence[int] | None = None
+    ) -> ForwardPass:
+        """:meth:`forward` as a pass that may stop between two layers and go on later
+        (:meth:`ForwardPass.run`): a step of many states can make way for a short one
+        of other states (a joining stream's prompt) without being computed twice. Until
+        it ends, its states must be in no other pass."""
+        if not states:
+            raise EngineError("a forward pass needs at least one state")
+        return ForwardPass(self, self._layers(states, counts))
+
+    def _logits(self, hidden: _Array, ends: npt.NDArray[np.intp]) -> _Array:
         last = _layer_norm(hidden[ends - 1], self.weights.ln_f_w, self.weights.ln_f_b, self._eps)
         logits: _Array = last @ self.weights.wte.T
         return logits
@@ -142,6 +155,18 @@ class GPT2Model:
     ) -> tuple[_Array, npt.NDArray[np.intp]]:
         """Run every state's pending tokens (its first ``fed[i]``) through the blocks;
         the residual stream of all of them, ``[N, d]``, and where each state's rows end."""
+        layers = self._layers(states, fed)
+        while True:
+            try:
+                next(layers)
+            except StopIteration as done:
+                result: tuple[_Array, npt.NDArray[np.intp]] = done.value
+                return result
+
+    def _layers(
+        self, states: Sequence[DecodeState], fed: Sequence[int] | None = None
+    ) -> Generator[None, None, tuple[_Array, npt.NDArray[np.intp]]]:
+        """:meth:`_hidden`, pausing (a ``yield``) between two layers."""
         config, w = self.config, self.weights
         if len({id(s) for s in states}) != len(states):
             raise EngineError("forward() of the same state twice in one batch")
@@ -177,6 +202,8 @@ class GPT2Model:
         x: _Array = w.wte[tokens] + w.wpe[positions]
         eps = self._eps
         for layer, block in enumerate(w.blocks):
+            if layer:
+                yield
             h = _layer_norm(x, block.ln_1_w, block.ln_1_b, eps)
             qkv: _Array = h @ block.attn_w + block.attn_b
             attended = self._attend(layer, qkv, singles, several)
@@ -271,6 +298,33 @@ class GPT2Model:
                 state._values[layer][:, :total],
                 out=out[row].reshape(n_head, 1, head_dim),
             )
+
+
+class ForwardPass:
+    """A forward pass that may stop between two layers (:meth:`GPT2Model.start`)."""
+
+    __slots__ = ("_layers", "_model")
+
+    def __init__(
+        self,
+        model: GPT2Model,
+        layers: Generator[None, None, tuple[_Array, npt.NDArray[np.intp]]],
+    ) -> None:
+        self._model = model
+        self._layers = layers
+
+    def run(self, stop: Callable[[], bool] | None = None) -> _Array | None:
+        """Go on through the layers: the logits, as :meth:`GPT2Model.forward` returns
+        them, once the last is done; None where ``stop()`` said so between two layers
+        (call ``run`` again to go on). At least one layer is computed per call."""
+        layers = self._layers
+        try:
+            next(layers)
+            while stop is None or not stop():
+                next(layers)
+        except StopIteration as done:
+            return self._model._logits(*done.value)
+        return None
 
 
 def _layer_norm(x: _Array, weight: _Array, bias: _Array, eps: np.float32) -> _Array:
