@@ -223,6 +223,12 @@ def main() -> None:
         default="true",
         help="the batched model's prompts_first: steps with prompts feed only them",
     )
+    parser.add_argument(
+        "--decode-batch",
+        type=int,
+        default=0,
+        help="the batched model's decode_batch: decoding streams fed per step (0: all)",
+    )
     args = parser.parse_args()
     counts = [int(x) for x in args.streams.split(",")]
     config = GPT2Config(
@@ -235,7 +241,8 @@ def main() -> None:
         print(
             f"model: {args.layers} layers x {args.embd}, {size / 1e6:.1f} MB; "
             f"{args.workers} worker(s), native_threads {args.native_threads}, "
-            f"prefill_chunk {args.prefill_chunk}, prompts_first {args.prompts_first}; "
+            f"prefill_chunk {args.prefill_chunk}, prompts_first {args.prompts_first}, "
+            f"decode_batch {args.decode_batch}; "
             f"{args.tokens} tokens per stream; "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
@@ -257,6 +264,7 @@ def main() -> None:
                     {
                         "prefill_chunk": args.prefill_chunk,
                         "prompts_first": args.prompts_first == "true",
+                        "decode_batch": args.decode_batch,
                     }
                     if name == "batched"
                     else {}

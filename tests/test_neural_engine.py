@@ -182,6 +182,31 @@ async def test_prompts_first_gives_a_joining_stream_a_step_of_its_own(weights_fi
     assert [o[2] for o in outputs] == expected
 
 
+async def test_decode_batch_feeds_the_decodings_that_waited_longest(weights_file: Path) -> None:
+    """With ``decode_batch`` 2, five decoding streams take turns, two a step, those fed
+    least recently first; each still gets the tokens it gets alone."""
+    engine = await _engine(weights_file, decode_batch=2)
+    requests = [GenerationRequest(prompt=p, max_tokens=4, temperature=0.0) for p in "abcde"]
+    alone = []
+    for request in requests:
+        decoding = engine.start(request)
+        alone.append([engine.step([decoding])[0] for _ in range(4)])
+    decodings = [engine.start(r) for r in requests]
+    first = engine.step(decodings)  # the prompts: all in one step
+    assert NO_TOKEN not in first
+    fed = []
+    outputs = [first]
+    while not all(d.finished for d in decodings):
+        active = [d for d in decodings if not d.finished]
+        step = engine.step(active)
+        assert sum(t != NO_TOKEN for t in step) == min(2, len(active))
+        fed.append([decodings.index(d) for d, t in zip(active, step, strict=True) if t != NO_TOKEN])
+        outputs.append([step[active.index(d)] if d in active else NO_TOKEN for d in decodings])
+    assert fed[:3] == [[0, 1], [2, 3], [0, 4]]
+    got = [[o[i] for o in outputs if o[i] != NO_TOKEN] for i in range(len(requests))]
+    assert got == alone
+
+
 async def test_embeddings(weights_file: Path) -> None:
     engine = await _engine(weights_file)
     vectors = await CONTEXT.run_sync(

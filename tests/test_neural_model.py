@@ -161,6 +161,28 @@ def test_batched_decoding_equals_each_state_alone(model: GPT2Model) -> None:
     assert differing <= steps // 50, f"argmax differed in {differing} of {steps} rows"
 
 
+def test_a_pass_stopped_between_layers_ends_as_forward_does(model: GPT2Model) -> None:
+    """A pass that stops after every layer (a joining prompt's step runs in between,
+    on other states) ends with the logits of an uninterrupted forward, bit for bit,
+    and its states count the tokens only once it ends."""
+    prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5]]
+    plain = [model.new_state(p) for p in prompts]
+    paused = [model.new_state(p) for p in prompts]
+    for states in (plain, paused):
+        for state, row in zip(states, model.forward(states), strict=True):
+            state.feed(int(row.argmax()))
+    expected = model.forward(plain)
+    run = model.start(paused)
+    stops = 0
+    while (logits := run.run(lambda: True)) is None:
+        stops += 1
+        assert [s.length for s in paused] == [len(p) for p in prompts]
+        model.forward([model.new_state([7, 7, 7])])  # another pass in between
+    assert stops == SMALL.n_layer - 1
+    np.testing.assert_array_equal(logits, expected)
+    assert [s.length for s in paused] == [s.length for s in plain]
+
+
 def test_a_batch_of_one_token_each_shares_one_matmul(model: GPT2Model) -> None:
     states = [model.new_state([i + 1]) for i in range(6)]
     logits = model.forward(states)

@@ -173,6 +173,11 @@ class StepBatcher(Generic[S, O]):
             if not entry.done:
                 self._leave(entry)
 
+    def joinable(self) -> bool:
+        """A stream waits for a slot and one is free: it joins at the next step. Safe to
+        call from the step's thread (a step may end early to let it in sooner)."""
+        return bool(self._waiting) and len(self._active) < self._max_batch
+
     def stats(self) -> StepStats:
         """The counters, for ``/debug/identity`` and the benchmarks."""
         buffer = self._buffer

@@ -24,6 +24,18 @@ Parameters (the model row's):
   already decoding sit it out), so a joining stream's first token waits for its own
   prompt, not for every other stream's next token too (default true; false: prompts
   join the decoding streams' step).
+- ``decode_batch``: at most this many decoding streams are fed per step, those fed
+  least recently first; the others sit it out with ``NO_TOKEN`` (default 0: every
+  decoding stream in every step). A step then lasts about as long as that many
+  streams' tokens take, so a joining stream waits for a short step before its
+  prompt's: time to first token falls, and so does throughput (smaller matrix
+  products read every weight more often; docs/benchmarks.md, "Batched decoding").
+
+A decoding step (no prompt in it) stops between two layers when a stream waits to join
+and has a slot (:meth:`~quart_service.batching.StepBatcher.joinable`): its streams get
+``NO_TOKEN``, the next step feeds the newcomer's prompt, the one after finishes the
+stopped pass (:class:`~.model.ForwardPass`). The newcomer waits for one layer, not a
+whole step; nothing is computed twice.
 
 Log-probabilities (``logprobs``) are the model's own: a log-softmax of the logits,
 before temperature and top_p, computed in the step (on the pool) only for the
@@ -51,7 +63,7 @@ from ...batching import Batcher, StepBatcher
 from ...data.models import ModelConfig
 from ...errors import EngineError
 from ..base import Candidate, Engine, EngineContext, GenerationRequest, Token
-from .model import DecodeState, GPT2Model
+from .model import DecodeState, ForwardPass, GPT2Model
 from .sampling import Sampler, log_probabilities
 from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 
@@ -59,13 +71,23 @@ __all__ = ["NO_TOKEN", "Decoding", "NeuralEngine", "create", "load_tokenizer"]
 
 NO_TOKEN = -1
 """A step's output for a stream that got no token from it: its prompt is not fed whole
-yet, or (``prompts_first``) it sat the step out while prompts were fed."""
+yet, or it sat the step out: while prompts were fed (``prompts_first``), or while other
+decoding streams had their turn (``decode_batch``)."""
 
 
 class Decoding:
     """One request's generation: the model's state, its sampler and token budget."""
 
-    __slots__ = ("eos_id", "logprobs", "n_ctx", "records", "remaining", "sampler", "state")
+    __slots__ = (
+        "eos_id",
+        "fed_at",
+        "logprobs",
+        "n_ctx",
+        "records",
+        "remaining",
+        "sampler",
+        "state",
+    )
 
     def __init__(
         self,
@@ -86,6 +108,9 @@ class Decoding:
         # batcher may run steps ahead of the reader, so one slot would not do).
         self.logprobs = logprobs
         self.records: deque[tuple[float, list[tuple[int, float]]]] = deque()
+        # The engine's step count when it was last fed: with ``decode_batch``, the
+        # decodings fed least recently go first.
+        self.fed_at = 0
         if max_tokens < 1:
             state.finished = True
 
@@ -124,6 +149,7 @@ class NeuralEngine:
         embed_batch: int = 64,
         prefill_chunk: int = 256,
         prompts_first: bool = True,
+        decode_batch: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -132,6 +158,11 @@ class NeuralEngine:
         self._pace = pace
         self._prefill_chunk = prefill_chunk
         self._prompts_first = prompts_first
+        self._decode_batch = decode_batch
+        # A decoding step's pass stopped between two layers for a joining stream's
+        # prompt, and the decodings it feeds: it goes on at the next step without prompts.
+        self._suspended: tuple[ForwardPass, list[Decoding]] | None = None
+        self._step_count = 0
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
         self._steps: StepBatcher[Decoding, int | None] | None = (
@@ -189,12 +220,41 @@ class NeuralEngine:
         """One forward pass for all of ``decodings`` together, then a token sampled for
         each: its id, None where the model ended the text, or :data:`NO_TOKEN` where
         it got none from this step. Blocking: run it on the pool."""
+        suspended = self._suspended
+        if suspended is not None:
+            present = {id(d) for d in decodings}
+            if not all(id(d) in present for d in suspended[1]):
+                # One of its streams left or sits steps out: drop the pass. Nothing of it
+                # counts until it ends (the states' lengths), so its states are as before.
+                suspended = self._suspended = None
         counts = self._feed_counts(decodings)
-        fed = [d.state for d, n in zip(decodings, counts, strict=True) if n]
-        rows = iter(self.model.forward(fed, [n for n in counts if n]))
+        fed = [d for d, n in zip(decodings, counts, strict=True) if n]
+        prompts = not all(_decodes(d) for d in fed)
+        if suspended is not None and not prompts:
+            # The pass that made way for a prompt goes on; the others sit this step out.
+            pass_, fed = suspended
+            logits = pass_.run(self._joinable)
+            if logits is None:
+                return [NO_TOKEN] * len(decodings)
+            self._suspended = None
+        elif suspended is None and fed and not prompts and self._steps is not None:
+            # Decoding only: stop between two layers for a stream that can join, so that
+            # its prompt waits for one layer of this step, not all of them.
+            pass_ = self.model.start([d.state for d in fed], [n for n in counts if n])
+            logits = pass_.run(self._joinable)
+            if logits is None:
+                self._suspended = (pass_, fed)
+                return [NO_TOKEN] * len(decodings)
+        else:
+            if suspended is not None:  # its states sit out the prompts' step
+                waiting = {id(d) for d in suspended[1]}
+                fed = [d for d in fed if id(d) not in waiting]
+            count_of = {id(d): n for d, n in zip(decodings, counts, strict=True)}
+            logits = self.model.forward([d.state for d in fed], [count_of[id(d)] for d in fed])
+        rows = {id(d): row for d, row in zip(fed, logits, strict=True)}
         tokens: list[int | None] = []
-        for decoding, count in zip(decodings, counts, strict=True):
-            row = next(rows) if count else None
+        for decoding in decodings:
+            row = rows.get(id(decoding))
             if row is None or decoding.state.pending:
                 tokens.append(NO_TOKEN)
             else:
@@ -206,6 +266,11 @@ class NeuralEngine:
                 tokens.append(decoding.accept(token))
         return tokens
 
+    def _joinable(self) -> bool:
+        """A stream waits to join the batch and has a slot (read on the pool's thread: a
+        stale answer costs one layer of waiting or one early stop)."""
+        return self._steps is not None and self._steps.joinable()
+
     def _feed_counts(self, decodings: Sequence[Decoding]) -> list[int]:
         """Tokens each state is fed this step: a decoding state its one token; prompts,
         first come first fed, share ``prefill_chunk`` (the first always gets some, so
@@ -214,11 +279,24 @@ class NeuralEngine:
         is_decoding = [len(d.state.pending) == 1 and d.state.length > 0 for d in decodings]
         # prompts_first: while any prompt is fed, the decoding states wait.
         decode_feed = 0 if self._prompts_first and not all(is_decoding) else 1
+        self._step_count += 1
+        fed = set()
+        if decode_feed:
+            waiting = [i for i, decodes in enumerate(is_decoding) if decodes]
+            if self._decode_batch and len(waiting) > self._decode_batch:
+                # Those fed least recently first (a stable sort: then in batch order).
+                waiting.sort(key=lambda i: decodings[i].fed_at)
+                del waiting[self._decode_batch :]
+            fed.update(waiting)
         budget = self._prefill_chunk or sys.maxsize
         counts = []
-        for decoding, decodes in zip(decodings, is_decoding, strict=True):
+        for i, (decoding, decodes) in enumerate(zip(decodings, is_decoding, strict=True)):
             if decodes:
-                counts.append(decode_feed)
+                if i in fed:
+                    decoding.fed_at = self._step_count
+                    counts.append(1)
+                else:
+                    counts.append(0)
                 continue
             take = min(len(decoding.state.pending), budget)
             budget -= take
@@ -296,6 +374,11 @@ class NeuralEngine:
         return None
 
 
+def _decodes(decoding: Decoding) -> bool:
+    """Past its prompt, with one token pending (the one sampled last)."""
+    return len(decoding.state.pending) == 1 and decoding.state.length > 0
+
+
 def load_tokenizer(spec: str | None, metadata: Mapping[str, str]) -> Tokenizer:
     """The tokenizer named by the ``tokenizer`` parameter, or the weights' default."""
     spec = spec or metadata.get("tokenizer") or "gpt2-bytes"
@@ -345,12 +428,21 @@ async def create(model: ModelConfig, context: EngineContext) -> Engine:
     max_batch = _count(parameters, "max_batch", 32)
     embed_batch = _count(parameters, "embed_batch", 64)
     prefill_chunk = _count(parameters, "prefill_chunk", 256)
+    decode_batch = _count(parameters, "decode_batch", 0)
     prompts_first = parameters.get("prompts_first", True)
     if not isinstance(prompts_first, bool):
         raise EngineError(f"parameter 'prompts_first' must be true or false, got {prompts_first!r}")
     gpt2, tokenizer = await context.run_sync(_build, parameters)
     return NeuralEngine(
-        gpt2, tokenizer, context, pace, max_batch, embed_batch, prefill_chunk, prompts_first
+        gpt2,
+        tokenizer,
+        context,
+        pace,
+        max_batch,
+        embed_batch,
+        prefill_chunk,
+        prompts_first,
+        decode_batch,
     )
 
 

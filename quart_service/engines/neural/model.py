@@ -15,7 +15,7 @@ different lengths). Only each state's last position goes through the LM head.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy.typing as npt
 from ...errors import EngineError
 from .weights import GPT2Config, GPT2Weights, load_weights
 
-__all__ = ["DecodeState", "GPT2Model"]
+__all__ = ["DecodeState", "ForwardPass", "GPT2Model"]
 
 _Array = npt.NDArray[np.float32]
 
@@ -105,7 +105,20 @@ class GPT2Model:
         product); attention runs per state."""
         if not states:
             return np.empty((0, self.config.vocab_size), dtype=np.float32)
-        hidden, ends = self._hidden(states, counts)
+        return self._logits(*self._hidden(states, counts))
+
+    def start(
+        self, states: Sequence[DecodeState], counts: Sequence[int] | None = None
+    ) -> ForwardPass:
+        """:meth:`forward` as a pass that may stop between two layers and go on later
+        (:meth:`ForwardPass.run`): a step of many states can make way for a short one
+        of other states (a joining stream's prompt) without being computed twice. Until
+        it ends, its states must be in no other pass."""
+        if not states:
+            raise EngineError("a forward pass needs at least one state")
+        return ForwardPass(self, self._layers(states, counts))
+
+    def _logits(self, hidden: _Array, ends: npt.NDArray[np.intp]) -> _Array:
         last = _layer_norm(hidden[ends - 1], self.weights.ln_f_w, self.weights.ln_f_b, self._eps)
         logits: _Array = last @ self.weights.wte.T
         return logits
@@ -142,6 +155,18 @@ class GPT2Model:
     ) -> tuple[_Array, npt.NDArray[np.intp]]:
         """Run every state's pending tokens (its first ``fed[i]``) through the blocks;
         the residual stream of all of them, ``[N, d]``, and where each state's rows end."""
+        layers = self._layers(states, fed)
+        while True:
+            try:
+                next(layers)
+            except StopIteration as done:
+                result: tuple[_Array, npt.NDArray[np.intp]] = done.value
+                return result
+
+    def _layers(
+        self, states: Sequence[DecodeState], fed: Sequence[int] | None = None
+    ) -> Generator[None, None, tuple[_Array, npt.NDArray[np.intp]]]:
+        """:meth:`_hidden`, pausing (a ``yield``) between two layers."""
         config, w = self.config, self.weights
         if len({id(s) for s in states}) != len(states):
             raise EngineError("forward() of the same state twice in one batch")
@@ -164,12 +189,24 @@ class GPT2Model:
             [np.arange(s.length, s.length + n) for s, n in zip(states, counts, strict=True)]
         )
         ends = np.cumsum(counts)
+        starts = ends - np.asarray(counts)
+        # States fed one token (decoding) take the batched path of _attend; the others
+        # (prompts, chunks of them) attend one by one.
+        singles: list[tuple[DecodeState, int]] = []
+        several: list[tuple[DecodeState, int, int]] = []
+        for state, start, count in zip(states, starts.tolist(), counts, strict=True):
+            if count == 1:
+                singles.append((state, start))
+            else:
+                several.append((state, start, count))
         x: _Array = w.wte[tokens] + w.wpe[positions]
         eps = self._eps
         for layer, block in enumerate(w.blocks):
+            if layer:
+                yield
             h = _layer_norm(x, block.ln_1_w, block.ln_1_b, eps)
             qkv: _Array = h @ block.attn_w + block.attn_b
-            attended = self._attend(states, layer, qkv, ends - np.asarray(counts), ends)
+            attended = self._attend(layer, qkv, singles, several)
             x = x + (attended @ block.attn_proj_w + block.attn_proj_b)
             h = _layer_norm(x, block.ln_2_w, block.ln_2_b, eps)
             x = x + (_gelu(h @ block.fc_w + block.fc_b) @ block.fc_proj_w + block.fc_proj_b)
@@ -180,19 +217,22 @@ class GPT2Model:
 
     def _attend(
         self,
-        states: Sequence[DecodeState],
         layer: int,
         qkv: _Array,
-        starts: npt.NDArray[np.intp],
-        ends: npt.NDArray[np.intp],
+        singles: Sequence[tuple[DecodeState, int]],
+        several: Sequence[tuple[DecodeState, int, int]],
     ) -> _Array:
-        """Causal attention of each state's new rows over its cache; ``[N, d]``."""
+        """Causal attention of each state's new rows over its cache; ``[N, d]``.
+        ``singles``: the states fed one token, and their row; ``several``: the others,
+        with their first row and how many."""
         config = self.config
         d, n_head = config.n_embd, config.n_head
         head_dim = d // n_head
         out = np.empty((qkv.shape[0], d), dtype=np.float32)
-        for state, start, end in zip(states, starts, ends, strict=True):
-            count = int(end - start)
+        if singles:
+            self._attend_singles(layer, qkv, singles, out)
+        for state, start, count in several:
+            end = start + count
             past = state.length
             total = past + count
             # [count, 3d] -> q, k, v as [heads, count, head_dim]
@@ -201,16 +241,90 @@ class GPT2Model:
             keys[:, past:total] = k
             values[:, past:total] = v
             scores = (q @ keys[:, :total].transpose(0, 2, 1)) * self._scale  # [h, count, total]
-            if count > 1:
-                # New row i sits at position past + i and sees positions up to it.
-                future = np.arange(total)[None, :] > (past + np.arange(count))[:, None]
-                scores[:, future] = -np.inf
+            # New row i sits at position past + i and sees positions up to it.
+            future = np.arange(total)[None, :] > (past + np.arange(count))[:, None]
+            scores[:, future] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=-1, keepdims=True)
             attended = scores @ values[:, :total]  # [h, count, head_dim]
             out[start:end] = attended.transpose(1, 0, 2).reshape(count, d)
         return out
+
+    def _attend_singles(
+        self,
+        layer: int,
+        qkv: _Array,
+        singles: Sequence[tuple[DecodeState, int]],
+        out: _Array,
+    ) -> None:
+        """Attention of the states fed one token each (decoding), into their rows of
+        ``out``. The per-state work is three BLAS calls and two cache writes, no copies:
+        every state's scores land in one ``[states, heads, 1, longest]`` array (the
+        positions past a state's length hold -inf, so weigh 0), whose softmax is computed
+        once for all of them. At 32 states this is a fraction of attending state by state
+        with a softmax each (about a dozen numpy calls per state per layer)."""
+        config = self.config
+        d, n_head = config.n_embd, config.n_head
+        head_dim = d // n_head
+        rows = qkv.shape[0]
+        # Views, no copies: row r's query as [heads, 1, head_dim], key and value as
+        # [heads, head_dim].
+        queries = qkv[:, :d].reshape(rows, n_head, 1, head_dim)
+        new_keys = qkv[:, d : 2 * d].reshape(rows, n_head, head_dim)
+        new_values = qkv[:, 2 * d :].reshape(rows, n_head, head_dim)
+        longest = max(state.length for state, _ in singles) + 1
+        scores = np.full((len(singles), n_head, 1, longest), -np.inf, dtype=np.float32)
+        for i, (state, row) in enumerate(singles):
+            past = state.length
+            keys = state._keys[layer]
+            keys[:, past] = new_keys[row]
+            state._values[layer][:, past] = new_values[row]
+            # [heads, 1, head_dim] @ [heads, head_dim, past + 1]
+            np.matmul(
+                queries[row],
+                keys[:, : past + 1].transpose(0, 2, 1),
+                out=scores[i, :, :, : past + 1],
+            )
+        scores *= self._scale
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        for i, (state, row) in enumerate(singles):
+            total = state.length + 1
+            # [heads, 1, total] @ [heads, total, head_dim], straight into the row.
+            np.matmul(
+                scores[i, :, :, :total],
+                state._values[layer][:, :total],
+                out=out[row].reshape(n_head, 1, head_dim),
+            )
+
+
+class ForwardPass:
+    """A forward pass that may stop between two layers (:meth:`GPT2Model.start`)."""
+
+    __slots__ = ("_layers", "_model")
+
+    def __init__(
+        self,
+        model: GPT2Model,
+        layers: Generator[None, None, tuple[_Array, npt.NDArray[np.intp]]],
+    ) -> None:
+        self._model = model
+        self._layers = layers
+
+    def run(self, stop: Callable[[], bool] | None = None) -> _Array | None:
+        """Go on through the layers: the logits, as :meth:`GPT2Model.forward` returns
+        them, once the last is done; None where ``stop()`` said so between two layers
+        (call ``run`` again to go on). At least one layer is computed per call."""
+        layers = self._layers
+        try:
+            next(layers)
+            while stop is None or not stop():
+                next(layers)
+        except StopIteration as done:
+            return self._model._logits(*done.value)
+        return None
 
 
 def _layer_norm(x: _Array, weight: _Array, bias: _Array, eps: np.float32) -> _Array:

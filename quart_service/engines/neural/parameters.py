@@ -15,7 +15,8 @@ __all__ = ["NeuralParameters"]
 class NeuralParameters(EngineParameters):
     """``weights`` (a .safetensors path on every host), ``load``, ``tokenizer``
     (``bytes``, ``gpt2-bytes`` or a tokenizer.json path), ``tokens_per_second``,
-    ``max_batch``, ``embed_batch``, ``prefill_chunk`` and ``prompts_first`` (see
+    ``max_batch``, ``embed_batch``, ``prefill_chunk``, ``prompts_first`` and
+    ``decode_batch`` (see
     docs/engines.md; a parameter the engine reads must be declared here, or the admin
     API refuses it)."""
 
@@ -27,3 +28,4 @@ class NeuralParameters(EngineParameters):
     embed_batch: Annotated[int, Field(ge=0, le=4096), WHOLE] = 64
     prefill_chunk: Annotated[int, Field(ge=0, le=4096), WHOLE] = 256
     prompts_first: bool = True
+    decode_batch: Annotated[int, Field(ge=0, le=4096), WHOLE] = 0
