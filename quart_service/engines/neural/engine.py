@@ -275,8 +275,7 @@ class NeuralEngine:
         """Tokens each state is fed this step: a decoding state its one token; prompts,
         first come first fed, share ``prefill_chunk`` (the first always gets some, so
         every step makes progress; the others may get none and wait a step)."""
-        # Decoding: past its prompt, with one token pending (the one sampled last).
-        is_decoding = [len(d.state.pending) == 1 and d.state.length > 0 for d in decodings]
+        is_decoding = [_decodes(d) for d in decodings]
         # prompts_first: while any prompt is fed, the decoding states wait.
         decode_feed = 0 if self._prompts_first and not all(is_decoding) else 1
         self._step_count += 1
