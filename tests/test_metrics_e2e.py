@@ -97,9 +97,13 @@ def test_request_ids_are_kept_or_added_and_each_request_logs_one_json_line(
         missing = httpx.get(server.url + "/nope", headers={"X-Request-ID": "lost-1"})
         assert missing.status_code == 404
         assert missing.headers["x-request-id"] == "lost-1"
-        # The line is written when the response has gone out: give it a moment.
+        # A line is written when its response has gone out, and each worker writes its
+        # lines in batches within 0.1 s: wait for every request's line.
+        ids = ["req-42.a", generated, forged.headers["x-request-id"], "lost-1"]
         deadline = time.monotonic() + 5
-        while '"lost-1"' not in server.log() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if all(f'"request_id": "{i}"' in server.log() for i in ids):
+                break
             time.sleep(0.05)
         log = server.log()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
