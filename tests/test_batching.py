@@ -360,6 +360,37 @@ async def test_a_step_exception_ends_every_stream_of_that_step_and_the_batcher_r
 
 
 @both_loops
+async def test_the_empty_output_is_not_handed_over(run: Run) -> None:
+    """A step with nothing for a stream (the engine's prompt fed over several steps)
+    gives it ``empty``: its consumer never sees it, and a stream whose finishing step
+    gave it nothing still ends."""
+
+    def step(states: Sequence[Counter]) -> list[str]:
+        outputs = []
+        for state in states:
+            state.n += 1
+            state.finished = state.n >= state.limit
+            # Odd steps give nothing; so does the last step of a stream of odd length.
+            outputs.append(f"{state.name}{state.n}" if state.n % 2 == 0 else "")
+        return outputs
+
+    batcher = StepBatcher(step, run, max_batch=4, empty="")
+    async with asyncio.timeout(LIMIT):
+        a, b = await asyncio.gather(
+            collect(batcher.stream(Counter("A", 4))), collect(batcher.stream(Counter("B", 5)))
+        )
+    assert (a, b) == (["A2", "A4"], ["B2", "B4"])
+    assert batcher.stats().steps == 5
+    # Without ``empty`` every output is handed over, "" included.
+    async with asyncio.timeout(LIMIT):
+        assert await collect(StepBatcher(step, run, max_batch=4).stream(Counter("C", 3))) == [
+            "",
+            "C2",
+            "",
+        ]
+
+
+@both_loops
 async def test_a_wrong_number_of_outputs_fails_the_streams_of_that_step(run: Run) -> None:
     def step(states: Sequence[Counter]) -> list[str]:
         return []

@@ -27,6 +27,9 @@ start to end:
   ahead of new streams; so a client that stops reading holds neither the batch nor
   the queue. When every stream is paused, no step runs and no thread is busy until
   one reads.
+- **Nothing for a stream.** A step may have nothing for some of its streams (a prompt
+  fed over several steps, a stream that sat the step out): the ``empty`` output, when
+  the batcher is given one, is not handed over and wakes no consumer.
 - **Failures.** An exception from ``step`` (or ``run``, or a wrong number of
   outputs) ends every stream of that step: each one's iterator raises it, after the
   outputs it already had. Streams that sat the step out, and later streams, go on.
@@ -81,6 +84,14 @@ class StepStats:
     running: bool  # the stepping task exists
 
 
+class _Unset:
+    """No ``empty`` output: every output is handed over."""
+
+    __slots__ = ()
+
+
+_UNSET = _Unset()
+
 # Where a stream is: waiting for a slot, in the batch, parked (paused, its slot given
 # up), or gone (ended or left: in no collection).
 _WAITING, _ACTIVE, _PARKED, _GONE = 0, 1, 2, 3
@@ -119,7 +130,10 @@ class StepBatcher(Generic[S, O]):
     ``step`` advances every state it is given by one step, sets ``finished`` on those
     that are done, and returns one output per state, in order. ``run`` is how a step
     reaches the worker's pool, called as ``run(job, batch)``: for an engine,
-    ``EngineContext.run_sync``. The batcher belongs to one event loop (the worker's).
+    ``EngineContext.run_sync``. ``empty``: the output that means "nothing for this
+    stream from this step"; it is dropped, not handed over (a consumer woken for
+    nothing costs the event loop a task switch through its generators). The batcher
+    belongs to one event loop (the worker's).
     """
 
     def __init__(
@@ -129,6 +143,7 @@ class StepBatcher(Generic[S, O]):
         *,
         max_batch: int,
         buffer: int = 4,
+        empty: O | _Unset = _UNSET,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -138,6 +153,7 @@ class StepBatcher(Generic[S, O]):
         self._run = run
         self._max_batch = max_batch
         self._buffer = buffer
+        self._empty = empty
         self._active: list[_Stream[S, O]] = []
         self._waiting: deque[_Stream[S, O]] = deque()
         self._parked: list[_Stream[S, O]] = []
@@ -271,13 +287,17 @@ class StepBatcher(Generic[S, O]):
                         if not entry.done:
                             self._end(entry, exc)
                     continue
+                empty = self._empty
+                drops = not isinstance(empty, _Unset)
                 for entry, output in zip(kept, outputs, strict=True):
                     if entry.done:  # it left during the step: nobody takes this output
                         continue
-                    entry.outputs.append(output)
+                    handed = not drops or output != empty
+                    if handed:
+                        entry.outputs.append(output)
                     if entry.state.finished:
                         self._end(entry, None)
-                    else:
+                    elif handed:
                         entry.wake()
         except BaseException:
             # Cancelled (the event loop is closing): no stream may wait for a step that

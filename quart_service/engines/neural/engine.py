@@ -166,7 +166,7 @@ class NeuralEngine:
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
         self._steps: StepBatcher[Decoding, int | None] | None = (
-            StepBatcher(self.step, run, max_batch=max_batch) if max_batch else None
+            StepBatcher(self.step, run, max_batch=max_batch, empty=NO_TOKEN) if max_batch else None
         )
         # No added wait: while one job runs the next batch fills by itself.
         self._embeds: Batcher[str, list[float]] | None = (
