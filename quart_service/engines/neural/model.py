@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,9 @@ from .weights import GPT2Config, GPT2Weights, load_weights
 __all__ = ["DecodeState", "ForwardPass", "GPT2Model"]
 
 _Array = npt.NDArray[np.float32]
+# A pass's end: the residual stream of all its tokens, [N, d], and where each state's
+# rows end.
+_Hidden = tuple[_Array, npt.NDArray[np.intp]]
 
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 _GELU_K = np.float32(0.044715)
@@ -116,7 +120,7 @@ class GPT2Model:
         it ends, its states must be in no other pass."""
         if not states:
             raise EngineError("a forward pass needs at least one state")
-        return ForwardPass(self, self._layers(states, counts))
+        return ForwardPass(self, states, counts)
 
     def _logits(self, hidden: _Array, ends: npt.NDArray[np.intp]) -> _Array:
         last = _layer_norm(hidden[ends - 1], self.weights.ln_f_w, self.weights.ln_f_b, self._eps)
@@ -150,23 +154,17 @@ class GPT2Model:
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             raise EngineError(f"token ids must be in [0, {self.config.vocab_size})")
 
-    def _hidden(
-        self, states: Sequence[DecodeState], fed: Sequence[int] | None = None
-    ) -> tuple[_Array, npt.NDArray[np.intp]]:
-        """Run every state's pending tokens (its first ``fed[i]``) through the blocks;
-        the residual stream of all of them, ``[N, d]``, and where each state's rows end."""
-        layers = self._layers(states, fed)
-        while True:
-            try:
-                next(layers)
-            except StopIteration as done:
-                result: tuple[_Array, npt.NDArray[np.intp]] = done.value
-                return result
+    def _hidden(self, states: Sequence[DecodeState], fed: Sequence[int] | None = None) -> _Hidden:
+        """Run every state's pending tokens (its first ``fed[i]``) through the blocks: a
+        :class:`ForwardPass` that nothing stops."""
+        return ForwardPass(self, states, fed)._through(None)
 
     def _layers(
         self, states: Sequence[DecodeState], fed: Sequence[int] | None = None
-    ) -> Generator[None, None, tuple[_Array, npt.NDArray[np.intp]]]:
-        """:meth:`_hidden`, pausing (a ``yield``) between two layers."""
+    ) -> Generator[None, None, _Hidden]:
+        """Every state's pending tokens (its first ``fed[i]``) through the blocks, a
+        ``yield`` between two layers; returns the residual stream of all of them and
+        where each state's rows end. Only :class:`ForwardPass` drives it."""
         config, w = self.config, self.weights
         if len({id(s) for s in states}) != len(states):
             raise EngineError("forward() of the same state twice in one batch")
@@ -301,29 +299,42 @@ class GPT2Model:
 
 
 class ForwardPass:
-    """A forward pass that may stop between two layers (:meth:`GPT2Model.start`)."""
+    """A forward pass that may stop between two layers (:meth:`GPT2Model.start`). It
+    drives :meth:`GPT2Model._layers`, every forward pass's layers, stopping or not."""
 
     __slots__ = ("_layers", "_model")
 
     def __init__(
         self,
         model: GPT2Model,
-        layers: Generator[None, None, tuple[_Array, npt.NDArray[np.intp]]],
+        states: Sequence[DecodeState],
+        counts: Sequence[int] | None = None,
     ) -> None:
         self._model = model
-        self._layers = layers
+        self._layers = model._layers(states, counts)
 
     def run(self, stop: Callable[[], bool] | None = None) -> _Array | None:
         """Go on through the layers: the logits, as :meth:`GPT2Model.forward` returns
         them, once the last is done; None where ``stop()`` said so between two layers
         (call ``run`` again to go on). At least one layer is computed per call."""
+        hidden = self._through(stop)
+        return None if hidden is None else self._model._logits(*hidden)
+
+    @overload
+    def _through(self, stop: None) -> _Hidden: ...
+    @overload
+    def _through(self, stop: Callable[[], bool] | None) -> _Hidden | None: ...
+    def _through(self, stop: Callable[[], bool] | None) -> _Hidden | None:
+        """:meth:`run` up to the final layer norm: the residual stream and where each
+        state's rows end, or None where ``stop()`` said so (never without a ``stop``)."""
         layers = self._layers
         try:
             next(layers)
             while stop is None or not stop():
                 next(layers)
         except StopIteration as done:
-            return self._model._logits(*done.value)
+            hidden: _Hidden = done.value
+            return hidden
         return None
 
 
