@@ -1,11 +1,12 @@
-"""The neural engine: sampling rules, reproducibility, limits, embeddings, parameters."""
+"""The neural engine: sampling rules, reproducibility, limits, embeddings, parameters,
+a decoding step that stops for a joining stream."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,123 @@ async def test_logprobs_follow_the_tokens_through_prompt_chunks(weights_file: Pa
         assert token.top[0].logprob == pytest.approx(token.sampled.logprob)
         assert token.top[0].logprob >= token.top[1].logprob >= token.top[2].logprob
         assert token.sampled.logprob <= 0
+
+
+class _Lender:
+    """An engine's ``run_sync`` that lends a thread to each job, as :data:`CONTEXT`
+    does, and before the job numbered n (counting from ``jobs = 0``) awaits
+    ``before[n]()`` on the event loop: for a step, once its batch is formed and before
+    its thread starts, which is where a stream can join or leave while it runs."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+        self.before: dict[int, Callable[[], Awaitable[None]]] = {}
+
+    async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.jobs += 1
+        hook = self.before.pop(self.jobs, None)
+        if hook is not None:
+            await hook()
+        return await asyncio.to_thread(partial(fn, *args))
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the event loop turn until ``condition()`` holds (a task's first steps)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+# Three streams decoding, and one that joins them: (prompt, max_tokens).
+JOINING = {"A": ("We the", 6), "B": ("People of", 6), "C": ("the United", 6), "N": ("States", 4)}
+
+
+async def _stopping_engine(weights: Path) -> tuple[NeuralEngine, _Lender, dict[str, list[str]]]:
+    """An engine on a :class:`_Lender`, and the text each of :data:`JOINING` gets alone
+    (temperature 0)."""
+    alone = await _engine(weights)
+    expected = {
+        name: await _text(alone, prompt=prompt, max_tokens=n, temperature=0.0)
+        for name, (prompt, n) in JOINING.items()
+    }
+    lender = _Lender()
+    engine = await create(_row({"weights": str(weights)}), EngineContext(lender.run_sync, _no_http))
+    assert isinstance(engine, NeuralEngine)
+    lender.jobs = 0  # the next job is the first step
+    return engine, lender, expected
+
+
+async def _read(engine: NeuralEngine, name: str, arrivals: list[tuple[str, str]]) -> None:
+    prompt, max_tokens = JOINING[name]
+    request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0)
+    async for piece in engine.generate(request):
+        arrivals.append((name, piece))
+
+
+def _joiner(
+    engine: NeuralEngine, readers: dict[str, asyncio.Task[None]], arrivals: list[tuple[str, str]]
+) -> Callable[[], Awaitable[None]]:
+    """A hook that starts stream N and returns once it waits for a slot."""
+
+    async def join() -> None:
+        readers["N"] = asyncio.create_task(_read(engine, "N", arrivals))
+        await _until(lambda: engine.stats()["steps"]["waiting"] == 1)
+
+    return join
+
+
+async def _finished(readers: dict[str, asyncio.Task[None]]) -> None:
+    """Wait for A, B and C, then for N (it starts while they run); bounded, in case a
+    stream never gets its tokens."""
+    await asyncio.wait_for(asyncio.wait(list(readers.values())), timeout=60)
+    await asyncio.wait_for(asyncio.wait([readers["N"]]), timeout=60)
+
+
+async def test_a_decoding_step_stops_for_a_joining_stream(weights_file: Path) -> None:
+    """A, B and C decode; N arrives while their second step runs (after its batch
+    was formed). That step stops after its first layer and gives them no token; N's
+    prompt has the next step to itself, so N's first token arrives before A's, B's
+    and C's second; the step after that ends the stopped pass. Each stream gets the
+    tokens it gets alone."""
+    engine, lender, expected = await _stopping_engine(weights_file)
+    arrivals: list[tuple[str, str]] = []
+    readers: dict[str, asyncio.Task[None]] = {}
+    # Step 1 feeds the three prompts (they join together); step 2 decodes only.
+    lender.before[2] = _joiner(engine, readers, arrivals)
+    readers.update({name: asyncio.create_task(_read(engine, name, arrivals)) for name in "ABC"})
+    await _finished(readers)
+    assert all(task.result() is None for task in readers.values())
+    # Arrivals follow the steps: a step's readers are woken before the next step's
+    # thread can hand its outputs back (the loop's ready queue is first in, first out).
+    names = [name for name, _ in arrivals]
+    assert (set(names[:3]), names[3], set(names[4:7])) == ({"A", "B", "C"}, "N", {"A", "B", "C"})
+    got = {name: [piece for n, piece in arrivals if n == name] for name in JOINING}
+    assert got == expected
+
+
+async def test_a_stream_leaving_drops_the_stopped_pass(weights_file: Path) -> None:
+    """As above, and C's client goes away while the pass is stopped (before the next
+    step reaches a thread): the pass is dropped, not ended, and A and B, whose states
+    it left as they were, get their second token from a fresh pass after N's prompt
+    step: the tokens each gets alone. C got its first token only."""
+    engine, lender, expected = await _stopping_engine(weights_file)
+    arrivals: list[tuple[str, str]] = []
+    readers: dict[str, asyncio.Task[None]] = {}
+
+    async def leave() -> None:
+        readers["C"].cancel()
+        await _until(lambda: engine.stats()["steps"]["left_early"] == 1)
+
+    lender.before[2] = _joiner(engine, readers, arrivals)
+    lender.before[3] = leave
+    readers.update({name: asyncio.create_task(_read(engine, name, arrivals)) for name in "ABC"})
+    await _finished(readers)
+    assert readers["C"].cancelled()
+    assert all(readers[name].result() is None for name in "ABN")
+    names = [name for name, _ in arrivals]
+    # Step 4, a fresh pass: A's and B's second token, N's second.
+    assert (set(names[:3]), names[3], set(names[4:7])) == ({"A", "B", "C"}, "N", {"A", "B", "N"})
+    got = {name: [piece for n, piece in arrivals if n == name] for name in JOINING}
+    assert got == {**expected, "C": expected["C"][:1]}
