@@ -53,17 +53,20 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ...batching import Batcher, StepBatcher
 from ...data.models import ModelConfig
 from ...errors import EngineError
 from ..base import Candidate, Engine, EngineContext, GenerationRequest, Token
-from .model import DecodeState, ForwardPass, GPT2Model
+from .model import DecodeState, GPT2Model
 from .sampling import Sampler, log_probabilities
 from .tokenizer import ByteTokenizer, JsonTokenizer, Tokenizer
 
@@ -160,8 +163,8 @@ class NeuralEngine:
         self._prompts_first = prompts_first
         self._decode_batch = decode_batch
         # A decoding step's pass stopped between two layers for a joining stream's
-        # prompt, and the decodings it feeds: it goes on at the next step without prompts.
-        self._suspended: tuple[ForwardPass, list[Decoding]] | None = None
+        # prompt: it goes on at the next step without prompts.
+        self._stopped: _DecodingPass | None = None
         self._step_count = 0
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
@@ -220,37 +223,40 @@ class NeuralEngine:
         """One forward pass for all of ``decodings`` together, then a token sampled for
         each: its id, None where the model ended the text, or :data:`NO_TOKEN` where
         it got none from this step. Blocking: run it on the pool."""
-        suspended = self._suspended
-        if suspended is not None:
-            present = {id(d) for d in decodings}
-            if not all(id(d) in present for d in suspended[1]):
-                # One of its streams left or sits steps out: drop the pass. Nothing of it
-                # counts until it ends (the states' lengths), so its states are as before.
-                suspended = self._suspended = None
-        counts = self._feed_counts(decodings)
-        fed = [d for d, n in zip(decodings, counts, strict=True) if n]
-        prompts = not all(_decodes(d) for d in fed)
-        if suspended is not None and not prompts:
-            # The pass that made way for a prompt goes on; the others sit this step out.
-            pass_, fed = suspended
+        stopped = self._stopped
+        if stopped is not None and not stopped.still_whole(decodings):
+            stopped = self._stopped = None  # one of its streams left or sits steps out
+        # The decodings fed this step, each with how many of its tokens, in batch order.
+        feeds = [(d, n) for d, n in zip(decodings, self._feed_counts(decodings), strict=True) if n]
+        if self._steps is not None and feeds and all(_decodes(d) for d, _ in feeds):
+            # Decoding only: the stopped pass goes on, or a new one starts. Either stops
+            # between two layers for a stream that can join, so that its prompt waits
+            # for one layer of this step, not all of them.
+            pass_ = stopped or _DecodingPass(self.model, [d for d, _ in feeds])
             logits = pass_.run(self._joinable)
+            self._stopped = pass_ if logits is None else None
             if logits is None:
                 return [NO_TOKEN] * len(decodings)
-            self._suspended = None
-        elif suspended is None and fed and not prompts and self._steps is not None:
-            # Decoding only: stop between two layers for a stream that can join, so that
-            # its prompt waits for one layer of this step, not all of them.
-            pass_ = self.model.start([d.state for d in fed], [n for n in counts if n])
-            logits = pass_.run(self._joinable)
-            if logits is None:
-                self._suspended = (pass_, fed)
-                return [NO_TOKEN] * len(decodings)
+            fed = pass_.decodings
         else:
-            if suspended is not None:  # its states sit out the prompts' step
-                waiting = {id(d) for d in suspended[1]}
-                fed = [d for d in fed if id(d) not in waiting]
-            count_of = {id(d): n for d, n in zip(decodings, counts, strict=True)}
-            logits = self.model.forward([d.state for d in fed], [count_of[id(d)] for d in fed])
+            # Prompts (and, unless prompts_first, decodings), or no batcher (nobody
+            # joins, and each stream's steps run on their own): a pass that does not
+            # stop. A stopped pass's decodings sit it out.
+            if stopped is not None:
+                feeds = stopped.others(feeds)
+            fed = [d for d, _ in feeds]
+            logits = self.model.forward([d.state for d in fed], [n for _, n in feeds])
+        return self._sample(decodings, fed, logits)
+
+    def _sample(
+        self,
+        decodings: Sequence[Decoding],
+        fed: Sequence[Decoding],
+        logits: npt.NDArray[np.float32],
+    ) -> list[int | None]:
+        """A token for each of ``decodings`` from its row of ``logits`` (one per
+        decoding of ``fed``, in order); :data:`NO_TOKEN` for one not fed, or whose
+        prompt is not all fed yet."""
         rows = {id(d): row for d, row in zip(fed, logits, strict=True)}
         tokens: list[int | None] = []
         for decoding in decodings:
@@ -371,6 +377,39 @@ class NeuralEngine:
         # Nothing to release by hand: the mapping goes when the last array over it
         # does (a step still running on the pool keeps it until it ends).
         return None
+
+
+class _DecodingPass:
+    """A decoding step's forward pass, which may stop between two layers for a joining
+    stream's prompt, and the decodings it feeds.
+
+    Stopped, it goes on at a later step with no prompt in it; its decodings sit out
+    the prompts' steps in between. It goes on only with every one of its decodings in
+    the step: one that left or sits steps out (its consumer behind) drops it. Nothing
+    of a pass counts until it ends (the states' lengths), so a dropped pass leaves its
+    states as they were, and nothing is computed twice."""
+
+    __slots__ = ("_members", "_pass", "decodings")
+
+    def __init__(self, model: GPT2Model, decodings: list[Decoding]) -> None:
+        # Each fed its one pending token (the one sampled last).
+        self._pass = model.start([d.state for d in decodings])
+        self.decodings = decodings
+        self._members = frozenset(decodings)
+
+    def run(self, stop: Callable[[], bool]) -> npt.NDArray[np.float32] | None:
+        """Go on through the layers: the logits, one row per decoding, or None where
+        ``stop()`` said so between two layers (at least one layer is computed)."""
+        return self._pass.run(stop)
+
+    def still_whole(self, decodings: Sequence[Decoding]) -> bool:
+        """Every decoding this pass feeds is among ``decodings``."""
+        return self._members.issubset(decodings)
+
+    def others(self, feeds: list[tuple[Decoding, int]]) -> list[tuple[Decoding, int]]:
+        """The decodings of ``feeds`` (with their token counts) that are not this
+        pass's: its own sit out a prompts' step and wait for it to go on."""
+        return [(d, n) for d, n in feeds if d not in self._members]
 
 
 def _decodes(decoding: Decoding) -> bool:
