@@ -407,6 +407,7 @@ async def test_a_decoding_step_stops_for_a_joining_stream(weights_file: Path) ->
     assert (set(names[:3]), names[3], set(names[4:7])) == ({"A", "B", "C"}, "N", {"A", "B", "C"})
     got = {name: [piece for n, piece in arrivals if n == name] for name in JOINING}
     assert got == expected
+    assert (engine.stats()["decode_stops"], engine.stats()["dropped_passes"]) == (1, 0)
 
 
 async def test_a_stream_leaving_drops_the_stopped_pass(weights_file: Path) -> None:
@@ -433,3 +434,4 @@ async def test_a_stream_leaving_drops_the_stopped_pass(weights_file: Path) -> No
     assert (set(names[:3]), names[3], set(names[4:7])) == ({"A", "B", "C"}, "N", {"A", "B", "N"})
     got = {name: [piece for n, piece in arrivals if n == name] for name in JOINING}
     assert got == {**expected, "C": expected["C"][:1]}
+    assert (engine.stats()["decode_stops"], engine.stats()["dropped_passes"]) == (1, 1)

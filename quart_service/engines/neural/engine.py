@@ -165,6 +165,7 @@ class NeuralEngine:
         # A decoding step's pass stopped between two layers for a joining stream's
         # prompt: it goes on at the next step without prompts.
         self._stopped: _DecodingPass | None = None
+        self._decode_stops = self._dropped_passes = 0
         self._step_count = 0
         self._vocab_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         run = context.run_sync
@@ -179,10 +180,15 @@ class NeuralEngine:
         )
 
     def stats(self) -> dict[str, Any]:
-        """The batchers' counters (``/debug/identity``, the benchmarks)."""
+        """The batchers' counters (``/debug/identity``, the benchmarks), and how often a
+        decoding step stopped for a joining stream (``decode_stops``) and a stopped
+        pass was dropped, not ended, because one of its streams left or sat steps out
+        (``dropped_passes``)."""
         return {
             "steps": asdict(self._steps.stats()) if self._steps is not None else None,
             "embeddings": asdict(self._embeds.stats()) if self._embeds is not None else None,
+            "decode_stops": self._decode_stops,
+            "dropped_passes": self._dropped_passes,
         }
 
     def count_tokens(self, text: str) -> int:
@@ -226,6 +232,7 @@ class NeuralEngine:
         stopped = self._stopped
         if stopped is not None and not stopped.still_whole(decodings):
             stopped = self._stopped = None  # one of its streams left or sits steps out
+            self._dropped_passes += 1
         # The decodings fed this step, each with how many of its tokens, in batch order.
         feeds = [(d, n) for d, n in zip(decodings, self._feed_counts(decodings), strict=True) if n]
         if self._steps is not None and feeds and all(_decodes(d) for d, _ in feeds):
@@ -236,6 +243,7 @@ class NeuralEngine:
             logits = pass_.run(self._joinable)
             self._stopped = pass_ if logits is None else None
             if logits is None:
+                self._decode_stops += 1
                 return [NO_TOKEN] * len(decodings)
             fed = pass_.decodings
         else:
