@@ -23,6 +23,9 @@ def test_sse_encoding_of_each_item_kind() -> None:
     assert SSE.encode("hello") == b"data: hello\n\n"
     assert SSE.encode("two\nlines") == b"data: two\ndata: lines\n\n"
     assert SSE.encode({"a": 1, "b": "é"}) == 'data: {"a":1,"b":"é"}\n\n'.encode()
+    # What orjson refuses (an int beyond 64 bits) the standard library's encoder takes.
+    assert SSE.encode({"big": 2**70, 1: "x"}) == b'data: {"big":1180591620717411303424,"1":"x"}\n\n'
+    assert SSE.encode([2**70]) == b"data: [1180591620717411303424]\n\n"
     assert SSE.encode(b"raw bytes pass through") == b"raw bytes pass through"
     event = ServerSentEvent({"x": [1, 2]}, event="update", id="7", retry=3000)
     assert SSE.encode(event) == b'event: update\nid: 7\nretry: 3000\ndata: {"x":[1,2]}\n\n'

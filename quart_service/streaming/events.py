@@ -21,12 +21,13 @@ import orjson
 __all__ = ["NDJSON", "SSE", "Encoder", "ServerSentEvent", "error_payload"]
 
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
 
 
 def _dumps(item: Any) -> bytes:
     """Compact UTF-8 JSON, as ``json.dumps(separators=(",", ":"), ensure_ascii=False)``."""
     try:
-        return orjson.dumps(item, option=orjson.OPT_NON_STR_KEYS)
+        return orjson.dumps(item, option=_OPTIONS)
     except TypeError:
         # What orjson refuses and the standard library takes (an int beyond 64 bits,
         # a dict key of another type); anything else raises the same TypeError again.
@@ -76,6 +77,11 @@ class _SSE:
     heartbeat: Final[bytes | None] = b": keep-alive\n\n"
 
     def encode(self, item: Any) -> bytes:
+        if type(item) is dict:  # a token's JSON: the common case, first and inline
+            try:
+                return b"data: %b\n\n" % orjson.dumps(item, option=_OPTIONS)
+            except TypeError:
+                return b"data: " + _json(item).encode() + b"\n\n"
         if isinstance(item, str):
             return _data_lines(item) + b"\n"
         if isinstance(item, bytes):
