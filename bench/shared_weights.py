@@ -46,7 +46,7 @@ from quart_service.engines.neural.model import GPT2Model
 from quart_service.engines.neural.random_weights import write_random_weights
 from quart_service.engines.neural.weights import GPT2Config
 from tests.support.data import wait_all
-from tests.support.memory import Memory, file_mapping, memory
+from tests.support.memory import Memory, load_one_by_one
 from tests.support.server import Server, pinned_workers, running_server
 
 TOKEN = "bench-admin-token"
@@ -94,15 +94,11 @@ def _memory_round(folder: Path, weights: Path, warm: Path, workers: int, load: s
         wait_all(clients, "/data", lambda a: {"warm", "model"} <= set(a["models"]), timeout=15)
         for client in clients.values():
             _complete(client, "warm")
-        before = {pid: memory(pid) for pid in clients}
-        first, *others = clients
-        _complete(clients[first], "model")
-        alone = memory(first).pss - before[first].pss
-        for pid in others:
-            _complete(clients[pid], "model")
-        after = {pid: memory(pid) for pid in clients}
-        mapped = {pid: file_mapping(pid, weights) for pid in clients}
-    together = sum(after[p].pss - before[p].pss for p in clients)
+        loading = load_one_by_one(
+            list(clients), lambda pid: _complete(clients[pid], "model"), weights
+        )
+    before, after, mapped = loading.before, loading.after, loading.mapped
+    alone, together = loading.alone, loading.together
     print(f"\nload={load}, {workers} workers (MB; after the model ran in every worker)")
     for n, pid in enumerate(clients):
         print(_row(f"worker {n} before", before[pid]))

@@ -21,7 +21,7 @@ from quart_service.engines.neural.weights import GPT2Config
 
 from .support.admin import create_model
 from .support.data import wait_all
-from .support.memory import file_mapping, memory
+from .support.memory import load_one_by_one
 from .support.server import pinned_workers, running_server
 
 TOKEN = "test-admin-token"
@@ -63,16 +63,9 @@ def test_four_workers_hold_one_copy_of_a_100_mb_model(tmp_path: Path) -> None:
         wait_all(clients, "/data", lambda a: set(models) <= set(a["models"]), timeout=10)
         for client in clients.values():
             _complete(client, "warm")
-        before = {pid: memory(pid) for pid in clients}
-
-        first, *others = clients
-        _complete(clients[first], "big")
-        alone = memory(first).pss - before[first].pss
-        for pid in others:
-            _complete(clients[pid], "big")
-        after = {pid: memory(pid) for pid in clients}
-        together = sum(after[pid].pss - before[pid].pss for pid in clients)
-        mappings = {pid: file_mapping(pid, big) for pid in clients}
+        loading = load_one_by_one(list(clients), lambda pid: _complete(clients[pid], "big"), big)
+    before, after, mappings = loading.before, loading.after, loading.mapped
+    alone, together = loading.alone, loading.together
 
     mb = 1e6
     report = (

@@ -6,6 +6,7 @@ summed over processes it counts every page once; RSS counts it in full in each.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,37 @@ def file_mapping(pid: int, path: Path) -> Memory:
                 pss += amount if key == "Pss" else 0
                 anonymous += amount if key == "Anonymous" else 0
     return Memory(rss, pss, anonymous)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What loading a model in each worker, one worker after the other, did to their
+    memory (bytes; by worker pid)."""
+
+    before: dict[int, Memory]
+    after: dict[int, Memory]
+    mapped: dict[int, Memory]  # each worker's mapping of the weights file, after
+    alone: int  # the PSS the first worker gained, loading the model while no other had it
+
+    @property
+    def together(self) -> int:
+        """The PSS all the workers gained together."""
+        return sum(self.after[pid].pss - self.before[pid].pss for pid in self.after)
+
+
+def load_one_by_one(workers: Sequence[int], load: Callable[[int], None], weights: Path) -> Loading:
+    """Run ``load(pid)`` for each of ``workers`` in turn (it must make that worker load the
+    model in ``weights`` and use it), measuring their memory before, after the first
+    alone, and after all of them."""
+    before = {pid: memory(pid) for pid in workers}
+    first, *others = workers
+    load(first)
+    alone = memory(first).pss - before[first].pss
+    for pid in others:
+        load(pid)
+    after = {pid: memory(pid) for pid in workers}
+    mapped = {pid: file_mapping(pid, weights) for pid in workers}
+    return Loading(before, after, mapped, alone)
 
 
 def _fields(lines: list[str]) -> dict[str, int]:
