@@ -13,13 +13,14 @@ per token, and every request embeds by itself).
 For each number of concurrent streams, each model: that many streamed completions at
 once (``--tokens`` tokens each, temperature 0, a different prompt each; with
 ``--steady S``, that many clients that each open a new stream as soon as the last one
-ended, for S seconds, so streams join a batch already running), and
+ended, for S seconds, so streams join a batch already running; those clients run in
+processes of at most ``--streams-per-client`` streams each, 8 by default), and
 
 - aggregate tokens/s: tokens received by all clients / wall time of the run;
 - worker CPU per token (/proc, user + system, all workers);
 - time to first token per stream (request sent to its first text chunk), p50 / p99;
 - the batcher's mean batch size (the worker's ``/debug/identity``);
-- the load generator's own CPU per token (this process).
+- the load generator's own CPU per token (this process and its client processes).
 
 Then embeddings: 64 concurrent requests of one text each, 5 times, per model:
 requests/s, worker CPU per request, mean texts per job.
@@ -31,10 +32,12 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import random
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -112,7 +115,7 @@ async def _streams(
 
 
 async def _steady(
-    url: str, model: str, count: int, tokens: int, seconds: float
+    url: str, model: str, count: int, tokens: int, seconds: float, first: int = 0, seed: int = 0
 ) -> tuple[list[int], list[float], float]:
     """``count`` clients, each starting a new stream as soon as its last one ended,
     for ``seconds``: streams join a batch that is already running, as they do in
@@ -122,11 +125,12 @@ async def _steady(
     one generator seeded with ``count``: every run draws the same start moments, and
     the same sequence of lengths, but which client's stream gets which length depends
     on the order the streams end in, that is on scheduling. Streams begun in the first
-    quarter are left out of the figures."""
+    quarter are left out of the figures. ``first``: the first client's number (its
+    prompts' tag); ``seed`` is added to the generator's seed."""
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
     generated: list[int] = []
     firsts: list[float] = []
-    draw = random.Random(count)
+    draw = random.Random(count + seed)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         started = time.perf_counter()
         measured_from = started + seconds / 4
@@ -146,13 +150,55 @@ async def _steady(
                     firsts.append(first)
                 round_ += 1
 
-        await asyncio.gather(*(loop(n) for n in range(count)))
+        await asyncio.gather(*(loop(n) for n in range(first, first + count)))
         if not generated:  # streams slower than the run: count them all
             print(f"  ({model}: no stream began after the first quarter; all are counted)")
             generated, firsts = [c for c, _ in every], [f for _, f in every]
             measured_from = started
         wall = time.perf_counter() - measured_from
     return generated, firsts, wall
+
+
+def _steady_in_process(
+    url: str, model: str, count: int, tokens: int, seconds: float, first: int, seed: int
+) -> tuple[list[int], list[float], float, float]:
+    """:func:`_steady` in a client process of its own, and that process's CPU seconds."""
+    cpu = time.process_time()
+    generated, firsts, wall = asyncio.run(
+        _steady(url, model, count, tokens, seconds, first=first, seed=seed)
+    )
+    return generated, firsts, wall, time.process_time() - cpu
+
+
+def _steady_clients(
+    url: str, model: str, count: int, tokens: int, seconds: float, processes: int
+) -> tuple[list[int], list[float], float, float]:
+    """:func:`_steady` with its ``count`` clients spread over ``processes`` client
+    processes. In one process, the 32 streams' tokens of a step arrive together and
+    their parsing (about 0.2 ms of CPU each) holds its event loop for several
+    milliseconds, so a client that sends its next request then waits for that: the
+    load generator's lag, not the server's, and a time to first token measured too
+    long. Returns what :func:`_steady` does, and the clients' CPU seconds."""
+    processes = max(1, min(processes, count))
+    shares = [count // processes + (i < count % processes) for i in range(processes)]
+    starts = [sum(shares[:i]) for i in range(processes)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        runs = list(
+            pool.map(
+                _steady_in_process,
+                *zip(
+                    *(
+                        (url, model, share, tokens, seconds, start, i)
+                        for i, (share, start) in enumerate(zip(shares, starts, strict=True))
+                    ),
+                    strict=True,
+                ),
+            )
+        )
+    generated = [g for run in runs for g in run[0]]
+    firsts = [f for run in runs for f in run[1]]
+    return generated, firsts, max(run[2] for run in runs), sum(run[3] for run in runs)
 
 
 async def _embeddings(url: str, model: str) -> float:
@@ -207,6 +253,12 @@ def main() -> None:
         default=0.0,
         help="seconds of steady load (each client opens its next stream when its last "
         "one ends; the first quarter is not counted); 0: one burst of streams at once",
+    )
+    parser.add_argument(
+        "--streams-per-client",
+        type=int,
+        default=8,
+        help="with --steady: at most this many streams per client process",
     )
     parser.add_argument(
         "--models",
@@ -290,16 +342,22 @@ def main() -> None:
                     for _ in range(args.rounds):
                         before = _engine_stats(clients, name)
                         worker_cpu, own_cpu = cpu_seconds(pids), time.process_time()
+                        clients_cpu = 0.0  # client processes' CPU, with --steady
                         if args.steady:
-                            received, firsts, wall = asyncio.run(
-                                _steady(server.url, name, count, args.tokens, args.steady)
+                            received, firsts, wall, clients_cpu = _steady_clients(
+                                server.url,
+                                name,
+                                count,
+                                args.tokens,
+                                args.steady,
+                                math.ceil(count / args.streams_per_client),
                             )
                         else:
                             received, firsts, wall = asyncio.run(
                                 _streams(server.url, name, count, args.tokens)
                             )
                         worker_cpu = cpu_seconds(pids) - worker_cpu
-                        own_cpu = time.process_time() - own_cpu
+                        own_cpu = time.process_time() - own_cpu + clients_cpu
                         tokens = sum(received)
                         assert tokens > 0, "no tokens"
                         cells.append(
