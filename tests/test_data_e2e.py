@@ -158,10 +158,19 @@ def test_cache_loads_once_per_worker_and_never_serves_an_old_generation(
         wait_all(clients, "/data", lambda a: "k" in a["models"], timeout=5)
 
         async def burst() -> list[dict[str, Any]]:
-            limits = httpx.Limits(max_connections=500)
-            async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+            # 500 requests at once, each on a connection of its own, from 10 clients of
+            # 50 connections: one httpx client spends CPU per request that grows with
+            # its pool (~20 ms each with 500 connections), so from one client the
+            # burst took 10 s and reached the workers spread over those 10 s, mostly
+            # after the first load had finished; ten clients send it within ~1.5 s.
+            async with contextlib.AsyncExitStack() as stack:
+                limits = httpx.Limits(max_connections=50)
+                senders = [
+                    await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=60))
+                    for _ in range(10)
+                ]
                 answers = await asyncio.gather(
-                    *(client.get(server.url + "/cached/k") for _ in range(500))
+                    *(senders[n % 10].get(server.url + "/cached/k") for n in range(500))
                 )
             return [a.json() for a in answers]
 
