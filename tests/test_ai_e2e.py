@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from openai import OpenAI
 
 from .support.admin import create_model
 from .support.data import wait_all
-from .support.server import pinned_workers, running_server
+from .support.server import Server, pinned_workers, running_server
 
 TOKEN = "test-admin-token"
 INTERVAL = 0.5
@@ -33,56 +34,64 @@ def _wait_model(clients: dict[int, httpx.Client], name: str, parameters: dict[st
     wait_all(clients, "/data", lambda a: a["models"].get(name) == parameters, timeout=10)
 
 
-def test_official_openai_client_streams_what_it_gets_whole(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with the default settings of this module (admin on), for the tests
+    that only add their own models to it: each checks what its own requests did."""
+    tmp_path = tmp_path_factory.mktemp("ai")
     with running_server(tmp_path, workers=2, env=_env(tmp_path)) as server:
-        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        assert "local-ngram" in [m.id for m in client.models.list()]
-        messages: Any = [{"role": "user", "content": "that government of the people"}]
-        whole = client.chat.completions.create(
-            model="local-ngram", messages=messages, max_tokens=40, seed=7
-        )
-        text = whole.choices[0].message.content
-        assert text
-        assert whole.choices[0].finish_reason == "length"
-        assert whole.usage is not None
-        assert whole.usage.completion_tokens == 40
-        streamed = client.chat.completions.create(
+        yield server
+
+
+def test_official_openai_client_streams_what_it_gets_whole(server: Server) -> None:
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert "local-ngram" in [m.id for m in client.models.list()]
+    messages: Any = [{"role": "user", "content": "that government of the people"}]
+    whole = client.chat.completions.create(
+        model="local-ngram", messages=messages, max_tokens=40, seed=7
+    )
+    text = whole.choices[0].message.content
+    assert text
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens == 40
+    streamed = client.chat.completions.create(
+        model="local-ngram",
+        messages=messages,
+        max_tokens=40,
+        seed=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in streamed:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == text
+    assert finish == "length"
+    assert usage is not None
+    assert usage.completion_tokens == 40
+    # Text completions, whole and streamed, agree too; a stop sequence cuts both.
+    done = client.completions.create(
+        model="local-ngram", prompt="We the People", max_tokens=25, seed=3, stop=["."]
+    )
+    parts = [
+        c.choices[0].text
+        for c in client.completions.create(
             model="local-ngram",
-            messages=messages,
-            max_tokens=40,
-            seed=7,
+            prompt="We the People",
+            max_tokens=25,
+            seed=3,
+            stop=["."],
             stream=True,
-            stream_options={"include_usage": True},
         )
-        pieces, finish, usage = [], None, None
-        for chunk in streamed:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                pieces.append(choice.delta.content or "")
-                finish = choice.finish_reason or finish
-        assert "".join(pieces) == text
-        assert finish == "length"
-        assert usage is not None
-        assert usage.completion_tokens == 40
-        # Text completions, whole and streamed, agree too; a stop sequence cuts both.
-        done = client.completions.create(
-            model="local-ngram", prompt="We the People", max_tokens=25, seed=3, stop=["."]
-        )
-        parts = [
-            c.choices[0].text
-            for c in client.completions.create(
-                model="local-ngram",
-                prompt="We the People",
-                max_tokens=25,
-                seed=3,
-                stop=["."],
-                stream=True,
-            )
-            if c.choices
-        ]
-        assert "".join(parts) == done.choices[0].text
-        assert "." not in done.choices[0].text
+        if c.choices
+    ]
+    assert "".join(parts) == done.choices[0].text
+    assert "." not in done.choices[0].text
 
 
 BAD_INPUTS: list[tuple[str, bytes, int, str | None]] = [
@@ -114,12 +123,9 @@ BAD_INPUTS: list[tuple[str, bytes, int, str | None]] = [
 
 
 def test_bad_inputs_get_openai_shaped_errors_and_the_service_keeps_serving(
-    tmp_path: Path,
+    server: Server,
 ) -> None:
-    with (
-        running_server(tmp_path, workers=2, env=_env(tmp_path)) as server,
-        httpx.Client(base_url=server.url, timeout=30) as http,
-    ):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
         for label, body, status, param in BAD_INPUTS:
             response = http.post(
                 "/v1/chat/completions",
@@ -172,12 +178,9 @@ def _complete(client: httpx.Client, model: str) -> str:
 
 
 def test_admin_update_reaches_every_worker_and_rebuilds_only_that_engine(
-    tmp_path: Path,
+    server: Server,
 ) -> None:
-    with (
-        running_server(tmp_path, workers=2, env=_env(tmp_path)) as server,
-        pinned_workers(server, 2) as clients,
-    ):
+    with pinned_workers(server, 2) as clients:
         create_model(server.url, TOKEN, "a", "local", {"order": 2})
         create_model(server.url, TOKEN, "b", "local", {"order": 3})
         _wait_model(clients, "a", {"order": 2})
@@ -232,10 +235,10 @@ def _stream_text(url: str, model: str, **extra: Any) -> str:
 
 @pytest.mark.slow
 def test_upstream_engine_proxies_a_second_instance_and_stops_it_on_disconnect(
-    tmp_path: Path,
+    tmp_path: Path, server: Server
 ) -> None:
+    upstream = server
     with (
-        running_server(tmp_path, workers=2, env=_env(tmp_path, "up")) as upstream,
         pinned_workers(upstream, 2) as upstream_workers,
         running_server(tmp_path, workers=2, env=_env(tmp_path, "front")) as front,
         pinned_workers(front, 2) as front_workers,

@@ -80,7 +80,11 @@ ON_POSTGRES = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_an_admin_write_on_one_host_reaches_every_worker_of_every_host(
     tmp_path: Path, redis: RedisServer, backend: Backend
 ) -> None:
-    extra = _shared_database(backend)
+    # Each write is answered once its host serves it, which in a cluster comes with the
+    # cluster leader's next poll: about one whole interval per write. A shorter interval
+    # than the other cluster tests' makes the 20 writes cost 20 x 0.25 s.
+    interval = INTERVAL / 2
+    extra = {**_shared_database(backend), "QUART_SERVICE_REFRESH_INTERVAL": str(interval)}
     with running_cluster(tmp_path, 3, redis.url, extra=extra) as cluster:
         writer = next(iter(cluster.workers(0).values()))
         delays: list[float] = []
@@ -89,7 +93,7 @@ def test_an_admin_write_on_one_host_reaches_every_worker_of_every_host(
             reached = wait_all(cluster.clients, "/data", _has_model(value), timeout=5)
             delays.append(max(reached.values()))
         p99 = quantiles(delays, n=100, method="inclusive")[98]
-        assert p99 <= INTERVAL + 0.5, f"p99 {p99:.3f} s: {sorted(delays)}"
+        assert p99 <= interval + 0.5, f"p99 {p99:.3f} s: {sorted(delays)}"
         _assert_one_leader_per_generation(cluster)
 
 

@@ -154,6 +154,10 @@ def test_a_failing_loader_keeps_its_version_while_others_move(tmp_path: Path) ->
 @pytest.mark.slow
 def test_a_resource_built_from_a_dataset_is_rebuilt_once_per_worker(tmp_path: Path) -> None:
     database, env = _prepare(tmp_path)
+    # Each change is made just after a refresh, so it waits about one whole interval:
+    # a short one keeps the 5 changes and the quiet window after them short.
+    interval = INTERVAL / 2
+    env["QUART_SERVICE_REFRESH_INTERVAL"] = str(interval)
     with (
         running_server(tmp_path, app=APP, workers=4, env=env) as server,
         pinned_workers(server, 4) as clients,
@@ -172,7 +176,7 @@ def test_a_resource_built_from_a_dataset_is_rebuilt_once_per_worker(tmp_path: Pa
                 found[pid] = next(s["builds"] for s in statuses if s["name"] == "flag_book")
             return found
 
-        time.sleep(3 * INTERVAL)  # a late, second rebuild would show by now
+        time.sleep(3 * interval)  # a late, second rebuild would show by now
         assert builds() == dict.fromkeys(clients, 1 + changes)
         # Values cached under the flags' version are never served after a swap: the
         # book every worker serves is built from the version its requests see.

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.support.server import running_server
+from tests.support.server import Server, running_server
 
 APP = "quart_service.app:app"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The service on its defaults (no CORS origins, no admin token), for the tests
+    that check what is off unless configured; they only read from it."""
+    with running_server(tmp_path_factory.mktemp("plain"), app=APP) as server:
+        yield server
 
 
 def _raw(port: int, request: bytes, timeout: float = 5) -> bytes:
@@ -74,12 +84,11 @@ def test_idle_keep_alive_connections_are_closed_after_keep_alive_timeout(
         assert 0.9 < closed_after < 5  # closed by the server, not by our timeout
 
 
-def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
+def test_cors_is_off_unless_origins_are_configured(tmp_path: Path, plain: Server) -> None:
     origin = {"Origin": "https://app.example"}
-    with running_server(tmp_path, app=APP) as server:
-        response = httpx.get(server.url + "/v1/models", headers=origin)
-        assert response.status_code == 200
-        assert "access-control-allow-origin" not in response.headers
+    response = httpx.get(plain.url + "/v1/models", headers=origin)
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
     env = {"QUART_SERVICE_CORS_ALLOW_ORIGINS": "https://app.example"}
     with running_server(tmp_path, app=APP, env=env) as server:
         response = httpx.get(server.url + "/v1/models", headers=origin)
@@ -95,9 +104,8 @@ def test_cors_is_off_unless_origins_are_configured(tmp_path: Path) -> None:
         assert "POST" in preflight.headers["access-control-allow-methods"]
 
 
-def test_admin_api_needs_its_token_and_is_absent_without_one(tmp_path: Path) -> None:
-    with running_server(tmp_path, app=APP) as server:
-        assert httpx.get(server.url + "/admin/models").status_code == 404
+def test_admin_api_needs_its_token_and_is_absent_without_one(tmp_path: Path, plain: Server) -> None:
+    assert httpx.get(plain.url + "/admin/models").status_code == 404
     env = {"QUART_SERVICE_ADMIN_TOKEN": "s3cret-token"}
     with running_server(tmp_path, app=APP, env=env) as server:
         assert httpx.get(server.url + "/admin/models").status_code == 401

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,15 +32,15 @@ def sse_events(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_stream_longer_than_response_timeout_arrives_complete(tmp_path: Path) -> None:
-    env = {"QUART_SERVICE_RESPONSE_TIMEOUT": "2"}
+    env = {"QUART_SERVICE_RESPONSE_TIMEOUT": "1"}
     with running_server(tmp_path, workers=2, env=env) as server:
         started = time.monotonic()
         response = httpx.get(
-            server.url + "/demo/stream", params={"count": 11, "interval": 0.5}, timeout=30
+            server.url + "/demo/stream", params={"count": 11, "interval": 0.25}, timeout=30
         )
         elapsed = time.monotonic() - started
-        # Quart would cut a body at RESPONSE_TIMEOUT (2 s); this one takes ~5 s.
-        assert elapsed >= 4.5
+        # Quart would cut a body at RESPONSE_TIMEOUT (1 s); this one takes ~2.75 s.
+        assert elapsed >= 2.5
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"
@@ -47,8 +48,9 @@ def test_stream_longer_than_response_timeout_arrives_complete(tmp_path: Path) ->
         events = sse_events(response.text)
         assert len(events) == 11
         assert '"n":10' in events[-1]
-        # The control: a plain Quart stream under the same setting is cut at 2 s,
-        # and the connection is dropped without the end of the chunked body.
+        # The control: a plain Quart stream (11 events, 0.5 s apart) under the same
+        # setting is cut at 1 s, and the connection is dropped without the end of the
+        # chunked body.
         received: list[str] = []
         with (
             pytest.raises(httpx.RemoteProtocolError),
@@ -105,6 +107,12 @@ def _identity(server: Server, pid: int) -> dict[str, object]:
     raise AssertionError(f"worker {pid} never answered")
 
 
+def _streams(identity: dict[str, object]) -> dict[str, int]:
+    streams = identity["streams"]
+    assert isinstance(streams, dict)
+    return streams
+
+
 def _wait_for(path: Path, kind: str, tag: str, timeout: float) -> dict[str, object] | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,40 +123,52 @@ def _wait_for(path: Path, kind: str, tag: str, timeout: float) -> dict[str, obje
     return None
 
 
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    """A server whose test routes record events to a file, and that file: shared by
+    the disconnect cases (each waits for its own kind of event)."""
+    tmp_path = tmp_path_factory.mktemp("recording")
+    events_file = tmp_path / "events.jsonl"
+    env = {"TEST_EVENTS_FILE": str(events_file), "QUART_SERVICE_IDENTITY_ENDPOINT": "1"}
+    with running_server(tmp_path, workers=2, env=env) as server:
+        yield server, events_file
+
+
 @pytest.mark.parametrize(
     ("route", "kind"),
     [("/async-stream", "async_finally"), ("/sync-stream", "sync_closed")],
 )
 def test_disconnect_stops_the_producer_within_a_second(
-    tmp_path: Path, route: str, kind: str
+    recording: tuple[Server, Path], route: str, kind: str
 ) -> None:
-    events_file = tmp_path / "events.jsonl"
-    env = {"TEST_EVENTS_FILE": str(events_file), "QUART_SERVICE_IDENTITY_ENDPOINT": "1"}
-    with running_server(tmp_path, workers=2, env=env) as server:
-        params: dict[str, str | int | float] = {"count": 1_000_000, "delay": 0.01, "tag": "gone"}
-        with (
-            httpx.Client(timeout=10) as client,
-            client.stream("GET", server.url + route, params=params) as response,
-        ):
-            lines = response.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            assert '"n":0' in first
-            # Read from the right worker afterwards: ask its identity first.
-        left_at = time.time()
-        event = _wait_for(events_file, kind, "gone", timeout=3)
-        assert event is not None, "the producer kept running after the client left"
-        assert float(event["t"]) - left_at < 1.0  # type: ignore[arg-type]
-        pid = int(event["pid"])  # type: ignore[call-overload]
-        identity = _identity(server, pid)
-        streams = identity["streams"]
-        executor = identity["executor"]
-        assert isinstance(streams, dict)
-        assert isinstance(executor, dict)
-        assert streams["disconnected"] >= 1
-        assert streams["active"] == 0
-        assert executor["active"] == 0
-        if kind == "sync_closed":
-            assert str(event["thread"]).startswith("quart-service-pool")
+    server, events_file = recording
+    # The server is shared: count this case's disconnect from what each worker had.
+    disconnected = {
+        pid: _streams(_identity(server, pid))["disconnected"] for pid in server.worker_pids()
+    }
+    params: dict[str, str | int | float] = {"count": 1_000_000, "delay": 0.01, "tag": "gone"}
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("GET", server.url + route, params=params) as response,
+    ):
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert '"n":0' in first
+        # Read from the right worker afterwards: ask its identity first.
+    left_at = time.time()
+    event = _wait_for(events_file, kind, "gone", timeout=3)
+    assert event is not None, "the producer kept running after the client left"
+    assert float(event["t"]) - left_at < 1.0  # type: ignore[arg-type]
+    pid = int(event["pid"])  # type: ignore[call-overload]
+    identity = _identity(server, pid)
+    streams = _streams(identity)
+    executor = identity["executor"]
+    assert isinstance(executor, dict)
+    assert streams["disconnected"] >= disconnected[pid] + 1
+    assert streams["active"] == 0
+    assert executor["active"] == 0
+    if kind == "sync_closed":
+        assert str(event["thread"]).startswith("quart-service-pool")
 
 
 @pytest.mark.slow

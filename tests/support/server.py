@@ -71,18 +71,28 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> int:
-        """SIGTERM by PID, then SIGKILL if it does not exit; returns the exit code."""
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM by PID, then SIGKILL if it does not exit within ``timeout`` seconds;
+        returns the exit code."""
+        self.terminate()
+        return self.wait_or_kill(timeout)
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the server's parent process (by PID), if it still runs."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                for pid in self.worker_pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.process.kill()
-                self.process.wait(timeout=5)
+
+    def wait_or_kill(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the server to exit; then SIGKILL its
+        workers and its parent (by PID). Returns the exit code."""
+        try:
+            self.process.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            for pid in self.worker_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+            self.process.wait(timeout=5)
         return self.process.returncode
 
 
