@@ -327,6 +327,21 @@ async def test_the_watcher_sees_every_generation_and_never_goes_back(client: Red
         await _stop(task)
 
 
+async def test_a_watcher_cancelled_while_it_connects_always_stops(client: Redis) -> None:
+    """A stopping worker cancels its watcher, sometimes while redis-py is still setting
+    up the subscription. On Python 3.11 redis-py's ``asyncio.wait_for`` could swallow
+    that cancellation (python/cpython#86296) and the watcher looped on: about half of
+    these cancellations never ended, and the worker never exited."""
+    delays = [0.0005 * (i % 6) for i in range(60)]  # 0-2.5 ms after the start
+    for delay in delays:
+        task = asyncio.create_task(_collect(SnapshotWatcher(client), []))
+        await asyncio.sleep(delay)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=3)
+        assert done, f"a watcher cancelled {delay * 1000:.1f} ms after it started never stopped"
+        assert task.cancelled() or task.exception() is None
+
+
 async def test_the_watcher_survives_a_killed_connection(client: Redis) -> None:
     store = SnapshotStore(client)
     watcher = SnapshotWatcher(client, backoff=0.05)

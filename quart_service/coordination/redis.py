@@ -48,6 +48,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..cancelling import pause, raise_if_cancelling
+
 __all__ = [
     "DEFAULT_PREFIX",
     "RedisLease",
@@ -194,7 +196,7 @@ class RedisLease:
         (refused renewal, or Redis unreachable until the TTL ran out). Run it as a task
         next to the leader's work and stop publishing when it returns."""
         while self.held:
-            await asyncio.sleep(min(self.renew_every, self._left()))
+            await pause(min(self.renew_every, self._left()))
             if not self.held:
                 break
             try:
@@ -352,12 +354,15 @@ class SnapshotWatcher:
         """Yield each new generation until the consumer stops iterating."""
         backoff = self._backoff
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         while True:
             try:
                 async with self._client.pubsub() as pubsub:
                     await pubsub.subscribe(self._store.channel)
                     next_check = loop.time() + self.fallback_every
                     while True:
+                        # No pause in this loop: every turn awaits redis-py.
+                        raise_if_cancelling(task)
                         wait = max(0.0, next_check - loop.time())
                         message = await pubsub.get_message(timeout=wait)
                         if message is not None and message.get("type") == "subscribe":
@@ -379,7 +384,7 @@ class SnapshotWatcher:
                             yield seen
             except Unavailable as exc:
                 self._set_connected(False, exc)
-                await asyncio.sleep(backoff)
+                await pause(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
 
     def _set_connected(self, connected: bool, exc: BaseException | None = None) -> None:

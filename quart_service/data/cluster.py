@@ -35,6 +35,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from ..cancelling import pause, stop
 from ..coordination.redis import RedisLease, SnapshotStore, SnapshotWatcher, Unavailable
 from ..observability.metrics import Count
 
@@ -149,8 +150,7 @@ class ClusterFeed:
         try:
             await self._lead()
         finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            await stop(watch, "the cluster snapshot watcher")
             if self._lease.held:
                 with contextlib.suppress(*Unavailable):  # it expires by itself
                     await self._lease.release()
@@ -189,7 +189,7 @@ class ClusterFeed:
                     self.redis.up()
             except Unavailable as exc:
                 self.redis.down(exc)
-            await asyncio.sleep(tick)
+            await pause(tick)
 
     async def _poll_and_publish(self) -> None:
         previous = self._published or self.latest

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from ..cancelling import pause, stop
 from ..coordination.local import LeaderLock, PublishedFile
 from ..observability.metrics import Count
 from .database import Database
@@ -309,12 +310,11 @@ class DataPlane:
                     # A bug here must not stop the refresh (nor free the lock): log it.
                     _log.exception("the refresh loop failed; it goes on")
                     next_poll = loop.time() + self.interval
-                await asyncio.sleep(follow_every)
+                await pause(follow_every)
         finally:
             self._served_file.path.unlink(missing_ok=True)
             if self._feed_task is not None:
-                self._feed_task.cancel()
-                await asyncio.gather(self._feed_task, return_exceptions=True)
+                await stop(self._feed_task, "the cluster feed")
             self._lock.release()
 
     async def _round(self, next_poll: float, backoff: float) -> tuple[float, float]:

@@ -100,9 +100,12 @@ def running_cluster(
 ) -> Iterator[Cluster]:
     """``hosts`` servers of ``workers`` each, started side by side; every worker pinned
     to a client. Afterwards every host gets SIGTERM at once and :data:`STOP_GRACE`
-    seconds to exit, then SIGKILL."""
+    seconds to exit, then SIGKILL; when the test's body passed, every host it left
+    running must have exited by itself, with code 0 (a worker that never exits on
+    SIGTERM is a bug a user meets as a server that will not stop)."""
     servers: list[Server] = []
     ports: set[int] = set()
+    passed = False
     try:
         for host in range(hosts):
             folder = root / f"host{host}"
@@ -124,18 +127,23 @@ def running_cluster(
                 cluster.clients.update(pinned)
                 cluster.host_of.update(dict.fromkeys(pinned, host))
             yield cluster
+            passed = True
         finally:
             for client in cluster.clients.values():
                 client.close()
     finally:
-        stop_hosts(servers, STOP_GRACE)
+        codes = stop_hosts(servers, STOP_GRACE)
+    if passed:
+        unclean = {port: code for port, code in codes.items() if code != 0}
+        assert not unclean, f"hosts (by port) that did not exit cleanly on SIGTERM: {unclean}"
 
 
-def stop_hosts(servers: list[Server], grace: float) -> None:
+def stop_hosts(servers: list[Server], grace: float) -> dict[int, int]:
     """SIGTERM every host at once (by PID), then wait for each until ``grace`` seconds
-    after the signal; SIGKILL what is still running."""
-    for server in servers:
+    after the signal; SIGKILL what is still running. The exit code of each host that
+    was running, by port (negative: the signal that ended it)."""
+    running = [server for server in servers if server.process.poll() is None]
+    for server in running:
         server.terminate()
     deadline = time.monotonic() + grace
-    for server in servers:
-        server.wait_or_kill(deadline - time.monotonic())
+    return {server.port: server.wait_or_kill(deadline - time.monotonic()) for server in running}
