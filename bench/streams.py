@@ -68,7 +68,7 @@ from typing import cast
 import psutil
 
 from quart_service.observability.proc import rss_bytes
-from tests.support.server import SHIPPED_CONFIG, free_port
+from tests.support.server import SHIPPED_CONFIG, free_port, wait_or_kill
 
 from ._servers import launch, started
 
@@ -177,14 +177,7 @@ class Running:
         """SIGTERM to the main process by PID; SIGKILL to it and its workers after 15 s."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                for pid in self.workers:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.process.kill()
-                self.process.wait(timeout=5)
+            wait_or_kill(self.process, lambda: self.workers, 15)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -85,15 +85,23 @@ class Server:
     def wait_or_kill(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for the server to exit; then SIGKILL its
         workers and its parent (by PID). Returns the exit code."""
-        try:
-            self.process.wait(timeout=max(0.0, timeout))
-        except subprocess.TimeoutExpired:
-            for pid in self.worker_pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.process.kill()
-            self.process.wait(timeout=5)
-        return self.process.returncode
+        return wait_or_kill(self.process, self.worker_pids, timeout)
+
+
+def wait_or_kill(
+    process: subprocess.Popen[bytes], workers: Callable[[], Iterable[int]], timeout: float
+) -> int:
+    """Wait up to ``timeout`` seconds for a server's main ``process`` to exit; then
+    SIGKILL its ``workers()`` and it (by PID). Its exit code."""
+    try:
+        process.wait(timeout=max(0.0, timeout))
+    except subprocess.TimeoutExpired:
+        for pid in workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait(timeout=5)
+    return process.returncode
 
 
 def server_env(extra: Mapping[str, str] | None = None, root: Path = ROOT) -> dict[str, str]:
