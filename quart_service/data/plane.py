@@ -47,7 +47,7 @@ __all__ = ["DataPlane", "Freshness", "PlaneCounts", "SwapListener"]
 
 _log = logging.getLogger("quart_service.data")
 
-_MAX_BACKOFF = 30.0
+_MAX_BACKOFF = 5.0  # one statement per host: cheap to retry; data fresh within 5 s of recovery
 _FILES = "datasets"
 # One file per worker: the generation it serves (so a writer can wait for all of them).
 _SERVED = "workers"
