@@ -148,8 +148,10 @@ def test_batched_streams_equal_their_lone_runs_and_leavers_free_their_slots(
 
 
 def test_embeddings_through_the_official_client(tmp_path: Path) -> None:
-    with _serving(tmp_path, seed=4) as (server, _):
-        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with (
+        _serving(tmp_path, seed=4) as (server, _),
+        OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client,
+    ):
         # The client asks for base64 by default and decodes it into floats itself.
         one = client.embeddings.create(model="gpt", input="We the People")
         assert len(one.data) == 1
