@@ -154,6 +154,7 @@ class StepBatcher(Generic[S, O]):
         self._max_batch = max_batch
         self._buffer = buffer
         self._empty = empty
+        self._drops_empty = not isinstance(empty, _Unset)
         self._active: list[_Stream[S, O]] = []
         self._waiting: deque[_Stream[S, O]] = deque()
         self._parked: list[_Stream[S, O]] = []
@@ -287,8 +288,7 @@ class StepBatcher(Generic[S, O]):
                         if not entry.done:
                             self._end(entry, exc)
                     continue
-                empty = self._empty
-                drops = not isinstance(empty, _Unset)
+                empty, drops = self._empty, self._drops_empty
                 for entry, output in zip(kept, outputs, strict=True):
                     if entry.done:  # it left during the step: nobody takes this output
                         continue
