@@ -4,6 +4,8 @@
 * ``GET /sse``    — an SSE stream of 100 small events from an async generator;
 * ``GET /paced``  — the same with an ``await asyncio.sleep(0)`` between events (one per
   loop turn, as a model yields tokens);
+* ``GET /paced-bytes`` — ``/paced`` yielding ready-made SSE bytes (what the service's
+  stream costs without the JSON of each event; bare Quart's ``/paced`` already does);
 * ``GET /awaited`` — the same, each event awaited on a future that another callback
   completes a loop turn later (tokens handed over by a model's own task or thread);
 * ``GET /sync``   — the same 100 events from a *sync* generator (bridged to a thread);
@@ -65,6 +67,15 @@ def _service_routes() -> Blueprint:
 
         return sse(produce())
 
+    @bp.get("/paced-bytes")
+    async def paced_bytes() -> Response:
+        async def produce() -> AsyncIterator[bytes]:
+            for _ in range(EVENTS):
+                yield _EVENT
+                await asyncio.sleep(0)
+
+        return sse(produce())
+
     @bp.get("/awaited")
     async def awaited() -> Response:
         async def produce() -> AsyncIterator[dict[str, str]]:
@@ -115,6 +126,7 @@ def _bare() -> Quart:
         return response
 
     @bp.get("/paced")
+    @bp.get("/paced-bytes")
     async def paced() -> Response:
         async def produce() -> AsyncIterator[bytes]:
             for _ in range(EVENTS):

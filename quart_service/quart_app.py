@@ -17,6 +17,8 @@ from quart.ctx import RequestContext
 from quart.globals import request_ctx
 from quart.typing import ResponseReturnValue
 
+from .http_connection import ServiceHTTPConnection
+
 __all__ = ["RequestStep", "ServiceQuart"]
 
 RequestStep = Callable[[Request], None]
@@ -24,7 +26,10 @@ RequestStep = Callable[[Request], None]
 
 
 class ServiceQuart(Quart):
-    """Quart, plus :attr:`request_steps` run before every request's own hooks."""
+    """Quart, plus :attr:`request_steps` run before every request's own hooks, and
+    one task per request (:class:`~.http_connection.ServiceHTTPConnection`)."""
+
+    asgi_http_class = ServiceHTTPConnection
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

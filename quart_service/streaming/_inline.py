@@ -26,6 +26,7 @@ import asyncio
 import logging
 import types
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator
+from contextvars import Context
 from typing import Any, Final
 
 _log = logging.getLogger("quart_service.streaming")
@@ -40,11 +41,12 @@ class SourceState:
     producer now (not for the client), the heartbeat being written beside it, and
     whether (and how) the producer ended."""
 
-    __slots__ = ("beat", "events", "failure", "finished", "pulling", "writes")
+    __slots__ = ("beat", "events", "failure", "finished", "interrupted", "pulling", "writes")
 
     def __init__(self) -> None:
         self.events = self.writes = 0
         self.pulling = False
+        self.interrupted = False  # the body has a frame of its own due (a deadline, the drain)
         self.beat: asyncio.Task[None] | None = None
         self.finished = False  # the producer ended (or failed): pull no more
         self.failure: tuple[str, str] | None = None
@@ -55,15 +57,16 @@ class InlineSource(SourceState):
 
     __slots__ = (
         "_agen",
+        "_context",
         "_encode",
         "_limit",
         "_loop",
         "_on_empty",
         "_step",
-        "_task",
         "_turned",
         "_yielded",
         "cutting",
+        "task",
     )
 
     def __init__(
@@ -72,16 +75,17 @@ class InlineSource(SourceState):
         encode: Callable[[Any], bytes],
         limit: int,
         on_empty: Callable[[], Awaitable[bytes]],
-        task: asyncio.Task[Any],
         loop: asyncio.AbstractEventLoop,
+        context: Context,
     ) -> None:
         super().__init__()
         self._agen = aiter(source)
         self._encode = encode
         self._limit = limit
         self._on_empty = on_empty  # the body's next frame when a pull brought nothing
-        self._task = task
         self._loop = loop
+        self._context = context  # the view's: the generator's finally blocks run in it
+        self.task: asyncio.Task[Any] | None = None  # the task that pulls: set before it does
         # A step started by hand that suspended: the generator's __anext__ awaitable,
         # and what it yielded to the event loop (a future, or None for one turn).
         self._step: Generator[Any, Any, Any] | None = None
@@ -134,7 +138,7 @@ class InlineSource(SourceState):
             if not self.cutting:
                 raise
             self.cutting = False
-            if self._task.uncancel() > 0:  # the client left too
+            if self.task is not None and self.task.uncancel() > 0:  # the client left too
                 raise
         except Exception:
             _log.exception("stream producer failed")
@@ -145,7 +149,8 @@ class InlineSource(SourceState):
             return (yield from self._on_empty().__await__())
         if self.cutting:  # the generator swallowed our cancellation and went on
             self.cutting = False
-            self._task.uncancel()
+            if self.task is not None:
+                self.task.uncancel()
         data, count = self._gather(item)
         if not count:
             return (yield from self._on_empty().__await__())
@@ -156,11 +161,29 @@ class InlineSource(SourceState):
             yield from beat  # one write at a time: the heartbeat's first
         return data
 
+    @types.coroutine
+    def stream(self, send: Callable[[Any], Awaitable[None]]) -> Generator[Any, Any, None]:
+        """Pull and send every chunk until the stream ends: the server's send loop and
+        :meth:`pull` in one frame, resumed once per event (Quart's own loop would step
+        the body's ``__anext__`` and start a new :meth:`pull` for every event)."""
+        on_empty = self._on_empty
+        while True:
+            try:
+                if self.interrupted or self.finished:
+                    data = yield from on_empty().__await__()
+                else:
+                    data = yield from self.pull()
+            except StopAsyncIteration:
+                return
+            yield from send(
+                {"type": "http.response.body", "body": data, "more_body": True}
+            ).__await__()
+
     def cut(self) -> None:
         """End the current wait (called while the task waits inside :meth:`pull`)."""
-        if not self.cutting and not self.finished:
+        if not self.cutting and not self.finished and self.task is not None:
             self.cutting = True
-            self._task.cancel()
+            self.task.cancel()
 
     def closing(self) -> asyncio.Task[None] | None:
         """A task that stops the generator, or None if it needs none: a step left
@@ -169,7 +192,7 @@ class InlineSource(SourceState):
         if self.finished:
             return None
         self.finished = True
-        return self._loop.create_task(self._aclose())
+        return self._loop.create_task(self._aclose(), context=self._context)
 
     # -- internals ----------------------------------------------------------------------
 
