@@ -13,8 +13,8 @@ start to end:
   is free for the next step.
 - **Leaving early.** A stream whose consumer stops (``aclose()``, ``break``), or whose
   task is cancelled where it waits (the client went away, a stream timeout: the
-  service cancels the response's task, and the cancellation arrives here), is taken
-  out of the batch at once: the next step runs without it and a waiting stream takes
+  service cancels the task that pulls the stream, and the cancellation arrives
+  here), is taken out of the batch at once: the next step runs without it and a waiting stream takes
   its slot. A step already running for it on a thread finishes (a thread cannot be
   interrupted) and its output is dropped; a step that has not yet reached a thread
   leaves it out. Do not reuse a state after its stream left: that last step may still

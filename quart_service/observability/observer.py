@@ -147,9 +147,9 @@ class _Exchange:
     __slots__ = (
         "_draining",
         "_id_header",
-        "_send",
         "first_byte",
         "sent",
+        "server_send",
         "started",
         "status",
         "streamed",
@@ -161,7 +161,10 @@ class _Exchange:
         id_header: tuple[bytes, bytes],
         draining: Callable[[], bool],
     ) -> None:
-        self._send = send
+        # The server's own send. A stream, once its first chunk went through this
+        # exchange, writes the rest with it and adds their bytes to ``sent`` itself:
+        # no call of this exchange per token.
+        self.server_send = send
         self._id_header = id_header
         self._draining = draining
         self.started = time.perf_counter()
@@ -188,7 +191,7 @@ class _Exchange:
                 # Keep-alive clients leave this worker after this response.
                 headers.append(_CLOSE)
             message["headers"] = headers
-        return self._send(message)
+        return self.server_send(message)
 
 
 def _user_agent(headers: Any) -> str:

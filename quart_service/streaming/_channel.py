@@ -1,6 +1,6 @@
 """A bounded byte channel from a sync iterator on the pool to one streaming response.
 
-(An async generator needs none: the response's task pulls it inline, see _inline.py.)
+(An async generator needs none: the task that sends it pulls it inline, see _inline.py.)
 The producer runs in a pool thread, so every operation it calls takes the lock and
 wakes the loop with ``call_soon_threadsafe``, at most once per batch. The consumer
 takes everything buffered in one go, which is how events produced together leave in

@@ -1,10 +1,11 @@
-"""An async generator pulled inline, in the response's own task, as bare Quart does.
+"""An async generator pulled inline by the task that sends it, not pushed from a producer.
 
 A producer task per stream, handing events over through a channel, cost a second
 task step and a future on every event: on a paced stream (one event per loop turn, as
 a model yields tokens) the service spent twice what bare Quart spends per event.
-Here the response's task runs the generator itself, and the server's own ``send``
-gives the backpressure: nothing is produced that the client has not made room for.
+Here one task pulls the generator and sends what it yields (:meth:`InlineSource.stream`
+is that task's coroutine), and the server's own ``send`` gives the backpressure:
+nothing is produced that the client has not made room for.
 
 Per event, the generator is awaited exactly as ``async for`` would (``yield from``,
 in C), with one addition: after an item, the next step is *started* by hand. If it
@@ -14,7 +15,7 @@ awaits is handed to the task on the next pull, and the item already taken leaves
 once, never held back.
 
 Cutting a wait short (an idle or total timeout, the drain) is a cancellation of the
-response's task, as ``asyncio.timeout`` does it: the generator gets the
+pulling task, as ``asyncio.timeout`` does it: the generator gets the
 ``CancelledError`` where it awaits, its ``finally`` blocks run, and the pull takes
 the cancellation back (``Task.uncancel``) and reports the cut. Heartbeats never
 interrupt the generator: :class:`~.body.StreamBody` writes them beside it.
@@ -23,6 +24,7 @@ interrupt the generator: :class:`~.body.StreamBody` writes them beside it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import types
 from collections.abc import AsyncIterable, Awaitable, Callable, Generator
@@ -33,6 +35,7 @@ _log = logging.getLogger("quart_service.streaming")
 
 FAILED: Final = ("stream_failed", "The stream's producer failed; the error was logged.")
 _NOTHING: Final = object()
+_CHUNK: Final = object()  # yielded by ByHand's send: a chunk is ready
 
 
 class SourceState:
@@ -53,7 +56,7 @@ class SourceState:
 
 
 class InlineSource(SourceState):
-    """Pulls encoded items from one async generator, in the response's task."""
+    """Pulls encoded items from one async generator, in the task that sends them."""
 
     __slots__ = (
         "_agen",
@@ -61,7 +64,8 @@ class InlineSource(SourceState):
         "_encode",
         "_limit",
         "_loop",
-        "_on_empty",
+        "_next",
+        "_next_frame",
         "_step",
         "_turned",
         "_yielded",
@@ -74,15 +78,23 @@ class InlineSource(SourceState):
         source: AsyncIterable[Any],
         encode: Callable[[Any], bytes],
         limit: int,
-        on_empty: Callable[[], Awaitable[bytes]],
+        next_frame: Callable[[], Awaitable[bytes | None]],
         loop: asyncio.AbstractEventLoop,
         context: Context,
     ) -> None:
         super().__init__()
         self._agen = aiter(source)
+        # A step of the generator, as an iterator: for an async generator anext()
+        # gives one directly (no method wrapper called, no __await__ per step).
+        agen = self._agen
+        self._next: Callable[[], Generator[Any, None, Any]] = (
+            functools.partial(anext, agen)
+            if isinstance(agen, types.AsyncGeneratorType)
+            else lambda: agen.__anext__().__await__()
+        )
         self._encode = encode
         self._limit = limit
-        self._on_empty = on_empty  # the body's next frame when a pull brought nothing
+        self._next_frame = next_frame  # the body's own frame, when interrupted or ended
         self._loop = loop
         self._context = context  # the view's: the generator's finally blocks run in it
         self.task: asyncio.Task[Any] | None = None  # the task that pulls: set before it does
@@ -94,93 +106,102 @@ class InlineSource(SourceState):
         self.cutting = False  # cut() cancelled the task; the pull takes it back
 
     @types.coroutine
-    def pull(self) -> Generator[Any, Any, bytes]:
-        """The next chunk: wait for the next item, then take every item that is ready
-        too, up to the byte limit. When the generator ended, or :meth:`cut` cut the
-        wait short, the body's ``on_empty`` decides what to send instead.
-
-        This generator is the whole per-token path of a stream: one frame per event."""
-        item: Any = _NOTHING
-        touched = False  # the generator ran in this pull
-        self.pulling = True
-        try:
-            step = self._step
-            if step is not None:
-                self._step = None
-                touched = True
-                awaited = self._yielded
-                while True:  # hand what it awaits to the task, as its own await would
-                    try:
-                        yield awaited
-                    except BaseException as error:
-                        try:
-                            awaited = step.throw(error)
-                        except StopIteration as produced:
-                            item = produced.value
-                            break
-                        continue
-                    item = yield from step  # the rest of the step, awaited in C
-                    break
-            else:
-                if not self._turned:
-                    # The last pull never let the loop run (every item was ready), and
-                    # a send need not suspend either (Hypercorn's does not once the
-                    # client is gone): without this turn, a generator that never
-                    # awaits would hold the worker. docs/design.md, pitfall 15.
-                    yield None
-                touched = True
-                item = yield from self._agen.__anext__().__await__()
-        except StopAsyncIteration:
-            self.finished = True
-        except asyncio.CancelledError:
-            if touched:
-                self.finished = True  # the cancellation went through the generator
-            if not self.cutting:
-                raise
-            self.cutting = False
-            if self.task is not None and self.task.uncancel() > 0:  # the client left too
-                raise
-        except Exception:
-            _log.exception("stream producer failed")
-            self.finished, self.failure = True, FAILED
-        finally:
-            self.pulling = False
-        if item is _NOTHING:
-            return (yield from self._on_empty().__await__())
-        if self.cutting:  # the generator swallowed our cancellation and went on
-            self.cutting = False
-            if self.task is not None:
-                self.task.uncancel()
-        data, count = self._gather(item)
-        if not count:
-            return (yield from self._on_empty().__await__())
-        self.events += count
-        self.writes += 1
-        beat = self.beat
-        if beat is not None and not beat.done():
-            yield from beat  # one write at a time: the heartbeat's first
-        return data
-
-    @types.coroutine
     def stream(self, send: Callable[[Any], Awaitable[None]]) -> Generator[Any, Any, None]:
-        """Pull and send every chunk until the stream ends: the server's send loop and
-        :meth:`pull` in one frame, resumed once per event (Quart's own loop would step
-        the body's ``__anext__`` and start a new :meth:`pull` for every event)."""
-        on_empty = self._on_empty
+        """Pull, gather and send every chunk until the stream ends.
+
+        This generator is the whole per-token path of a stream, one frame for the
+        stream's life: wait for the next item, take every item that is ready too (up
+        to the byte limit), send them as one chunk. When the generator ended, or
+        :meth:`cut` cut the wait short, the body's ``next_frame`` decides what to send
+        instead (an error or a shutdown event, or nothing: pull on)."""
+        next_frame, next_step = self._next_frame, self._next
+        counted = send  # the request observer's exchange, if it is one
         while True:
-            try:
-                if self.interrupted or self.finished:
-                    data = yield from on_empty().__await__()
-                else:
-                    data = yield from self.pull()
-            except StopAsyncIteration:
-                return
-            yield from send(
-                {"type": "http.response.body", "body": data, "more_body": True}
-            ).__await__()
+            if self.interrupted or self.finished:
+                try:
+                    frame = yield from next_frame().__await__()
+                except StopAsyncIteration:
+                    return
+                if frame is None:
+                    continue
+                data = frame
+            else:
+                item: Any = _NOTHING
+                touched = False  # the generator ran in this pull
+                self.pulling = True
+                try:
+                    step = self._step
+                    if step is not None:
+                        self._step = None
+                        touched = True
+                        awaited = self._yielded
+                        while True:  # hand what it awaits to the task, as its await would
+                            try:
+                                yield awaited
+                            except BaseException as error:
+                                try:
+                                    awaited = step.throw(error)
+                                except StopIteration as produced:
+                                    item = produced.value
+                                    break
+                                continue
+                            item = yield from step  # the rest of the step, awaited in C
+                            break
+                    else:
+                        if not self._turned:
+                            # The last pull never let the loop run (every item was
+                            # ready), and a send need not suspend either (Hypercorn's
+                            # does not once the client is gone): without this turn, a
+                            # generator that never awaits would hold the worker.
+                            # docs/design.md, pitfall 15.
+                            yield None
+                        touched = True
+                        item = yield from next_step()
+                except StopAsyncIteration:
+                    self.finished = True
+                except asyncio.CancelledError:
+                    if touched:
+                        self.finished = True  # the cancellation went through the generator
+                    if not self.cutting:
+                        raise
+                    self.cutting = False
+                    if self.task is not None and self.task.uncancel() > 0:
+                        raise  # the client left too
+                except Exception:
+                    _log.exception("stream producer failed")
+                    self.finished, self.failure = True, FAILED
+                finally:
+                    self.pulling = False
+                if item is _NOTHING:
+                    self.interrupted = True  # ended or cut: the body says what follows
+                    continue
+                if self.cutting:  # the generator swallowed our cancellation and went on
+                    self.cutting = False
+                    if self.task is not None:
+                        self.task.uncancel()
+                data = self._gather(item)
+                if not data:
+                    continue  # it could not be encoded: finished, with the failure
+                self.writes += 1
+                beat = self.beat
+                if beat is not None and not beat.done():
+                    yield from beat  # one write at a time: the heartbeat's first
+            message = {"type": "http.response.body", "body": data, "more_body": True}
+            if send is counted:
+                sent = send(message)
+                # After the first chunk (timed by the observer), write with the
+                # server's own send and count the bytes here (observer.py, _Exchange).
+                send = getattr(counted, "server_send", send)
+            else:
+                counted.sent += len(data)  # type: ignore[attr-defined]
+                sent = send(message)
+            if type(sent) is types.CoroutineType:  # Hypercorn's, Uvicorn's: as it is
+                yield from sent  # type: ignore[misc]  # (__await__() would wrap it)
+            else:  # any awaitable (Granian's send is not a coroutine)
+                yield from sent.__await__()
 
     def cut(self) -> None:
-        """End the current wait (called while the task waits inside :meth:`pull`)."""
+        """End the current wait (called while the task waits for the generator)."""
         if not self.cutting and not self.finished and self.task is not None:
             self.cutting = True
             self.task.cancel()
@@ -196,18 +217,19 @@ class InlineSource(SourceState):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _gather(self, item: Any) -> tuple[bytes, int]:
-        """``item``, and after it every item that is ready without waiting."""
+    def _gather(self, item: Any) -> bytes:
+        """``item``, and after it every item that is ready without waiting, encoded
+        (counted in :attr:`events`); empty if ``item`` could not be encoded."""
         try:
             data = self._encode(item)
         except Exception:
             _log.exception("a stream item could not be encoded")
             self.finished, self.failure = True, FAILED
-            return b"", 0
+            return b""
         parts: list[bytes] | None = None
         size, limit = len(data), self._limit
         while size < limit:
-            step = self._agen.__anext__().__await__()
+            step = self._next()
             try:
                 yielded = step.send(None)
             except StopIteration as produced:
@@ -235,8 +257,10 @@ class InlineSource(SourceState):
         else:
             self._turned = False  # everything was ready up to the limit
         if parts is None:
-            return data, 1
-        return b"".join(parts), len(parts)
+            self.events += 1
+            return data
+        self.events += len(parts)
+        return b"".join(parts)
 
     async def _aclose(self) -> None:
         step, self._step = self._step, None
@@ -248,6 +272,52 @@ class InlineSource(SourceState):
         aclose = getattr(self._agen, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+class _Handed:
+    """What :class:`ByHand`'s send returns: awaited, it yields :data:`_CHUNK` once."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yield _CHUNK
+
+
+_HANDED: Final = _Handed()
+
+
+class ByHand:
+    """An :class:`InlineSource` iterated chunk by chunk (a body iterated with
+    ``async for`` rather than sent): :meth:`InlineSource.stream` runs with a send that
+    hands each chunk back, so both ways share the one per-token path."""
+
+    __slots__ = ("_chunk", "_stream")
+
+    def __init__(self, source: InlineSource) -> None:
+        self._chunk = b""
+        self._stream = source.stream(self._hand)
+
+    def _hand(self, message: Any) -> _Handed:
+        self._chunk = message["body"]
+        return _HANDED
+
+    @types.coroutine
+    def next(self) -> Generator[Any, Any, bytes]:
+        """The next chunk; ``StopAsyncIteration`` at the end."""
+        stream = self._stream
+        sent: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                yielded = stream.send(sent) if error is None else stream.throw(error)
+            except StopIteration:
+                raise StopAsyncIteration from None
+            if yielded is _CHUNK:
+                return self._chunk
+            try:  # what the stream awaits, handed to the task, as an await would
+                sent, error = (yield yielded), None
+            except BaseException as thrown:
+                error = thrown
 
 
 @types.coroutine

@@ -1,10 +1,11 @@
 """The body of a streaming response: timeouts, heartbeats, coalescing, clean stops.
 
-Quart sends a response body by iterating it (``async with body: async for chunk``) and
-awaits each ``send``; the server's send waits while the socket is full. An async
-generator is pulled inline, in that same task (``_inline.py``), so a slow client slows
-the generator itself; a sync iterator runs on the pool and fills a bounded channel
-(``_pumps.py``). Either way memory stays bounded end to end.
+The service's HTTP connection has the body send itself (:meth:`StreamBody.send_to`;
+Quart would iterate it, ``async for chunk``, and send each chunk); the server's send
+waits while the socket is full. An async generator is pulled inline by the task that
+sends (``_inline.py``), so a slow client slows the generator itself; a sync iterator
+runs on the pool and fills a bounded channel (``_pumps.py``). Either way memory stays
+bounded end to end.
 
 Each step returns every event that is ready as one chunk, so events produced together
 (a burst, or tokens that arrived while the last write was in flight) cost one
@@ -34,7 +35,7 @@ from ..executor import BoundedExecutor, Pool
 from ..observability.metrics import Count, Counts, Metrics
 from ..observability.observer import RESPONSE_SEND
 from ..part import Readiness
-from ._inline import InlineSource, start_now
+from ._inline import ByHand, InlineSource, start_now
 from ._pumps import ThreadSource
 from .events import Encoder
 
@@ -258,6 +259,7 @@ class StreamBody(ResponseBody):
         # The server's send, for heartbeats written beside a waiting generator.
         self._send = RESPONSE_SEND.get()
         self._restore: list[tuple[ContextVar[Any], Token[Any]]] = []
+        self._by_hand: ByHand | None = None  # iterated by hand (async for), not sent
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> StreamBody:
@@ -267,7 +269,7 @@ class StreamBody(ResponseBody):
             # Which task runs the generator is decided by how the body is sent:
             # send_to() or iteration (__aiter__).
             self._source = InlineSource(
-                given, self._encoder.encode, limit, self._after_pull, loop, self._context
+                given, self._encoder.encode, limit, self._next_frame, loop, self._context
             )
         else:
             self._source = ThreadSource(
@@ -307,7 +309,7 @@ class StreamBody(ResponseBody):
     def __aiter__(self) -> StreamBody:
         return self
 
-    def _pulled_here(self, source: InlineSource) -> None:
+    def _pulled_here(self, source: InlineSource) -> ByHand:
         """The body is iterated by hand: the generator runs in this task. Give it the
         view's context (request, app, the service's accessors) for the stream's life:
         only the variables whose value differs here are set (Quart has popped its
@@ -318,6 +320,8 @@ class StreamBody(ResponseBody):
             for var, value in self._context.items()
             if var.get(_UNSET) is not value
         ]
+        self._by_hand = ByHand(source)
+        return self._by_hand
 
     def send_to(self, send: ASGISendCallable) -> Awaitable[None]:
         """Send the whole body with ``send`` (inside ``async with``): what the service's
@@ -341,26 +345,34 @@ class StreamBody(ResponseBody):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     def __anext__(self) -> Awaitable[bytes]:
-        # The source's pull is the whole per-event path; this body steps in only when
-        # something else is due (and when a pull brought nothing: _after_pull).
         source = self._source
         assert source is not None, "iterate a StreamBody inside 'async with'"
-        if type(source) is InlineSource and source.task is None:
-            self._pulled_here(source)
+        if isinstance(source, InlineSource):
+            return (self._by_hand or self._pulled_here(source)).next()
+        # A sync iterator's pull is its per-event path; this body steps in only when
+        # something else is due (and when a pull brought nothing: _after_pull).
         if source.interrupted or source.finished:
             return self._after_pull()
         return source.pull()
 
-    async def _after_pull(self) -> bytes:
+    async def _next_frame(self) -> bytes | None:
+        """The body's own frame instead of the next event (a shutdown, a due deadline,
+        the producer's end), or None: pull on. ``StopAsyncIteration`` once the final
+        frame went out."""
         source = self._source
         assert source is not None
         source.interrupted = False  # what it was for is handled here
         if self._done:  # the final frame went out: nothing may follow it
             raise StopAsyncIteration
-        frame = await self._special(source)
+        return await self._special(source)
+
+    async def _after_pull(self) -> bytes:
+        """A sync iterator's next frame when a pull brought nothing or was cut."""
+        frame = await self._next_frame()
         if frame is not None:
             return frame
-        return await source.pull()
+        assert isinstance(self._source, ThreadSource)
+        return await self._source.pull()
 
     async def _special(self, source: InlineSource | ThreadSource) -> bytes | None:
         """The frame for a shutdown, a due deadline or the producer's end; None: go on."""
