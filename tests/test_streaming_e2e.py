@@ -171,6 +171,29 @@ def test_disconnect_stops_the_producer_within_a_second(
         assert str(event["thread"]).startswith("quart-service-pool")
 
 
+def test_a_client_that_leaves_a_plain_view_cancels_it_without_an_error(
+    recording: tuple[Server, Path],
+) -> None:
+    """The view runs in the server's own task; the request's one other task reads
+    the body and, when the client leaves, cancels the view where it waits."""
+    server, events_file = recording
+    logged = len(server.log())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(server.url + "/wait", params={"seconds": 30, "tag": "plain"}, timeout=0.5)
+    left_at = time.time()
+    event = _wait_for(events_file, "view_cancelled", "plain", timeout=3)
+    assert event is not None, "the view kept waiting after the client left"
+    assert float(event["t"]) - left_at < 1.0  # type: ignore[arg-type]
+    # The request ended quietly (as under Quart's own connection), and every worker
+    # still answers a view that does finish.
+    for _ in range(4):
+        answer = httpx.get(server.url + "/wait", params={"seconds": 0.01, "tag": "ok"})
+        assert answer.json()["tag"] == "ok"
+    since = server.log()[logged:]
+    assert "Error in ASGI Framework" not in since
+    assert "Traceback" not in since
+
+
 @pytest.mark.slow
 def test_slow_client_keeps_worker_memory_bounded(tmp_path: Path) -> None:
     """A client that stops reading while the producer could go on forever."""

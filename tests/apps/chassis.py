@@ -80,6 +80,18 @@ def block() -> dict[str, Any]:
     return {"pid": os.getpid(), "thread": threading.current_thread().name}
 
 
+@bp.get("/wait")
+async def wait() -> dict[str, Any]:
+    """A plain view that waits long: records how its wait ended."""
+    tag = request.args.get("tag", "")
+    try:
+        await asyncio.sleep(float(request.args.get("seconds", "30")))
+    except asyncio.CancelledError:
+        record("view_cancelled", tag=tag)
+        raise
+    return {"pid": os.getpid(), "tag": tag}
+
+
 @bp.get("/model/<int:index>")
 async def use_model(index: int) -> dict[str, Any]:
     spec = MODELS[index % len(MODELS)]
