@@ -44,54 +44,54 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def test_official_openai_client_streams_what_it_gets_whole(server: Server) -> None:
-    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    assert "local-ngram" in [m.id for m in client.models.list()]
-    messages: Any = [{"role": "user", "content": "that government of the people"}]
-    whole = client.chat.completions.create(
-        model="local-ngram", messages=messages, max_tokens=40, seed=7
-    )
-    text = whole.choices[0].message.content
-    assert text
-    assert whole.choices[0].finish_reason == "length"
-    assert whole.usage is not None
-    assert whole.usage.completion_tokens == 40
-    streamed = client.chat.completions.create(
-        model="local-ngram",
-        messages=messages,
-        max_tokens=40,
-        seed=7,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    pieces, finish, usage = [], None, None
-    for chunk in streamed:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            pieces.append(choice.delta.content or "")
-            finish = choice.finish_reason or finish
-    assert "".join(pieces) == text
-    assert finish == "length"
-    assert usage is not None
-    assert usage.completion_tokens == 40
-    # Text completions, whole and streamed, agree too; a stop sequence cuts both.
-    done = client.completions.create(
-        model="local-ngram", prompt="We the People", max_tokens=25, seed=3, stop=["."]
-    )
-    parts = [
-        c.choices[0].text
-        for c in client.completions.create(
-            model="local-ngram",
-            prompt="We the People",
-            max_tokens=25,
-            seed=3,
-            stop=["."],
-            stream=True,
+    with OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+        assert "local-ngram" in [m.id for m in client.models.list()]
+        messages: Any = [{"role": "user", "content": "that government of the people"}]
+        whole = client.chat.completions.create(
+            model="local-ngram", messages=messages, max_tokens=40, seed=7
         )
-        if c.choices
-    ]
-    assert "".join(parts) == done.choices[0].text
-    assert "." not in done.choices[0].text
+        text = whole.choices[0].message.content
+        assert text
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.usage is not None
+        assert whole.usage.completion_tokens == 40
+        streamed = client.chat.completions.create(
+            model="local-ngram",
+            messages=messages,
+            max_tokens=40,
+            seed=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, finish, usage = [], None, None
+        for chunk in streamed:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        assert "".join(pieces) == text
+        assert finish == "length"
+        assert usage is not None
+        assert usage.completion_tokens == 40
+        # Text completions, whole and streamed, agree too; a stop sequence cuts both.
+        done = client.completions.create(
+            model="local-ngram", prompt="We the People", max_tokens=25, seed=3, stop=["."]
+        )
+        parts = [
+            c.choices[0].text
+            for c in client.completions.create(
+                model="local-ngram",
+                prompt="We the People",
+                max_tokens=25,
+                seed=3,
+                stop=["."],
+                stream=True,
+            )
+            if c.choices
+        ]
+        assert "".join(parts) == done.choices[0].text
+        assert "." not in done.choices[0].text
 
 
 BAD_INPUTS: list[tuple[str, bytes, int, str | None]] = [
@@ -284,16 +284,18 @@ def test_a_stream_longer_than_the_response_timeout_reaches_the_openai_client_who
         create_model(server.url, TOKEN, "slow", "local", {"tokens_per_second": 5})
         _wait_model(clients, "slow", {"tokens_per_second": 5})
         started = time.monotonic()
-        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        chunks = 0
-        finish = None
-        for chunk in client.completions.create(
-            model="slow", prompt="Now we are engaged", max_tokens=25, stream=True
-        ):
-            if chunk.choices and chunk.choices[0].text:
-                chunks += 1
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finish = chunk.choices[0].finish_reason
-        assert chunks == 25
-        assert finish == "length"
-        assert time.monotonic() - started >= 4.5
+        with OpenAI(
+            base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60
+        ) as client:
+            chunks = 0
+            finish = None
+            for chunk in client.completions.create(
+                model="slow", prompt="Now we are engaged", max_tokens=25, stream=True
+            ):
+                if chunk.choices and chunk.choices[0].text:
+                    chunks += 1
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+            assert chunks == 25
+            assert finish == "length"
+            assert time.monotonic() - started >= 4.5

@@ -29,8 +29,10 @@ def test_every_v1_error_has_openai_shape_and_the_official_client_parses_it(
     tmp_path: Path,
 ) -> None:
     env = {"QUART_SERVICE_MAX_BODY_SIZE": "4096"}
-    with running_server(tmp_path, app=APP, workers=2, env=env) as server:
-        client = _client(server.url)
+    with (
+        running_server(tmp_path, app=APP, workers=2, env=env) as server,
+        _client(server.url) as client,
+    ):
         model = client.models.retrieve("local-ngram")
         assert (model.id, model.object, model.owned_by) == ("local-ngram", "model", "local")
 
