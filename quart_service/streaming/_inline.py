@@ -135,6 +135,8 @@ class InlineSource(SourceState):
                         self._step = None
                         touched = True
                         awaited = self._yielded
+                        # What _resume() does, inline: as a generator of its own it
+                        # would cost a frame per paced token.
                         while True:  # hand what it awaits to the task, as its await would
                             try:
                                 yield awaited
