@@ -35,6 +35,12 @@ class SelfSendingBody(Protocol):
     """A response body that sends itself (inside ``async with``), rather than being
     iterated chunk by chunk: a stream's per-event path is then one frame."""
 
+    async def __aenter__(self) -> object:
+        """Start the body (before :meth:`send_to`)."""
+
+    async def __aexit__(self, *exc_info: object) -> object:
+        """End the body, whether it was sent whole or not."""
+
     def send_to(self, send: ASGISendCallable) -> Awaitable[None]:
         """Send every chunk of the body with ``send`` (``more_body`` set)."""
 
@@ -110,6 +116,6 @@ class ServiceHTTPConnection(ASGIHTTPConnection):
                 "trailers": False,
             }
         )
-        async with body:  # type: ignore[attr-defined]
+        async with body:
             await body.send_to(send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
