@@ -330,13 +330,24 @@ class DataPlane:
             retry = loop.time() >= next_poll
             await self._from_cluster(retry=retry)
             if retry:
-                next_poll = loop.time() + self.interval
+                next_poll = self._after(next_poll, self.interval)
         elif self._lock.held and (self._poll_requested() or loop.time() >= next_poll):
             succeeded = await self._poll()
             backoff = self.interval if succeeded else min(backoff * 2, _MAX_BACKOFF)
-            next_poll = loop.time() + backoff
+            next_poll = self._after(next_poll, backoff)
         self._follow()
         return next_poll, backoff
+
+    def _after(self, due: float, wait: float) -> float:
+        """When the next poll is due, ``wait`` after this one. On schedule, that is
+        counted from when this poll was due, not from when it ended: the loop's tick
+        finds a poll up to ``refresh_interval / 5`` late and the poll takes its own
+        time, and counted from the end, both added up round after round (8 to 9 polls
+        in 10 intervals). Early (asked for) or more than ``wait`` late: from now."""
+        now = asyncio.get_running_loop().time()
+        if 0 < due <= now < due + wait:
+            return due + wait
+        return now + wait
 
     def _poll_requested(self) -> bool:
         """A worker of this host wrote and asked for a poll now (one stat)."""
