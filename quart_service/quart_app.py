@@ -10,19 +10,38 @@ the app's and the blueprints' own hooks (as hooks registered first would).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart, Request
 from quart.ctx import RequestContext
 from quart.globals import request_ctx
+from quart.sessions import NullSession, SecureCookieSessionInterface
 from quart.typing import ResponseReturnValue
 
 from .http_connection import ServiceHTTPConnection
+from .request_body import ServiceRequest
 
-__all__ = ["RequestStep", "ServiceQuart"]
+__all__ = ["RequestStep", "ServiceQuart", "SharedNullSessions"]
 
 RequestStep = Callable[[Request], None]
 """A step run on every request before its view: it may raise to answer instead."""
+
+
+class SharedNullSessions(SecureCookieSessionInterface):
+    """Quart's signed-cookie sessions, with one null session for every request while
+    there is no secret key, not a new one each: a null session refuses every write,
+    and a new one (a dict, its attributes' dict and a closure) was half a kilobyte per
+    request, kept as long as an open stream keeps its request context."""
+
+    _null: NullSession | None = None
+
+    async def make_null_session(self, app: Quart) -> NullSession:
+        """The one null session (made on first use)."""
+        if self._null is None:
+            self._null = self.null_session_class()
+        return self._null
 
 
 class ServiceQuart(Quart):
@@ -30,10 +49,21 @@ class ServiceQuart(Quart):
     one task per request (:class:`~.http_connection.ServiceHTTPConnection`)."""
 
     asgi_http_class = ServiceHTTPConnection
+    request_class = ServiceRequest
+    session_interface = SharedNullSessions()
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.request_steps: list[RequestStep] = []
+
+    def asgi_app(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> Coroutine[Any, Any, None]:
+        """Quart's, as a plain call that returns the handler's coroutine for an HTTP
+        request: one coroutine less between the server and every open stream."""
+        if scope["type"] == "http":
+            return self.asgi_http_class(self, scope)(receive, send)
+        return super().asgi_app(scope, receive, send)
 
     async def preprocess_request(
         self, request_context: RequestContext | None = None
