@@ -9,8 +9,10 @@ thousand instructions to start and to finish, paid on every request and held by
 every open stream.
 
 Here the view runs in the server's task that called the app, the reader is the one
-task started, and a deadline is ``asyncio.timeout``, which starts none. What the
-client sees is Quart's: the body is read as it arrives, and when the client leaves,
+task started, and a deadline is ``asyncio.timeout``, which starts none. A stream is
+sent from :meth:`ServiceHTTPConnection.__call__` itself, its response dropped once
+its head is sent: an open stream keeps every coroutine between the server and its
+body, and what they hold, for its whole life. What the client sees is Quart's: the body is read as it arrives, and when the client leaves,
 the reader cancels the view where it waits (the view's ``finally`` blocks run; a
 stream's producer is closed), and the request ends without an error.
 """
@@ -21,7 +23,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Protocol, cast
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseStartEvent
 from quart import Request, Response
 from quart.asgi import ASGIHTTPConnection
 from quart.debug import traceback_response
@@ -57,7 +59,25 @@ class ServiceHTTPConnection(ASGIHTTPConnection):
         assert task is not None
         reader = asyncio.ensure_future(self._read(request, receive, task))
         try:
-            await self.handle_request(request, send)
+            response = await self._respond(request)
+            deadline = self._deadline(response)
+            body: SelfSendingBody | None = getattr(response, "response", None)
+            if deadline is None and getattr(body, "send_to", None) is not None:
+                # A stream (no deadline: sse() sets none) is sent in this coroutine,
+                # not in two more: an open stream keeps every coroutine between the
+                # server and its body, a quarter of a kilobyte each.
+                assert body is not None
+                await send(_start(response))
+                del response  # sent: not kept (with its headers) for the stream's life
+                async with body:
+                    await body.send_to(send)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                try:
+                    async with asyncio.timeout(deadline):
+                        await self._send_response(send, response)
+                except TimeoutError:
+                    pass  # as Quart does: a response past its deadline stops where it was
         except asyncio.CancelledError:
             # Ours only if the reader cancelled us, and nobody else did too.
             if not self._left or task.uncancel() > 0:
@@ -72,7 +92,15 @@ class ServiceHTTPConnection(ASGIHTTPConnection):
     ) -> None:
         """Feed the body to ``request``; when the client leaves, stop ``view``."""
         try:
-            await self.handle_messages(request, receive)
+            # Quart's handle_messages, written here: one coroutine less per request.
+            while True:
+                message = await receive()
+                if message["type"] == "http.request":
+                    request.body.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        request.body.set_complete()
+                elif message["type"] == "http.disconnect":
+                    break
         except asyncio.CancelledError:
             raise  # the response is complete: the view stopped us
         except BaseException as error:  # receiving failed: stop the view, then raise it
@@ -80,42 +108,40 @@ class ServiceHTTPConnection(ASGIHTTPConnection):
         self._left = True
         view.cancel()
 
-    async def handle_request(self, request: Request, send: ASGISendCallable) -> None:
-        """Quart's, with the deadline kept by ``asyncio.timeout`` (no task)."""
+    async def _respond(self, request: Request) -> ResponseTypes:
+        """The app's response to ``request`` (a traceback page in debug and testing)."""
         try:
-            response = await self.app.handle_request(request)
+            return await self.app.handle_request(request)
         except Exception as error:
             if not (self.app.debug or self.app.testing):
                 raise
-            response = await traceback_response(error)
-        if isinstance(response, Response) and response.timeout != Ellipsis:
-            timeout = cast(float | None, response.timeout)
-        else:
-            timeout = self.app.config["RESPONSE_TIMEOUT"]
-        if timeout is None:
-            await self._send_response(send, response)
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await self._send_response(send, response)
-        except TimeoutError:
-            pass  # as Quart does: the response stops where it was
+            return await traceback_response(error)
 
     async def _send_response(self, send: ASGISendCallable, response: ResponseTypes) -> None:
         """Quart's, except that a :class:`SelfSendingBody` sends itself."""
         body: SelfSendingBody | None = getattr(response, "response", None)
         if getattr(body, "send_to", None) is None:  # not a Protocol isinstance: too slow
             await super()._send_response(send, response)
-            return
-        assert body is not None
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encode_headers(response.headers),
-                "trailers": False,
-            }
-        )
-        async with body:
-            await body.send_to(send)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            assert body is not None  # as in __call__, for a body with a deadline
+            await send(_start(response))
+            async with body:
+                await body.send_to(send)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _deadline(self, response: ResponseTypes) -> float | None:
+        """How long the response may take to send (Quart's ``RESPONSE_TIMEOUT``, or
+        the response's own ``timeout``); None: no limit."""
+        if isinstance(response, Response) and response.timeout != Ellipsis:
+            return cast(float | None, response.timeout)
+        return cast(float | None, self.app.config["RESPONSE_TIMEOUT"])
+
+
+def _start(response: ResponseTypes) -> HTTPResponseStartEvent:
+    """The ``http.response.start`` message of ``response``."""
+    return {
+        "type": "http.response.start",
+        "status": response.status_code,
+        "headers": encode_headers(response.headers),
+        "trailers": False,
+    }

@@ -14,7 +14,6 @@ from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import NDJSON, SSE, ServerSentEvent, Settings, create_app, ndjson, sse
 from quart_service.executor import BoundedExecutor
-from quart_service.observability.observer import RESPONSE_SEND
 from quart_service.streaming import StreamHub, StreamPolicy
 from quart_service.streaming.body import StreamBody
 
@@ -207,16 +206,6 @@ async def test_paced_items_leave_one_per_write_and_queued_ones_together() -> Non
     assert hub.counts.writes.value == 3
 
 
-def _body_writing_with(send: Any, source: AsyncIterator[str], hub: StreamHub) -> StreamBody:
-    """A body built inside a request whose server send is ``send`` (what the request
-    observer gives every request): its heartbeats are written with it."""
-    token = RESPONSE_SEND.set(send)
-    try:
-        return StreamBody(source, SSE, hub, BoundedExecutor(1, 1), copy_context())
-    finally:
-        RESPONSE_SEND.reset(token)
-
-
 async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
     gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     closed: list[str] = []
@@ -233,19 +222,19 @@ async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
 
     policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
     hub = StreamHub(policy)
-    body = _body_writing_with(send, produce(), hub)
+    body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
     async with body:
-        waiting = asyncio.ensure_future(body.__anext__())
+        sending = asyncio.ensure_future(body.send_to(send))
         await asyncio.sleep(0.3)
-        assert not waiting.done()  # the producer still waits, undisturbed
+        assert not sending.done()  # the producer still waits, undisturbed
         assert 3 <= len(written) <= 7
         assert set(written) == {SSE.heartbeat}
         gate.set_result("token")  # the same await goes on and delivers
-        assert await waiting == b"data: token\n\n"
-        with pytest.raises(StopAsyncIteration):
-            await body.__anext__()
+        await sending
+    *heartbeats, last = written
+    assert last == b"data: token\n\n"
     assert closed == ["finally"]
-    assert hub.counts.heartbeats.value == len(written)
+    assert hub.counts.heartbeats.value == len(heartbeats)
 
 
 async def test_a_heartbeat_toward_a_full_socket_is_one_write_and_goes_first() -> None:
@@ -264,19 +253,17 @@ async def test_a_heartbeat_toward_a_full_socket_is_one_write_and_goes_first() ->
 
     policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0.05, buffer_bytes=1000)
     hub = StreamHub(policy)
-    body = _body_writing_with(send, produce(), hub)
+    body = StreamBody(produce(), SSE, hub, BoundedExecutor(1, 1), copy_context())
     async with body:
-        waiting = asyncio.ensure_future(body.__anext__())
+        sending = asyncio.ensure_future(body.send_to(send))
         await asyncio.sleep(0.3)
         assert calls == [SSE.heartbeat]  # one heartbeat waits; no second one piles up
         gate.set_result("token")
         await asyncio.sleep(0.05)
-        assert not waiting.done()  # the event waits for the heartbeat's write
+        assert calls == [SSE.heartbeat]  # the event waits for the heartbeat's write
         room.set()
-        assert await waiting == b"data: token\n\n"
-        assert written == [SSE.heartbeat]
-        with pytest.raises(StopAsyncIteration):
-            await body.__anext__()
+        await sending
+        assert written == [SSE.heartbeat, b"data: token\n\n"]
 
 
 async def test_an_idle_timeout_cancels_the_awaiting_producer() -> None:

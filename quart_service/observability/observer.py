@@ -14,7 +14,6 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
@@ -26,13 +25,7 @@ from .access import AccessLog
 from .metrics import Metrics
 from .request_id import REQUEST_ID
 
-__all__ = ["RESPONSE_SEND", "ROUTE_KEY", "UNMATCHED", "RequestObserver", "mark_route"]
-
-# The send of the response being handled (the observer's own, so every byte is
-# counted): a stream writes its heartbeats with it beside a generator that waits.
-RESPONSE_SEND: ContextVar[ASGISendCallable | None] = ContextVar(
-    "quart_service_response_send", default=None
-)
+__all__ = ["ROUTE_KEY", "UNMATCHED", "RequestObserver", "mark_route"]
 
 ROUTE_KEY = "quart_service.route"
 UNMATCHED = "<unmatched>"
@@ -83,17 +76,15 @@ class RequestObserver:
         request_id = _incoming_id(scope["headers"]) or os.urandom(16).hex()
         token = REQUEST_ID.set(request_id)
         exchange = _Exchange(send, (_HEADER, request_id.encode()), self.draining)
-        observed_send = exchange  # called as the send; no bound method kept (no cycle)
         metrics = self.metrics  # None until the worker has started
         # No shared-file write per request: the gauge is sampled.
         self.in_progress += 1
-        send_token = RESPONSE_SEND.set(observed_send)
         try:
             refusal = self._over_limit(scope)
             if refusal is None:
-                await self.app(scope, receive, observed_send)
+                await self.app(scope, receive, exchange)  # the exchange is the send
             else:
-                await ErrorAnswer(scope["path"], *refusal).send(observed_send)
+                await ErrorAnswer(scope["path"], *refusal).send(exchange)
         finally:
             elapsed = time.perf_counter() - exchange.started
             route = str(scope.get(ROUTE_KEY, UNMATCHED))
@@ -118,7 +109,6 @@ class RequestObserver:
                     client[0] if client else "-",
                     _user_agent(scope["headers"]),
                 )
-            RESPONSE_SEND.reset(send_token)
             REQUEST_ID.reset(token)
 
     def _over_limit(self, scope: Any) -> tuple[int, str, str] | None:

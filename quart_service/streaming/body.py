@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Awaitable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Iterable, Sequence
 from contextvars import Context, ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,7 +33,6 @@ from quart.wrappers.response import ResponseBody
 from ..config import Settings
 from ..executor import BoundedExecutor, Pool
 from ..observability.metrics import Count, Counts, Metrics
-from ..observability.observer import RESPONSE_SEND
 from ..part import Readiness
 from ._inline import ByHand, InlineSource, start_now
 from ._pumps import ThreadSource
@@ -256,9 +255,11 @@ class StreamBody(ResponseBody):
         self._due: str | None = None  # what the clock found due
         self._done = False
         self._shutdown = False
-        # The server's send, for heartbeats written beside a waiting generator.
-        self._send = RESPONSE_SEND.get()
-        self._restore: list[tuple[ContextVar[Any], Token[Any]]] = []
+        # The response's send (given to send_to), for heartbeats written beside a
+        # waiting generator; a body iterated by hand has none, and no heartbeats.
+        self._send: ASGISendCallable | None = None
+        # Set only when iterated by hand (an empty list per stream was 56 bytes).
+        self._restore: Sequence[tuple[ContextVar[Any], Token[Any]]] = ()
         self._by_hand: ByHand | None = None  # iterated by hand (async for), not sent
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -337,6 +338,7 @@ class StreamBody(ResponseBody):
         assert source is not None, "send a StreamBody inside 'async with'"
         if isinstance(source, InlineSource):
             assert self._loop is not None
+            self._send = send
             task = source.task = self._loop.create_task(source.stream(send), context=self._context)
             return task
         return self._send_each(send)
