@@ -6,6 +6,9 @@
   loop turn, as a model yields tokens);
 * ``GET /paced-bytes`` — ``/paced`` yielding ready-made SSE bytes (what the service's
   stream costs without the JSON of each event; bare Quart's ``/paced`` already does);
+* ``GET /paced-json`` — ``/paced`` with each event's JSON encoded as it is sent: the
+  service's ``/paced`` again, and in bare Quart the hand-written line a token stream
+  needs (``json.dumps`` into an f-string), where bare ``/paced`` sends one constant;
 * ``GET /awaited`` — the same, each event awaited on a future that another callback
   completes a loop turn later (tokens handed over by a model's own task or thread);
 * ``GET /sync``   — the same 100 events from a *sync* generator (bridged to a thread);
@@ -19,6 +22,7 @@ and open nothing at import, like the real app.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -58,6 +62,7 @@ def _service_routes() -> Blueprint:
         return sse(produce())
 
     @bp.get("/paced")
+    @bp.get("/paced-json")
     async def paced() -> Response:
         # As a model yields: one token per loop turn, an await between them.
         async def produce() -> AsyncIterator[dict[str, str]]:
@@ -131,6 +136,18 @@ def _bare() -> Quart:
         async def produce() -> AsyncIterator[bytes]:
             for _ in range(EVENTS):
                 yield _EVENT
+                await asyncio.sleep(0)
+
+        response = Response(produce(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    @bp.get("/paced-json")
+    async def paced_json() -> Response:
+        # How a hand-written token stream writes each event: its JSON, every time.
+        async def produce() -> AsyncIterator[bytes]:
+            for _ in range(EVENTS):
+                yield f"data: {json.dumps(_ITEM)}\n\n".encode()
                 await asyncio.sleep(0)
 
         response = Response(produce(), content_type="text/event-stream")

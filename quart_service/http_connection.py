@@ -12,9 +12,10 @@ Here the view runs in the server's task that called the app, the reader is the o
 task started, and a deadline is ``asyncio.timeout``, which starts none. A stream is
 sent from :meth:`ServiceHTTPConnection.__call__` itself, its response dropped once
 its head is sent: an open stream keeps every coroutine between the server and its
-body, and what they hold, for its whole life. What the client sees is Quart's: the body is read as it arrives, and when the client leaves,
-the reader cancels the view where it waits (the view's ``finally`` blocks run; a
-stream's producer is closed), and the request ends without an error.
+body, and what they hold, for its whole life. What the client sees is Quart's: the
+body is read as it arrives, and when the client leaves, the reader cancels the view
+where it waits (the view's ``finally`` blocks run; a stream's producer is closed),
+and the request ends without an error.
 """
 
 from __future__ import annotations

@@ -116,6 +116,7 @@ class InlineSource(SourceState):
         instead (an error or a shutdown event, or nothing: pull on)."""
         next_frame, next_step = self._next_frame, self._next
         counted = send  # the request observer's exchange, if it is one
+        coroutine = types.CoroutineType  # a local: looked up once, not per token
         while True:
             if self.interrupted or self.finished:
                 try:
@@ -197,7 +198,7 @@ class InlineSource(SourceState):
             else:
                 counted.sent += len(data)  # type: ignore[attr-defined]
                 sent = send(message)
-            if type(sent) is types.CoroutineType:  # Hypercorn's, Uvicorn's: as it is
+            if type(sent) is coroutine:  # Hypercorn's, Uvicorn's: as it is
                 yield from sent  # type: ignore[misc]  # (__await__() would wrap it)
             else:  # any awaitable (Granian's send is not a coroutine)
                 yield from sent.__await__()

@@ -22,6 +22,7 @@ __all__ = ["NDJSON", "SSE", "Encoder", "ServerSentEvent", "error_payload"]
 
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+_orjson = orjson.dumps  # a global, not a module attribute looked up per token
 
 
 def _dumps(item: Any) -> bytes:
@@ -79,7 +80,7 @@ class _SSE:
     def encode(self, item: Any) -> bytes:
         if type(item) is dict:  # a token's JSON: the common case, first and inline
             try:
-                return b"data: %b\n\n" % orjson.dumps(item, option=_OPTIONS)
+                return b"data: " + _orjson(item, option=_OPTIONS) + b"\n\n"
             except TypeError:
                 return b"data: " + _json(item).encode() + b"\n\n"
         if isinstance(item, str):
