@@ -27,9 +27,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from bench._asgi import http_scope
+
 Message = MutableMapping[str, Any]
 App = Callable[[Any, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Any]
 
+_HEADERS = [(b"host", b"127.0.0.1"), (b"user-agent", b"bench")]
 _WARM = 50  # streams opened and closed first: caches, interned names, lazy imports
 
 
@@ -54,25 +57,6 @@ class _Client:
         first = message["type"] == "http.response.body" and message.get("body")
         if first and not self.first_event.done():
             self.first_event.set_result(None)
-
-
-def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"user-agent", b"bench")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-        "extensions": {},
-    }
 
 
 async def _started(app: App) -> Callable[[], Awaitable[None]]:
@@ -107,7 +91,10 @@ async def _started(app: App) -> Callable[[], Awaitable[None]]:
 async def _open(app: App, count: int) -> tuple[list[_Client], list[asyncio.Task[Any]]]:
     loop = asyncio.get_running_loop()
     clients = [_Client(loop) for _ in range(count)]
-    tasks = [loop.create_task(app(_scope("/idle"), c.receive, c.send)) for c in clients]
+    # A scope of its own per stream, as a server makes one per request.
+    tasks = [
+        loop.create_task(app(http_scope("/idle", [*_HEADERS]), c.receive, c.send)) for c in clients
+    ]
     await asyncio.wait_for(asyncio.gather(*(c.first_event for c in clients)), 120)
     return clients, tasks
 

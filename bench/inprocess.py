@@ -22,25 +22,8 @@ from quart import Quart
 
 os.environ.setdefault("QUART_SERVICE_DATA_DIR", tempfile.mkdtemp(prefix="bench-inprocess-"))
 
+from bench._asgi import http_scope
 from bench.apps import EVENTS, bare, service
-
-
-def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-        "extensions": {},
-    }
 
 
 async def _one(app: Quart, path: str) -> None:
@@ -57,7 +40,7 @@ async def _one(app: Quart, path: str) -> None:
     async def send(message: Any) -> None:
         return None
 
-    await app(_scope(path), receive, send)  # type: ignore[arg-type]
+    await app(http_scope(path), receive, send)  # type: ignore[arg-type]
 
 
 async def _seconds_per_request(app: Quart, path: str, requests: int) -> float:
