@@ -6,6 +6,11 @@ about 2.5 µs a hook on every request, more than the step itself. The service ad
 two steps to every request (the route label for the metrics, the gate of skipped
 team plugins), so they run here instead, as plain calls given the request, before
 the app's and the blueprints' own hooks (as hooks registered first would).
+
+It also keeps less per request, which an open stream keeps for its whole life: its
+own HTTP connection and request body (``http_connection.py``, ``request_body.py``),
+one null session for all requests, and ``asgi_app`` as a plain call (docs/design.md,
+"What an open stream keeps").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Quart's request ``Body`` makes two ``asyncio.Event``s for every request, and each
 Event makes a ``collections.deque`` for its waiters at once: 760 bytes a deque, most
 of a kilobyte an Event, kept for the whole request. An open stream keeps its request,
-so at 20,000 idle streams the two Events alone are 33 MiB of worker memory, nearly
+so at 20,000 idle streams the two Events alone are about 32 MB of worker memory, nearly
 always for a body that arrived whole before anyone waited on it (a ``GET`` has none).
 
 :class:`Flag` is the part of an Event that ``Body`` uses, with its waiters made only
@@ -71,7 +71,8 @@ class LeanBody(Body):
     """Quart's request body, its two events being :class:`Flag` objects."""
 
     def __init__(self, expected_content_length: int | None, max_content_length: int | None) -> None:
-        # Quart's __init__, without the two asyncio.Events it would make and drop.
+        # Quart's __init__ (0.22), without the two asyncio.Events it would make and
+        # drop; tests/test_request_body.py checks the behaviour it keeps.
         self._data = bytearray()
         self._complete = Flag()  # type: ignore[assignment]  # Body uses only Flag's methods
         self._has_data = Flag()  # type: ignore[assignment]
