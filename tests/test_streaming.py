@@ -206,6 +206,28 @@ async def test_paced_items_leave_one_per_write_and_queued_ones_together() -> Non
     assert hub.counts.writes.value == 3
 
 
+async def test_a_token_that_was_waited_for_is_sent_before_the_generator_goes_on() -> None:
+    # A model's generator may work between a token and its next wait (sampling, say):
+    # the token it waited for is written first, not held behind that work.
+    order: list[str] = []
+
+    async def produce() -> AsyncIterator[str]:
+        for token in ("a", "b"):
+            await asyncio.sleep(0)  # the token is waited for
+            yield token
+            order.append(f"went on after {token}")
+
+    async def send(message: Any) -> None:
+        if message["body"]:
+            order.append(f"sent {message['body'].decode().strip()}")
+
+    policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0, buffer_bytes=1000)
+    body = StreamBody(produce(), SSE, StreamHub(policy), BoundedExecutor(1, 1), copy_context())
+    async with body:
+        await asyncio.wait_for(body.send_to(send), 5)
+    assert order == ["sent data: a", "went on after a", "sent data: b", "went on after b"]
+
+
 async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
     gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     closed: list[str] = []

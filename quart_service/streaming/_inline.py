@@ -132,13 +132,30 @@ class InlineSource(SourceState):
                 self.pulling = True
                 try:
                     step = self._step
-                    if step is not None:
+                    if step is not None:  # started by the last gathering, and waiting
                         self._step = None
                         touched = True
                         awaited = self._yielded
-                        # What _resume() does, inline: as a generator of its own it
-                        # would cost a frame per paced token.
-                        while True:  # hand what it awaits to the task, as its await would
+                    else:
+                        if not self._turned:
+                            # The last pull never let the loop run (every item was
+                            # ready), and a send need not suspend either (Hypercorn's
+                            # does not once the client is gone): without this turn, a
+                            # generator that never awaits would hold the worker.
+                            # docs/design.md, pitfall 15.
+                            yield None
+                            self._turned = True
+                        touched = True
+                        step = next_step()
+                        try:
+                            awaited = step.send(None)  # run it up to its first wait
+                        except StopIteration as produced:  # ready: more may be too
+                            item, step = produced.value, None
+                    if step is not None:
+                        # It waits: hand what it awaits to the task, as its await
+                        # would (_resume() inline: as a generator of its own it would
+                        # cost a frame per paced token).
+                        while True:
                             try:
                                 yield awaited
                             except BaseException as error:
@@ -150,16 +167,6 @@ class InlineSource(SourceState):
                                 continue
                             item = yield from step  # the rest of the step, awaited in C
                             break
-                    else:
-                        if not self._turned:
-                            # The last pull never let the loop run (every item was
-                            # ready), and a send need not suspend either (Hypercorn's
-                            # does not once the client is gone): without this turn, a
-                            # generator that never awaits would hold the worker.
-                            # docs/design.md, pitfall 15.
-                            yield None
-                        touched = True
-                        item = yield from next_step()
                 except StopAsyncIteration:
                     self.finished = True
                 except asyncio.CancelledError:
@@ -182,7 +189,10 @@ class InlineSource(SourceState):
                     self.cutting = False
                     if self.task is not None:
                         self.task.uncancel()
-                data = self._gather(item)
+                # An item that came without waiting may have others ready behind it
+                # (a burst, or tokens queued during the last write): they share the
+                # write. One that was waited for goes at once, alone.
+                data = self._gather(item) if step is None else self._encoded(item)
                 if not data:
                     continue  # it could not be encoded: finished, with the failure
                 self.writes += 1
@@ -220,6 +230,17 @@ class InlineSource(SourceState):
 
     # -- internals ----------------------------------------------------------------------
 
+    def _encoded(self, item: Any) -> bytes:
+        """``item`` encoded (counted in :attr:`events`); empty if it could not be."""
+        try:
+            data = self._encode(item)
+        except Exception:
+            _log.exception("a stream item could not be encoded")
+            self.finished, self.failure = True, FAILED
+            return b""
+        self.events += 1
+        return data
+
     def _gather(self, item: Any) -> bytes:
         """``item``, and after it every item that is ready without waiting, encoded
         (counted in :attr:`events`); empty if ``item`` could not be encoded."""
@@ -245,7 +266,7 @@ class InlineSource(SourceState):
                 self.finished, self.failure = True, FAILED
                 break
             else:  # it waits: keep the step for the next pull; send what we have
-                self._step, self._yielded, self._turned = step, yielded, True
+                self._step, self._yielded = step, yielded
                 break
             try:
                 more = self._encode(item)
