@@ -228,6 +228,38 @@ async def test_a_token_that_was_waited_for_is_sent_before_the_generator_goes_on(
     assert order == ["sent data: a", "went on after a", "sent data: b", "went on after b"]
 
 
+@pytest.mark.parametrize("waited", [True, False], ids=["waited-for", "ready"])
+async def test_an_item_that_cannot_be_encoded_ends_the_stream_with_an_error_event(
+    waited: bool,
+) -> None:
+    closed: list[str] = []
+    written: list[bytes] = []
+
+    async def produce() -> AsyncIterator[object]:
+        try:
+            yield "one"
+            if waited:
+                await asyncio.sleep(0)
+            yield object()  # neither JSON nor text
+            yield "never"
+        finally:
+            closed.append("closed")
+
+    async def send(message: Any) -> None:
+        written.append(message["body"])
+
+    policy = StreamPolicy(idle_timeout=0, total_timeout=0, heartbeat=0, buffer_bytes=1000)
+    body = StreamBody(produce(), SSE, StreamHub(policy), BoundedExecutor(1, 1), copy_context())
+    async with body:
+        await asyncio.wait_for(body.send_to(send), 5)
+    whole = b"".join(written)
+    assert whole.startswith(b"data: one\n\n")
+    assert whole.endswith(b"}}\n\n")
+    assert b'event: error\ndata: {"error":{"code":"stream_failed"' in whole
+    assert b"never" not in whole
+    assert closed == ["closed"]
+
+
 async def test_heartbeats_are_written_beside_a_waiting_producer() -> None:
     gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     closed: list[str] = []

@@ -52,6 +52,9 @@ class SourceState:
         self.interrupted = False  # the body has a frame of its own due (a deadline, the drain)
         self.beat: asyncio.Task[None] | None = None
         self.finished = False  # the producer ended (or failed): pull no more
+        # Why the stream ends in error (code, message): the producer failed (then it
+        # is finished too), or an item it yielded could not be encoded (then it is
+        # alive, and the body closes it).
         self.failure: tuple[str, str] | None = None
 
 
@@ -128,13 +131,13 @@ class InlineSource(SourceState):
                 data = frame
             else:
                 item: Any = _NOTHING
-                touched = False  # the generator ran in this pull
                 self.pulling = True
                 try:
+                    # Set while the generator runs in this pull: a cancellation
+                    # that comes then goes through it.
                     step = self._step
                     if step is not None:  # started by the last gathering, and waiting
                         self._step = None
-                        touched = True
                         awaited = self._yielded
                     else:
                         if not self._turned:
@@ -145,7 +148,6 @@ class InlineSource(SourceState):
                             # docs/design.md, pitfall 15.
                             yield None
                             self._turned = True
-                        touched = True
                         step = next_step()
                         try:
                             awaited = step.send(None)  # run it up to its first wait
@@ -170,7 +172,7 @@ class InlineSource(SourceState):
                 except StopAsyncIteration:
                     self.finished = True
                 except asyncio.CancelledError:
-                    if touched:
+                    if step is not None:
                         self.finished = True  # the cancellation went through the generator
                     if not self.cutting:
                         raise
@@ -192,9 +194,17 @@ class InlineSource(SourceState):
                 # An item that came without waiting may have others ready behind it
                 # (a burst, or tokens queued during the last write): they share the
                 # write. One that was waited for goes at once, alone.
-                data = self._gather(item) if step is None else self._encoded(item)
-                if not data:
-                    continue  # it could not be encoded: finished, with the failure
+                if step is None:
+                    data = self._gather(item)
+                    if not data:
+                        continue  # it could not be encoded: the body ends the stream
+                else:
+                    try:
+                        data = self._encode(item)
+                    except Exception:
+                        self._unencodable()
+                        continue
+                    self.events += 1
                 self.writes += 1
                 beat = self.beat
                 if beat is not None and not beat.done():
@@ -230,16 +240,12 @@ class InlineSource(SourceState):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _encoded(self, item: Any) -> bytes:
-        """``item`` encoded (counted in :attr:`events`); empty if it could not be."""
-        try:
-            data = self._encode(item)
-        except Exception:
-            _log.exception("a stream item could not be encoded")
-            self.finished, self.failure = True, FAILED
-            return b""
-        self.events += 1
-        return data
+    def _unencodable(self) -> None:
+        """An item could not be encoded (called in its ``except``): the stream ends
+        with an error frame, and the generator, still alive, is closed by the body
+        (not ``finished``: its ``finally`` blocks must run)."""
+        _log.exception("a stream item could not be encoded")
+        self.failure, self.interrupted = FAILED, True
 
     def _gather(self, item: Any) -> bytes:
         """``item``, and after it every item that is ready without waiting, encoded
@@ -247,8 +253,7 @@ class InlineSource(SourceState):
         try:
             data = self._encode(item)
         except Exception:
-            _log.exception("a stream item could not be encoded")
-            self.finished, self.failure = True, FAILED
+            self._unencodable()
             return b""
         parts: list[bytes] | None = None
         size, limit = len(data), self._limit
@@ -271,8 +276,7 @@ class InlineSource(SourceState):
             try:
                 more = self._encode(item)
             except Exception:
-                _log.exception("a stream item could not be encoded")
-                self.finished, self.failure = True, FAILED
+                self._unencodable()
                 break
             if parts is None:
                 parts = [data]

@@ -386,7 +386,7 @@ class StreamBody(ResponseBody):
             frame = await self._on_due(due)
             if frame is not None:
                 return frame
-        if source.finished:
+        if source.finished or source.failure is not None:  # ended, or failed to encode
             return self._end(source.failure)
         return None
 
