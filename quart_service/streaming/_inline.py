@@ -7,12 +7,13 @@ Here one task pulls the generator and sends what it yields (:meth:`InlineSource.
 is that task's coroutine), and the server's own ``send`` gives the backpressure:
 nothing is produced that the client has not made room for.
 
-Per event, the generator is awaited exactly as ``async for`` would (``yield from``,
-in C), with one addition: after an item, the next step is *started* by hand. If it
-finishes without suspending, its item was ready, and it joins the same write (a
-burst, or tokens queued while the last write was in flight); if it suspends, what it
-awaits is handed to the task on the next pull, and the item already taken leaves at
-once, never held back.
+Per event, the next step of the generator is started by hand, and the rest of it is
+awaited exactly as ``async for`` would (``yield from``, in C). If the step finishes
+without suspending, its item was ready, and the items ready behind it join the same
+write (a burst, or tokens queued while the last write was in flight); the look for
+them may leave a step suspended, which the next pull hands to the task. An item that
+was waited for leaves at once, alone, before the generator goes on: never held back
+for a look ahead, nor behind the generator's own work after it.
 
 Cutting a wait short (an idle or total timeout, the drain) is a cancellation of the
 pulling task, as ``asyncio.timeout`` does it: the generator gets the
