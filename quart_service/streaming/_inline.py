@@ -134,8 +134,8 @@ class InlineSource(SourceState):
                 item: Any = _NOTHING
                 self.pulling = True
                 try:
-                    # Set while the generator runs in this pull: a cancellation
-                    # that comes then goes through it.
+                    # Not None from the moment the generator runs in this pull: a
+                    # cancellation that comes then went through the generator.
                     step = self._step
                     if step is not None:  # started by the last gathering, and waiting
                         self._step = None
