@@ -48,7 +48,14 @@ EVENTS = 100  # bench.apps' streams
 WARM = 20
 
 
-def _serve(app: str, folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def _server_argv(server: str, app: str, port: int) -> list[str]:
+    if server == "granian":
+        return ["-m", "bench.granian_embedded", app, str(port)]
+    config = ["--config", str(SHIPPED_CONFIG), "-w", "0", "-b", f"127.0.0.1:{port}"]
+    return ["-m", "hypercorn", *config, app]
+
+
+def _serve(server: str, app: str, folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     out = folder / f"callgrind-{port}.out"
     argv = [
@@ -57,15 +64,7 @@ def _serve(app: str, folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
         "--instr-atstart=no",
         f"--callgrind-out-file={out}",
         os.path.realpath(sys.executable),
-        "-m",
-        "hypercorn",
-        "--config",
-        str(SHIPPED_CONFIG),
-        "-w",
-        "0",
-        "-b",
-        f"127.0.0.1:{port}",
-        app,
+        *_server_argv(server, app, port),
     ]
     env = {"QUART_SERVICE_DATA_DIR": str(folder / f"data-{port}")}
     process = launch(argv, env, folder / f"server-{port}.log")
@@ -91,11 +90,13 @@ def _callgrind(command: str, pid: int) -> None:
     )
 
 
-def _count(app: str, path: str, count: int, folder: Path, idle: float = 0.0) -> tuple[int, float]:
+def _count(
+    server: str, app: str, path: str, count: int, folder: Path, idle: float = 0.0
+) -> tuple[int, float]:
     """Instructions the server ran while one client sent ``count`` requests to ``path``
     (or, with ``idle``, while no request came for that many seconds), and the seconds
     that took."""
-    process, port, out = _serve(app, folder)
+    process, port, out = _serve(server, app, folder)
     try:
         deadline = time.monotonic() + 300  # imports under valgrind take a while
         while True:
@@ -129,6 +130,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--routes", default="hello,paced,awaited")
     parser.add_argument(
+        "--server",
+        choices=("hypercorn", "granian"),
+        default="hypercorn",
+        help="granian: its embedded server, in one process (bench.granian_embedded)",
+    )
+    parser.add_argument(
         "--requests", default="20,60", help="the two request counts whose slope is measured"
     )
     parser.add_argument(
@@ -141,7 +148,7 @@ def main() -> None:
         for name, app in APPS.items():
             folder = Path(tmp) / f"{name}-idle"
             folder.mkdir()
-            total, seconds = _count(app, "/hello", 0, folder, idle=args.idle)
+            total, seconds = _count(args.server, app, "/hello", 0, folder, idle=args.idle)
             idle[name] = total / seconds
             print(f"{name}: {idle[name]:,.0f} instructions/s with no request", flush=True)
         print("\n| route | service | bare | service ÷ bare |\n|---|---|---|---|")
@@ -155,7 +162,7 @@ def main() -> None:
                 folder.mkdir()
                 counted = []
                 for requests in (low, high):
-                    total, seconds = _count(app, path, requests, folder)
+                    total, seconds = _count(args.server, app, path, requests, folder)
                     counted.append(total - idle[name] * seconds)
                 slope[name] = (counted[1] - counted[0]) / (high - low) / per_unit
             s, b = slope["service"], slope["bare"]
