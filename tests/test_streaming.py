@@ -14,6 +14,7 @@ from quart.typing import TestAppProtocol as RunningApp
 
 from quart_service import NDJSON, SSE, ServerSentEvent, Settings, create_app, ndjson, sse
 from quart_service.executor import BoundedExecutor
+from quart_service.observability.observer import _Exchange
 from quart_service.streaming import StreamHub, StreamPolicy
 from quart_service.streaming.body import StreamBody
 
@@ -226,6 +227,61 @@ async def test_a_token_that_was_waited_for_is_sent_before_the_generator_goes_on(
     async with body:
         await asyncio.wait_for(body.send_to(send), 5)
     assert order == ["sent data: a", "went on after a", "sent data: b", "went on after b"]
+
+
+class _OwnIterator:
+    """What Granian's send returns: an awaitable that is its own iterator both ways,
+    which may take one loop turn before it is done."""
+
+    def __init__(self, turns: int) -> None:
+        self._turns = turns
+
+    def __await__(self) -> _OwnIterator:
+        return self
+
+    def __iter__(self) -> _OwnIterator:
+        return self
+
+    def __next__(self) -> None:
+        if self._turns:
+            self._turns -= 1
+            return  # a bare yield: the task runs again on the next loop turn
+        raise StopIteration
+
+
+@pytest.mark.parametrize("returns", ["coroutine", "own-iterator", "future"])
+async def test_every_byte_sent_is_counted_whatever_the_servers_send_returns(
+    returns: str,
+) -> None:
+    loop = asyncio.get_running_loop()
+    written: list[bytes] = []
+
+    async def write(message: Any) -> None:
+        written.append(message.get("body", b""))
+
+    def server_send(message: Any) -> Any:
+        if returns == "coroutine":
+            return write(message)
+        written.append(message.get("body", b""))
+        if returns == "own-iterator":
+            return _OwnIterator(turns=len(written) % 2)
+        future = loop.create_future()
+        loop.call_soon(future.set_result, None)
+        return future
+
+    async def produce() -> AsyncIterator[dict[str, int]]:
+        for n in range(20):
+            yield {"n": n}
+            await asyncio.sleep(0)
+
+    exchange = _Exchange(server_send, (b"x-request-id", b"1"), lambda: False)
+    await exchange({"type": "http.response.start", "status": 200, "headers": []})
+    body = StreamBody(produce(), SSE, StreamHub(POLICY), BoundedExecutor(1, 1), copy_context())
+    async with body:
+        await asyncio.wait_for(body.send_to(exchange), 5)
+    chunks = written[1:]  # after the head
+    assert b"".join(chunks) == b"".join(SSE.encode({"n": n}) for n in range(20))
+    assert exchange.sent == sum(len(chunk) for chunk in chunks)
 
 
 @pytest.mark.parametrize("waited", [True, False], ids=["waited-for", "ready"])

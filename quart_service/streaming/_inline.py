@@ -35,7 +35,6 @@ from typing import Any, Final
 _log = logging.getLogger("quart_service.streaming")
 
 FAILED: Final = ("stream_failed", "The stream's producer failed; the error was logged.")
-_NOTHING: Final = object()
 _CHUNK: Final = object()  # yielded by ByHand's send: a chunk is ready
 
 
@@ -45,12 +44,17 @@ class SourceState:
     producer now (not for the client), the heartbeat being written beside it, and
     whether (and how) the producer ended."""
 
-    __slots__ = ("beat", "events", "failure", "finished", "interrupted", "pulling", "writes")
+    __slots__ = ("beat", "failure", "finished", "interrupted", "joined", "pulling", "writes")
 
     def __init__(self) -> None:
-        self.events = self.writes = 0
+        # Writes of events, and the events that shared a write with another: a paced
+        # stream's write carries one event, so it moves one tally, not two.
+        self.writes = self.joined = 0
         self.pulling = False
-        self.interrupted = False  # the body has a frame of its own due (a deadline, the drain)
+        # Something other than the next event needs the sender: a deadline or the
+        # drain, the producer's end, a heartbeat still being written. One flag, so the
+        # per-event path checks one thing. Set whenever ``finished`` is.
+        self.interrupted = False
         self.beat: asyncio.Task[None] | None = None
         self.finished = False  # the producer ended (or failed): pull no more
         # Why the stream ends in error (code, message): the producer failed (then it
@@ -70,8 +74,8 @@ class InlineSource(SourceState):
         "_loop",
         "_next",
         "_next_frame",
+        "_owe_turn",
         "_step",
-        "_turned",
         "_yielded",
         "cutting",
         "task",
@@ -106,7 +110,7 @@ class InlineSource(SourceState):
         # and what it yielded to the event loop (a future, or None for one turn).
         self._step: Generator[Any, Any, Any] | None = None
         self._yielded: Any = None
-        self._turned = True  # the last pull let the event loop run
+        self._owe_turn = False  # the last pull never let the event loop run
         self.cutting = False  # cut() cancelled the task; the pull takes it back
 
     @types.coroutine
@@ -115,114 +119,110 @@ class InlineSource(SourceState):
 
         This generator is the whole per-token path of a stream, one frame for the
         stream's life: wait for the next item, take every item that is ready too (up
-        to the byte limit), send them as one chunk. When the generator ended, or
-        :meth:`cut` cut the wait short, the body's ``next_frame`` decides what to send
-        instead (an error or a shutdown event, or nothing: pull on)."""
+        to the byte limit), send them as one chunk. Everything rarer is behind the one
+        :attr:`interrupted` flag: when the generator ended, or :meth:`cut` cut the
+        wait short, the body's ``next_frame`` decides what to send instead (an error
+        or a shutdown event, or nothing: pull on)."""
         next_frame, next_step = self._next_frame, self._next
         counted = send  # the request observer's exchange, if it is one
-        coroutine = types.CoroutineType  # a local: looked up once, not per token
-        while True:
-            if self.interrupted or self.finished:
-                try:
-                    frame = yield from next_frame().__await__()
-                except StopAsyncIteration:
-                    return
-                if frame is None:
-                    continue
-                data = frame
-            else:
-                item: Any = _NOTHING
-                self.pulling = True
-                try:
-                    # Not None from the moment the generator runs in this pull: a
-                    # cancellation that comes then went through the generator.
-                    step = self._step
-                    if step is not None:  # started by the last gathering, and waiting
-                        self._step = None
-                        awaited = self._yielded
-                    else:
-                        if not self._turned:
-                            # The last pull never let the loop run (every item was
-                            # ready), and a send need not suspend either (Hypercorn's
-                            # does not once the client is gone): without this turn, a
-                            # generator that never awaits would hold the worker.
-                            # docs/design.md, pitfall 15.
-                            yield None
-                            self._turned = True
-                        step = next_step()
-                        try:
-                            awaited = step.send(None)  # run it up to its first wait
-                        except StopIteration as produced:  # ready: more may be too
-                            item, step = produced.value, None
-                    if step is not None:
-                        # It waits: hand what it awaits to the task, as its await
-                        # would (_resume() inline: as a generator of its own it would
-                        # cost a frame per paced token).
-                        while True:
-                            try:
-                                yield awaited
-                            except BaseException as error:
-                                try:
-                                    awaited = step.throw(error)
-                                except StopIteration as produced:
-                                    item = produced.value
-                                    break
-                                continue
-                            item = yield from step  # the rest of the step, awaited in C
-                            break
-                except StopAsyncIteration:
-                    self.finished = True
-                except asyncio.CancelledError:
-                    if step is not None:
-                        self.finished = True  # the cancellation went through the generator
-                    if not self.cutting:
-                        raise
-                    self.cutting = False
-                    if self.task is not None and self.task.uncancel() > 0:
-                        raise  # the client left too
-                except Exception:
-                    _log.exception("stream producer failed")
-                    self.finished, self.failure = True, FAILED
-                finally:
-                    self.pulling = False
-                if item is _NOTHING:
-                    self.interrupted = True  # ended or cut: the body says what follows
-                    continue
-                if self.cutting:  # the generator swallowed our cancellation and went on
-                    self.cutting = False
-                    if self.task is not None:
-                        self.task.uncancel()
-                # An item that came without waiting may have others ready behind it
-                # (a burst, or tokens queued during the last write): they share the
-                # write. One that was waited for goes at once, alone.
-                if step is None:
-                    data = self._gather(item)
-                    if not data:
-                        continue  # it could not be encoded: the body ends the stream
-                else:
+        direct = False  # yield from what the server's send returns, as it is (_direct)
+        sent = 0  # bytes written with the server's own send, for the exchange's count
+        try:
+            while True:
+                if self.interrupted:
+                    yield from self._settle()
                     try:
-                        data = self._encode(item)
-                    except Exception:
-                        self._unencodable()
+                        frame = yield from next_frame().__await__()
+                    except StopAsyncIteration:
+                        return
+                    if frame is None:
                         continue
-                    self.events += 1
-                self.writes += 1
-                beat = self.beat
-                if beat is not None and not beat.done():
-                    yield from beat  # one write at a time: the heartbeat's first
-            message = {"type": "http.response.body", "body": data, "more_body": True}
-            if send is counted:
-                sent = send(message)
-                # After the first chunk (timed by the observer), write with the
-                # server's own send and count the bytes here (observer.py, _Exchange).
-                send = getattr(counted, "server_send", send)
-            else:
-                counted.sent += len(data)  # type: ignore[attr-defined]
-                sent = send(message)
-            if type(sent) is coroutine:  # Hypercorn's, Uvicorn's: as it is
-                yield from sent  # type: ignore[misc]  # (__await__() would wrap it)
-            else:  # any awaitable (Granian's send is not a coroutine)
-                yield from sent.__await__()
+                    data = frame
+                else:
+                    self.pulling = True
+                    try:
+                        # Not None from the moment the generator runs in this pull: a
+                        # cancellation that comes then went through the generator.
+                        step = self._step
+                        if step is not None:  # started by the last gathering, and waiting
+                            self._step = None
+                            awaited = self._yielded
+                        else:
+                            step = next_step()
+                            try:
+                                awaited = step.send(None)  # run it up to its first wait
+                            except StopIteration as produced:  # ready: more may be too
+                                item, step = produced.value, None
+                        if step is not None:
+                            # It waits: hand what it awaits to the task, as its await
+                            # would (_resume() inline: as a generator of its own it
+                            # would cost a frame per paced token).
+                            while True:
+                                try:
+                                    yield awaited
+                                except BaseException as error:
+                                    try:
+                                        awaited = step.throw(error)
+                                    except StopIteration as produced:
+                                        item = produced.value
+                                        break
+                                    continue
+                                item = yield from step  # the rest of the step, in C
+                                break
+                    except StopAsyncIteration:
+                        self.finished = self.interrupted = True
+                        continue
+                    except asyncio.CancelledError:
+                        if step is not None:
+                            self.finished = True  # it went through the generator
+                        if not self.cutting:
+                            raise
+                        self.cutting = False
+                        if self.task is not None and self.task.uncancel() > 0:
+                            raise  # the client left too
+                        self.interrupted = True  # the body says what follows the cut
+                        continue
+                    except Exception:
+                        _log.exception("stream producer failed")
+                        self.finished, self.failure = True, FAILED
+                        self.interrupted = True
+                        continue
+                    finally:
+                        self.pulling = False
+                    if self.interrupted:  # e.g. a heartbeat still being written
+                        yield from self._settle()
+                    # An item that came without waiting may have others ready behind
+                    # it (a burst, or tokens queued during the last write): they share
+                    # the write. One that was waited for goes at once, alone.
+                    if step is None:
+                        data = self._gather(item)
+                        if not data:
+                            continue  # it could not be encoded: the body ends the stream
+                    else:
+                        try:
+                            data = self._encode(item)
+                        except Exception:
+                            self._unencodable()
+                            continue
+                    self.writes += 1
+                message = {"type": "http.response.body", "body": data, "more_body": True}
+                if direct:
+                    sent += len(data)
+                    yield from send(message)  # type: ignore[misc]
+                elif send is counted:
+                    # The first chunk goes through the observer's exchange (which
+                    # times it, and returns the server's own awaitable); the rest
+                    # with the server's own send, their bytes counted here.
+                    awaitable = send(message)
+                    send = getattr(counted, "server_send", send)
+                    direct = send is not counted and _direct(awaitable)
+                    yield from awaitable.__await__()
+                else:  # any awaitable
+                    sent += len(data)
+                    yield from send(message).__await__()
+        finally:
+            if sent:
+                counted.sent += sent  # type: ignore[attr-defined]
 
     def cut(self) -> None:
         """End the current wait (called while the task waits for the generator)."""
@@ -250,7 +250,8 @@ class InlineSource(SourceState):
 
     def _gather(self, item: Any) -> bytes:
         """``item``, and after it every item that is ready without waiting, encoded
-        (counted in :attr:`events`); empty if ``item`` could not be encoded."""
+        (those after it counted in :attr:`joined`); empty if ``item`` could not be
+        encoded."""
         try:
             data = self._encode(item)
         except Exception:
@@ -265,11 +266,12 @@ class InlineSource(SourceState):
             except StopIteration as produced:
                 item = produced.value
             except StopAsyncIteration:
-                self.finished = True
+                self.finished = self.interrupted = True
                 break
             except Exception:
                 _log.exception("stream producer failed")
                 self.finished, self.failure = True, FAILED
+                self.interrupted = True
                 break
             else:  # it waits: keep the step for the next pull; send what we have
                 self._step, self._yielded = step, yielded
@@ -283,13 +285,32 @@ class InlineSource(SourceState):
                 parts = [data]
             parts.append(more)
             size += len(more)
-        else:
-            self._turned = False  # everything was ready up to the limit
+        else:  # everything was ready up to the limit: give the loop a turn first
+            self._owe_turn = self.interrupted = True
         if parts is None:
-            self.events += 1
             return data
-        self.events += len(parts)
+        self.joined += len(parts) - 1
         return b"".join(parts)
+
+    @types.coroutine
+    def _settle(self) -> Generator[Any, Any, None]:
+        """What an interruption may owe before the next write: a cut's cancellation
+        that the generator swallowed (it went on) taken back, the heartbeat being
+        written beside finished (one write at a time), and the event loop's turn
+        that a gathering up to the limit never gave."""
+        if self.cutting:
+            self.cutting = False
+            if self.task is not None:
+                self.task.uncancel()
+        beat = self.beat
+        if beat is not None and not beat.done():
+            yield from beat
+        if self._owe_turn:
+            # A send need not suspend either (Hypercorn's does not once the client is
+            # gone): without this turn, a generator that never awaits would hold the
+            # worker. docs/design.md, pitfall 15.
+            self._owe_turn = False
+            yield None
 
     async def _aclose(self) -> None:
         step, self._step = self._step, None
@@ -347,6 +368,24 @@ class ByHand:
                 sent, error = (yield yielded), None
             except BaseException as thrown:
                 error = thrown
+
+
+def _direct(awaitable: Any) -> bool:
+    """Whether ``yield from`` may take what a server's send returned as it is, as
+    ``await`` would, sparing the stream loop a call of ``__await__()`` per token (a
+    slot wrapper called from Python: ~170 instructions, measured under Granian).
+
+    True for a coroutine (Hypercorn's and Uvicorn's send) and for an awaitable that
+    is its own iterator both ways, as each of Granian's is (``PyEmptyAwaitable``,
+    ``PyFutureAwaitable`` and the rest in its ``src/callbacks.rs``). Judged on the
+    first one: a server's send returns one kind of awaitable.
+    """
+    if type(awaitable) is types.CoroutineType:
+        return True
+    try:
+        return bool(awaitable.__await__() is awaitable and iter(awaitable) is awaitable)
+    except Exception:  # not iterable, or an __await__ that fails here
+        return False
 
 
 @types.coroutine

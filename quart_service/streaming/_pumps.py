@@ -133,7 +133,7 @@ class ThreadSource(SourceState):
                 taken = channel.take()
                 if taken is not None:
                     data, count = taken
-                    self.events += count
+                    self.joined += count - 1
                     self.writes += 1
                     return data
                 if channel.ended:

@@ -364,7 +364,8 @@ class StreamBody(ResponseBody):
         frame went out."""
         source = self._source
         assert source is not None
-        source.interrupted = False  # what it was for is handled here
+        # What it was for is handled here (an ended producer stays interrupted).
+        source.interrupted = source.finished
         if self._done:  # the final frame went out: nothing may follow it
             raise StopAsyncIteration
         return await self._special(source)
@@ -403,10 +404,8 @@ class StreamBody(ResponseBody):
         source = self._source
         if source is None:
             return
-        if source.events:
-            self._last_data = now
         if source.writes:
-            self._last_write = now
+            self._last_data = self._last_write = now
         self._flush()
         if not source.pulling:
             # Sending (a slow client): the producer is not silent, it is held back.
@@ -451,18 +450,17 @@ class StreamBody(ResponseBody):
         beat = source.beat = start_now(send(message), self._loop, _HEARTBEAT_FAILED)
         if beat is not None:  # a held, finished task cost an idle stream 0.6 KB
             beat.add_done_callback(lambda _: setattr(source, "beat", None))
+            source.interrupted = True  # the next write waits for it
 
     def _flush(self) -> None:
         """Move this stream's tallies to the worker's counts."""
         source, counts = self._source, self._hub.counts
         if source is None:
             return
-        if source.events:
-            counts.events.add(source.events)
-            source.events = 0
         if source.writes:
+            counts.events.add(source.writes + source.joined)
             counts.writes.add(source.writes)
-            source.writes = 0
+            source.writes = source.joined = 0
 
     async def _on_due(self, due: str) -> bytes | None:
         """The final frame for a timeout, a heartbeat, or None (nothing to send)."""
