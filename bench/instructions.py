@@ -1,12 +1,17 @@
-"""Instructions per request and per paced event, service against bare Quart, on Hypercorn.
+"""Instructions per request and per paced event, service against bare Quart, on Hypercorn
+or Granian.
 
     python -m bench.instructions [--routes hello,paced,awaited] [--requests 20,60]
+                                 [--server hypercorn|granian]
 
 CPU time on this shared 2-core machine moves by 10-30 % between runs of the same
 code; an instruction count does not. Each app (``bench.apps:service`` and
 ``bench.apps:bare``) is served by one Hypercorn process with no worker processes
 (``-w 0``: the server runs in the process valgrind watches), the shipped
 ``hypercorn.toml`` (uvloop), under ``valgrind --tool=callgrind`` with collection off.
+With ``--server granian`` it is Granian's embedded server instead (one process, one
+runtime thread, uvloop: ``bench/granian_embedded.py``), whose Rust threads valgrind
+counts too.
 After 20 untimed requests, collection is switched on, one keep-alive client sends N
 requests one after another, and the count is dumped; the cost of one request is the
 slope between two values of N (the constant part, switching collection on and off,
