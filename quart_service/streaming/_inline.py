@@ -124,7 +124,7 @@ class InlineSource(SourceState):
         wait short, the body's ``next_frame`` decides what to send instead (an error
         or a shutdown event, or nothing: pull on)."""
         next_frame, next_step = self._next_frame, self._next
-        counted = send  # the request observer's exchange, if it is one
+        counted: Any = send  # the request observer's exchange, if it is one
         direct = False  # yield from what the server's send returns, as it is (_direct)
         sent = 0  # bytes written with the server's own send, for the exchange's count
         try:
@@ -212,17 +212,21 @@ class InlineSource(SourceState):
                 elif send is counted:
                     # The first chunk goes through the observer's exchange (which
                     # times it, and returns the server's own awaitable); the rest
-                    # with the server's own send, their bytes counted here.
+                    # with the server's own send, their bytes counted here. A send
+                    # that is no exchange (a body iterated by hand) is used as it is.
                     awaitable = send(message)
-                    send = getattr(counted, "server_send", send)
-                    direct = send is not counted and _direct(awaitable)
+                    server_send = getattr(counted, "server_send", None)
+                    if server_send is None:
+                        counted = None
+                    else:
+                        send, direct = server_send, _direct(awaitable)
                     yield from awaitable.__await__()
                 else:  # any awaitable
                     sent += len(data)
                     yield from send(message).__await__()
         finally:
-            if sent:
-                counted.sent += sent  # type: ignore[attr-defined]
+            if sent and counted is not None:
+                counted.sent += sent
 
     def cut(self) -> None:
         """End the current wait (called while the task waits for the generator)."""
