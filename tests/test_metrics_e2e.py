@@ -97,9 +97,14 @@ def test_request_ids_are_kept_or_added_and_each_request_logs_one_json_line(
         missing = httpx.get(server.url + "/nope", headers={"X-Request-ID": "lost-1"})
         assert missing.status_code == 404
         assert missing.headers["x-request-id"] == "lost-1"
+        # A stream's bytes are counted by its own loop after the first chunk.
+        streamed = httpx.get(
+            server.url + "/demo/stream?count=30&interval=0.01", headers={"X-Request-ID": "sse-1"}
+        )
+        assert streamed.text.count("data: ") == 30
         # A line is written when its response has gone out, and each worker writes its
         # lines in batches within 0.1 s: wait for every request's line.
-        ids = ["req-42.a", generated, forged.headers["x-request-id"], "lost-1"]
+        ids = ["req-42.a", generated, forged.headers["x-request-id"], "lost-1", "sse-1"]
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if all(f'"request_id": "{i}"' in server.log() for i in ids):
@@ -118,6 +123,7 @@ def test_request_ids_are_kept_or_added_and_each_request_logs_one_json_line(
     assert models["duration_ms"] > 0
     assert access[generated]["path"] == "/livez"
     assert access["lost-1"]["status"] == 404
+    assert access["sse-1"]["bytes"] == len(streamed.content) > 0
     # Every line of the service is JSON, with its level and process.
     assert all({"time", "level", "process", "message"} <= set(line) for line in lines)
 
