@@ -2,7 +2,7 @@
 or Granian.
 
     python -m bench.instructions [--routes hello,paced,awaited] [--requests 20,60]
-                                 [--server hypercorn|granian]
+                                 [--server hypercorn|granian] [--cycles]
 
 CPU time on this shared 2-core machine moves by 10-30 % between runs of the same
 code; an instruction count does not. Each app (``bench.apps:service`` and
@@ -26,9 +26,12 @@ with no request) and its rate times each run's duration is taken off.
 
 What this leaves out, on purpose: the time an instruction takes (cache and branch
 misses grow with the code a request runs through, so a CPU-time ratio is usually a
-little above the instruction ratio), and the access log's write, which goes to a log
-file here as in service. Needs valgrind (Debian's package); a run takes about a
-minute per app and route.
+little above the instruction ratio). ``--cycles`` puts that back, still without noise:
+valgrind simulates the caches and the branch predictor, and the count becomes
+callgrind's cycle estimate (an instruction one cycle, a first-level miss ten more, a
+last-level miss a hundred, a mispredicted branch ten). The access log is written, to a
+log file, as in service. Needs valgrind (Debian's package); a run takes about a minute
+per app and route (two with ``--cycles``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from tests.support.server import SHIPPED_CONFIG, free_port
 
@@ -60,12 +64,16 @@ def _server_argv(server: str, app: str, port: int) -> list[str]:
     return ["-m", "hypercorn", *config, app]
 
 
-def _serve(server: str, app: str, folder: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def _serve(
+    server: str, app: str, folder: Path, cycles: bool
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     out = folder / f"callgrind-{port}.out"
+    simulate = ["--cache-sim=yes", "--branch-sim=yes"] if cycles else []
     argv = [
         "valgrind",
         "--tool=callgrind",
+        *simulate,
         "--instr-atstart=no",
         f"--callgrind-out-file={out}",
         os.path.realpath(sys.executable),
@@ -95,13 +103,22 @@ def _callgrind(command: str, pid: int) -> None:
     )
 
 
+class Under(NamedTuple):
+    """What a count runs under: the server, and whether it estimates cycles (caches
+    and branch predictors simulated) rather than counting instructions."""
+
+    server: str
+    cycles: bool
+
+
 def _count(
-    server: str, app: str, path: str, count: int, folder: Path, idle: float = 0.0
+    under: Under, app: str, path: str, count: int, folder: Path, idle: float = 0.0
 ) -> tuple[int, float]:
-    """Instructions the server ran while one client sent ``count`` requests to ``path``
-    (or, with ``idle``, while no request came for that many seconds), and the seconds
-    that took."""
-    process, port, out = _serve(server, app, folder)
+    """Instructions (or estimated cycles) the server ran while one client sent
+    ``count`` requests to ``path`` (or, with ``idle``, while no request came for that
+    many seconds), and the seconds that took."""
+    server, cycles = under
+    process, port, out = _serve(server, app, folder, cycles)
     try:
         deadline = time.monotonic() + 300  # imports under valgrind take a while
         while True:
@@ -125,10 +142,22 @@ def _count(
         process.wait(timeout=120)
     dumps = sorted(folder.glob(out.name + ".*"))
     text = dumps[-1].read_text()
-    match = re.search(r"^summary: (\d+)", text, re.MULTILINE)
-    if match is None:
+    events = re.search(r"^events: (.+)$", text, re.MULTILINE)
+    summary = re.search(r"^summary: (.+)$", text, re.MULTILINE)
+    if events is None or summary is None:
         raise RuntimeError(f"no summary in {dumps[-1]}")
-    return int(match.group(1)), elapsed
+    names, values = events.group(1).split(), summary.group(1).split()
+    counts = {name: int(value) for name, value in zip(names, values, strict=True)}
+    return (_estimated_cycles(counts) if cycles else counts["Ir"]), elapsed
+
+
+def _estimated_cycles(counts: dict[str, int]) -> int:
+    """Callgrind's own cycle estimate (KCachegrind's "CEst"): an instruction is one
+    cycle, a first-level miss (instruction or data) ten more, a last-level miss a
+    hundred, a mispredicted branch ten."""
+    first = counts["I1mr"] + counts["D1mr"] + counts["D1mw"]
+    last = counts["ILmr"] + counts["DLmr"] + counts["DLmw"]
+    return counts["Ir"] + 10 * first + 100 * last + 10 * (counts["Bcm"] + counts["Bim"])
 
 
 def main() -> None:
@@ -141,6 +170,11 @@ def main() -> None:
         help="granian: its embedded server, in one process (bench.granian_embedded)",
     )
     parser.add_argument(
+        "--cycles",
+        action="store_true",
+        help="estimate cycles: simulate the caches and branch predictor (about 2x slower)",
+    )
+    parser.add_argument(
         "--requests", default="20,60", help="the two request counts whose slope is measured"
     )
     parser.add_argument(
@@ -148,14 +182,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     low, high = (int(n) for n in args.requests.split(","))
+    under = Under(args.server, args.cycles)
+    measure = "estimated cycles" if args.cycles else "instructions"
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
         idle = {}
         for name, app in APPS.items():
             folder = Path(tmp) / f"{name}-idle"
             folder.mkdir()
-            total, seconds = _count(args.server, app, "/hello", 0, folder, idle=args.idle)
+            total, seconds = _count(under, app, "/hello", 0, folder, idle=args.idle)
             idle[name] = total / seconds
-            print(f"{name}: {idle[name]:,.0f} instructions/s with no request", flush=True)
+            print(f"{name}: {idle[name]:,.0f} {measure}/s with no request", flush=True)
         print("\n| route | service | bare | service ÷ bare |\n|---|---|---|---|")
         for route in args.routes.split(","):
             path = "/" + route
@@ -167,7 +203,7 @@ def main() -> None:
                 folder.mkdir()
                 counted = []
                 for requests in (low, high):
-                    total, seconds = _count(args.server, app, path, requests, folder)
+                    total, seconds = _count(under, app, path, requests, folder)
                     counted.append(total - idle[name] * seconds)
                 slope[name] = (counted[1] - counted[0]) / (high - low) / per_unit
             s, b = slope["service"], slope["bare"]
