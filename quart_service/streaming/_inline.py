@@ -53,7 +53,8 @@ class SourceState:
         self.pulling = False
         # Something other than the next event needs the sender: a deadline or the
         # drain, the producer's end, a heartbeat still being written. One flag, so the
-        # per-event path checks one thing. Set whenever ``finished`` is.
+        # per-event path checks one thing (an InlineSource's; a ThreadSource's reader
+        # checks ``finished`` beside it).
         self.interrupted = False
         self.beat: asyncio.Task[None] | None = None
         self.finished = False  # the producer ended (or failed): pull no more
@@ -170,7 +171,7 @@ class InlineSource(SourceState):
                                 item = yield from step  # the rest of the step, in C
                                 break
                     except StopAsyncIteration:
-                        self.finished = self.interrupted = True
+                        self._ended()
                         continue
                     except asyncio.CancelledError:
                         if step is not None:
@@ -183,9 +184,7 @@ class InlineSource(SourceState):
                         self.interrupted = True  # the body says what follows the cut
                         continue
                     except Exception:
-                        _log.exception("stream producer failed")
-                        self.finished, self.failure = True, FAILED
-                        self.interrupted = True
+                        self._failed()
                         continue
                     finally:
                         self.pulling = False
@@ -245,6 +244,17 @@ class InlineSource(SourceState):
 
     # -- internals ----------------------------------------------------------------------
 
+    def _ended(self) -> None:
+        """The producer ended: pull no more; the body says what follows."""
+        self.finished = self.interrupted = True
+
+    def _failed(self) -> None:
+        """The producer raised (called in its ``except``): logged, and the stream ends
+        with an error event."""
+        _log.exception("stream producer failed")
+        self.failure = FAILED
+        self._ended()
+
     def _unencodable(self) -> None:
         """An item could not be encoded (called in its ``except``): the stream ends
         with an error frame, and the generator, still alive, is closed by the body
@@ -270,12 +280,10 @@ class InlineSource(SourceState):
             except StopIteration as produced:
                 item = produced.value
             except StopAsyncIteration:
-                self.finished = self.interrupted = True
+                self._ended()
                 break
             except Exception:
-                _log.exception("stream producer failed")
-                self.finished, self.failure = True, FAILED
-                self.interrupted = True
+                self._failed()
                 break
             else:  # it waits: keep the step for the next pull; send what we have
                 self._step, self._yielded = step, yielded
