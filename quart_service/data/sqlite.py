@@ -73,7 +73,8 @@ class SQLiteDatabase(Database):
         self.queries = queries if queries is not None else Counts()
         self._connection: aiosqlite.Connection | None = None
         self._file: tuple[int, int] | None = None
-        self._opening = asyncio.Lock()
+        # The open in flight, shared by every caller that needs the connection meanwhile.
+        self._opening: asyncio.Task[aiosqlite.Connection] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -136,7 +137,11 @@ class SQLiteDatabase(Database):
             await self.close()
 
     async def close(self) -> None:
-        """Close the connection (and stop its thread); the next query reopens it."""
+        """Close the connection (and stop its thread); the next query reopens it. An open
+        still in flight is waited for first, then closed with the rest."""
+        if self._opening is not None:
+            # wait(), not gather(): a close that is itself cancelled must not cancel the open.
+            await asyncio.wait({self._opening})
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
@@ -148,11 +153,22 @@ class SQLiteDatabase(Database):
     async def _connect(self) -> aiosqlite.Connection:
         if self._connection is not None:
             return self._connection
-        async with self._opening:
-            if self._connection is None:
-                with _service_errors():
-                    self._connection = await self._open()
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open_and_keep())
+        # Shielded: a caller cancelled while the file opens (a client gone, the refresh
+        # task stopped at shutdown) must not cancel aiosqlite's connect. Cancelled, aiosqlite
+        # leaves its thread to hand the result to this loop later, and if the loop has
+        # closed by then, the thread dies with "Event loop is closed". Kept instead, the
+        # connection serves the next query, and close() waits for it.
+        with _service_errors():
+            return await asyncio.shield(self._opening)
+
+    async def _open_and_keep(self) -> aiosqlite.Connection:
+        try:
+            self._connection = await self._open()
             return self._connection
+        finally:
+            self._opening = None
 
     async def _open(self) -> aiosqlite.Connection:
         # mode=rw: a missing file is an error, not a new empty database.
