@@ -1,6 +1,7 @@
 """CPU cost of the same service under Hypercorn, Granian and Uvicorn, in one run.
 
     python -m bench.servers [--seconds 5] [--rounds 2] [--connections 64]
+                            [--paced /paced|/paced-bytes|/paced-json]
 
 Stacks (2 worker processes each, on loopback, wrk as the client), an app under a server:
 
@@ -12,9 +13,13 @@ Stacks (2 worker processes each, on loopback, wrk as the client), an app under a
   ``bench`` extra is installed
 
 Routes: JSON hello, and the paced SSE stream (100 events, an ``await`` between them,
-as a model yields tokens). The steady number is the workers' CPU time (utime+stime
-from /proc) per request or per event; requests/s move with whatever else the machine
-runs. wrk's own CPU per request is printed too: it shares the two cores.
+as a model yields tokens). ``--paced`` picks the stream (``bench.apps``): ``/paced``
+(the service JSON-encodes each token, bare Quart sends one constant), ``/paced-bytes``
+(the same ready-made bytes both sides: the stream path alone) or ``/paced-json`` (both
+encode each token); FastAPI always serves its ``/paced`` (it encodes). The steady
+number is the workers' CPU time (utime+stime from /proc) per request or per event;
+requests/s move with whatever else the machine runs. wrk's own CPU per request is
+printed too: it shares the two cores.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ STACKS = (
     "fastapi@uvicorn",
 )
 ROUTES = {"json": "/hello", "paced": "/paced"}
+PACED = ("/paced", "/paced-bytes", "/paced-json")
 APPS = {
     "service": "bench.apps:service",
     "bare": "bench.apps:bare",
@@ -66,9 +72,11 @@ def serving(stack: str, tmp: Path) -> Iterator[Server]:
             yield other
 
 
-def measure(server: Server, route: str, seconds: float, connections: int) -> dict[str, float]:
+def measure(
+    server: Server, route: str, seconds: float, connections: int, per: int
+) -> dict[str, float]:
+    """Worker and wrk CPU per event (``per`` events a response) and events/s."""
     load = measure_wrk(server, route, seconds, connections)
-    per = EVENTS_PER_STREAM if route == ROUTES["paced"] else 1
     events = load.run.completed * per
     return {
         "per_s": events / load.elapsed,
@@ -85,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--stacks", help=f"comma-separated, of {','.join(STACKS)}")
+    parser.add_argument("--paced", default="/paced", choices=PACED)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench needs wrk: apt-get install wrk")
@@ -101,7 +110,11 @@ def main() -> None:
             for stack in stacks[shift:] + stacks[:shift]:
                 with serving(stack, Path(tmp)) as server:
                     for name, route in ROUTES.items():
-                        s = measure(server, route, args.seconds, args.connections)
+                        per = 1
+                        if name == "paced":
+                            per = EVENTS_PER_STREAM
+                            route = route if stack.startswith("fastapi") else args.paced
+                        s = measure(server, route, args.seconds, args.connections, per)
                         samples.setdefault((stack, name), []).append(s)
                         print(
                             f"round {round_no + 1} {stack:17} {name:5} {s['per_s']:9.0f}/s "
@@ -109,7 +122,10 @@ def main() -> None:
                             f"{s['threads']:3.0f} threads, busiest worker {s['busiest']:4.0%}",
                             flush=True,
                         )
-    print(f"\nmedians over {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nmedians over {args.rounds} rounds, paced route {args.paced}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'stack':17} {'us/JSON':>8} {'us/paced ev':>12} {'JSON/s':>8} {'paced ev/s':>11}")
 
     def med(stack: str, name: str, key: str) -> float:
