@@ -130,11 +130,6 @@ class InlineSource(SourceState):
         counted: Any = send  # the request observer's exchange, if it is one
         direct = False  # yield from what the server's send returns, as it is (_direct)
         sent = 0  # bytes written with the server's own send, for the exchange's count
-        # The one message of the direct writes: the server's own send is done with it
-        # when it returns (Hypercorn, Uvicorn and Granian each read the body at once),
-        # and a dict per token cost more than the rest of a write's Python. A send of
-        # any other kind gets a message of its own per chunk.
-        message: dict[str, Any] = {"type": "http.response.body", "body": b"", "more_body": True}
         try:
             while True:
                 if self.interrupted:
@@ -211,27 +206,31 @@ class InlineSource(SourceState):
                             self._unencodable()
                             continue
                     self.writes += 1
-                if direct:
-                    message["body"] = data
-                    sent += len(data)
-                    yield from send(message)  # type: ignore[misc]
+                if not direct:
+                    message = {"type": "http.response.body", "body": data, "more_body": True}
+                    if send is counted:
+                        # The first chunk goes through the observer's exchange (which
+                        # times it, and returns the server's own awaitable); the rest
+                        # with the server's own send, their bytes counted here. A send
+                        # that is no exchange (a body iterated by hand) is used as it is.
+                        awaitable = send(message)
+                        server_send = getattr(counted, "server_send", None)
+                        if server_send is None:
+                            counted = None
+                        else:
+                            send, direct = server_send, _direct(awaitable)
+                        yield from awaitable.__await__()
+                    else:  # any awaitable
+                        sent += len(data)
+                        yield from send(message).__await__()
                     continue
-                own = {"type": "http.response.body", "body": data, "more_body": True}
-                if send is counted:
-                    # The first chunk goes through the observer's exchange (which
-                    # times it, and returns the server's own awaitable); the rest
-                    # with the server's own send, their bytes counted here. A send
-                    # that is no exchange (a body iterated by hand) is used as it is.
-                    awaitable = send(own)
-                    server_send = getattr(counted, "server_send", None)
-                    if server_send is None:
-                        counted = None
-                    else:
-                        send, direct = server_send, _direct(awaitable)
-                    yield from awaitable.__await__()
-                else:  # any awaitable
-                    sent += len(data)
-                    yield from send(own).__await__()
+                # The server's own send. The message is the first chunk's, kept: the
+                # server is done with it when its send returns (Hypercorn, Uvicorn and
+                # Granian each read the body at once), and a dict per token cost more
+                # than the rest of a write's Python.
+                message["body"] = data
+                sent += len(data)
+                yield from send(message)  # type: ignore[misc]
         finally:
             if sent and counted is not None:
                 counted.sent += sent
