@@ -97,7 +97,7 @@ class InlineSource(SourceState):
         # method wrapper, partial or __await__ called per step.
         agen = self._agen
         self._next: Callable[[None], Generator[Any, None, Any]] = (
-            # What asend() returns is an iterator, for all typeshed calls it a Coroutine.
+            # What asend() returns is an iterator, though typeshed calls it a Coroutine.
             cast("Callable[[None], Generator[Any, None, Any]]", agen.asend)
             if isinstance(agen, types.AsyncGeneratorType)
             else lambda _: agen.__anext__().__await__()
@@ -274,15 +274,16 @@ class InlineSource(SourceState):
         """``item``, and after it every item that is ready without waiting, encoded
         (those after it counted in :attr:`joined`); empty if ``item`` could not be
         encoded."""
+        encode, next_step = self._encode, self._next  # locals, as in stream()
         try:
-            data = self._encode(item)
+            data = encode(item)
         except Exception:
             self._unencodable()
             return b""
         parts: list[bytes] | None = None
         size, limit = len(data), self._limit
         while size < limit:
-            step = self._next(None)
+            step = next_step(None)
             try:
                 yielded = step.send(None)
             except StopIteration as produced:
@@ -297,7 +298,7 @@ class InlineSource(SourceState):
                 self._step, self._yielded = step, yielded
                 break
             try:
-                more = self._encode(item)
+                more = encode(item)
             except Exception:
                 self._unencodable()
                 break
